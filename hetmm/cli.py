@@ -1,0 +1,197 @@
+"""``hetmm`` command line: pipeline stages per product line, prediction, hot update and audit.
+
+Heavy imports (torch, great-expectations) happen inside the commands, so ``hetmm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+app = typer.Typer(help="Training-free defect inspection (HETMM) as a per-product-line pipeline.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+LineArg = Annotated[str, typer.Argument(help="Product line name from params.yaml")]
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+RootOpt = Annotated[Path, typer.Option("--root", help="Repository root holding data/, models/, reports/")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto|cpu|cuda (default: params.yaml)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Print library errors as one line naming the file or key, exit 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from hetmm.errors import HetmmError
+
+        try:
+            return fn(*args, **kwargs)
+        except HetmmError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _context(params_path: Path, root: Path, line_name: str):
+    from hetmm.config import load_params
+    from hetmm.pipeline import LinePaths
+
+    params = load_params(params_path)
+    return params, params.line(line_name), LinePaths.for_line(line_name, root)
+
+
+def _show(result: dict) -> None:
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+@_friendly
+def download(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
+    """Fetch the line's images (demo, folder, mvtec or mtd source) into data/<line>/ with a manifest."""
+    from hetmm import pipeline
+
+    _, cfg, paths = _context(params, root, line)
+    _show(pipeline.download(cfg, paths))
+
+
+@app.command()
+@_friendly
+def validate(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
+    """Check the manifest and every image and mask (great-expectations); fails naming the bad files."""
+    from hetmm import pipeline
+
+    _, cfg, paths = _context(params, root, line)
+    pipeline.validate(cfg, paths)
+    typer.echo(f"validation passed: {paths.reports / 'validation.html'}")
+
+
+@app.command()
+@_friendly
+def extract(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+            device: DeviceOpt = None, quiet: QuietOpt = False):
+    """Compute features for images not yet in the per-image feature cache."""
+    from hetmm import pipeline
+
+    p, cfg, paths = _context(params, root, line)
+    _show(pipeline.extract(cfg, paths, device or p.device, progress=not quiet))
+
+
+@app.command()
+@_friendly
+def template(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+             quiet: QuietOpt = False):
+    """Build the ALL or PTS template, or hot-update the previous one with new good images."""
+    from hetmm import pipeline
+
+    _, cfg, paths = _context(params, root, line)
+    _show(pipeline.template(cfg, paths, progress=not quiet))
+
+
+@app.command()
+@_friendly
+def infer(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+          device: DeviceOpt = None, quiet: QuietOpt = False):
+    """Score the test split: image scores and anomaly maps."""
+    from hetmm import pipeline
+
+    p, cfg, paths = _context(params, root, line)
+    _show(pipeline.infer(cfg, paths, device or p.device, progress=not quiet))
+
+
+@app.command()
+@_friendly
+def report(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+           device: DeviceOpt = None, quiet: QuietOpt = False):
+    """Metrics, threshold, curves, overlays, per-defect table and model card."""
+    from hetmm import pipeline
+
+    p, cfg, paths = _context(params, root, line)
+    metrics = pipeline.report(p, cfg, paths, device or p.device, progress=not quiet)
+    _show({k: v for k, v in metrics.items() if k != "subsets"})
+
+
+@app.command()
+@_friendly
+def run(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+        device: DeviceOpt = None, quiet: QuietOpt = False):
+    """All stages in order without DVC (DVC users run `dvc repro`)."""
+    from hetmm import pipeline
+
+    p, cfg, paths = _context(params, root, line)
+    dev = device or p.device
+    pipeline.download(cfg, paths)
+    pipeline.validate(cfg, paths)
+    pipeline.extract(cfg, paths, dev, progress=not quiet)
+    pipeline.template(cfg, paths, progress=not quiet)
+    pipeline.infer(cfg, paths, dev, progress=not quiet)
+    metrics = pipeline.report(p, cfg, paths, dev, progress=not quiet)
+    _show({k: v for k, v in metrics.items() if k != "subsets"})
+
+
+@app.command()
+@_friendly
+def predict(
+    line: LineArg,
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders to inspect")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv/json, masks and overlays")] =
+    Path("predictions"),
+    template_path: Annotated[Optional[Path], typer.Option("--template", help="Template file")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Image-score threshold (default: the saved one)")] =
+    None,
+    params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Inspect new images with a saved template and threshold: scores, verdicts, masks and overlays."""
+    from hetmm.predict import predict_images
+
+    p, cfg, paths = _context(params, root, line)
+    summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
+                             device=device or p.device, progress=not quiet)
+    _show(summary)
+
+
+@app.command()
+@_friendly
+def update(
+    line: LineArg,
+    images: Annotated[list[Path], typer.Argument(help="New good images (files or folders)")],
+    template_path: Annotated[Optional[Path], typer.Option("--template", help="Template to update in place")] =
+    None,
+    params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Hot-update a saved template with new good images (no rebuild; the file is replaced atomically)."""
+    from hetmm.predict import update_template
+
+    p, cfg, paths = _context(params, root, line)
+    _show(update_template(cfg, paths, images, template_path=template_path, device=device or p.device,
+                          progress=not quiet))
+
+
+@app.command()
+@_friendly
+def audit(
+    line: Annotated[Optional[str], typer.Argument(help="Only this product line")] = None,
+    root: RootOpt = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+):
+    """Every template version in git history per product line, with data hash, params and metrics."""
+    from hetmm.audit import audit_history, format_table
+
+    rows = audit_history(root, line)
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

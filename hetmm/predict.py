@@ -1,0 +1,104 @@
+"""Inspection of new images with a saved template, and hot update of a saved template (CLI side)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from hetmm.config import ProductLine
+from hetmm.data import IMAGE_EXTENSIONS, load_image
+from hetmm.errors import DataError
+from hetmm.features import FeatureExtractor
+from hetmm.inspector import resolve_device
+from hetmm.io import atomic_path, sha256_file, write_json_atomic
+from hetmm.pipeline import LinePaths, load_inspector
+from hetmm.templates import hot_update, load_template, save_template
+
+
+def collect_images(inputs: Sequence[Path]) -> list[Path]:
+    """Image files given directly or found (recursively, sorted) in the given folders."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    if not found:
+        raise DataError(f"no images found in {', '.join(map(str, inputs))} "
+                        f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+def saved_threshold(paths: LinePaths) -> float:
+    path = paths.models / "threshold.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no saved threshold; run the report stage or pass --threshold")
+    return float(json.loads(path.read_text())["threshold"])
+
+
+def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], out: Path, *,
+                   template_path: Path | None = None, threshold: float | None = None, device: str = "auto",
+                   progress: bool = True) -> dict:
+    """Score images; write predictions.csv/json, binary masks and overlays under ``out``."""
+    from hetmm.reports import overlay
+
+    files = collect_images(inputs)
+    threshold = saved_threshold(paths) if threshold is None else threshold
+    inspector = load_inspector(line, paths, device, template_path)
+    rows = []
+    batch = line.features.batch_size
+    for start in tqdm(range(0, len(files), batch), desc="predict", unit="batch", disable=not progress):
+        chunk = files[start : start + batch]
+        images = [load_image(p) for p in chunk]
+        scored = inspector.predict(images)
+        for path, image, amap, score in zip(chunk, images, scored.maps.numpy(), scored.scores.numpy()):
+            # back to the image's own geometry so masks line up with the file the user gave us
+            full = np.asarray(Image.fromarray(amap).resize(image.size, Image.BILINEAR))
+            mask = full >= threshold
+            stem = f"{len(rows):05d}_{path.stem}"
+            with atomic_path(out / "masks" / f"{stem}.png") as tmp:
+                Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+            with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
+                overlay(image, full, pred_mask=mask if mask.any() else None).save(tmp, format="PNG")
+            rows.append({"path": str(path), "score": float(score), "defective": bool(score >= threshold),
+                         "defect_area_fraction": float(mask.mean()), "mask": f"masks/{stem}.png",
+                         "overlay": f"overlays/{stem}.png"})
+    df = pd.DataFrame(rows)
+    with atomic_path(out / "predictions.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
+               "template_hash": inspector.template.meta["content_hash"], "out": str(out)}
+    write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
+    return summary
+
+
+def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], *,
+                    template_path: Path | None = None, device: str = "auto", progress: bool = True) -> dict:
+    """Insert new good images into a saved template without rebuilding it (atomic replace)."""
+    files = collect_images(inputs)
+    target = Path(template_path or paths.template)
+    tset = load_template(target, expect=line.features.fingerprint())
+    known = set(tset.meta.get("sources", []))
+    by_sha = {sha256_file(p): p for p in files}  # duplicates among the inputs count once
+    fresh = [(sha, path) for sha, path in by_sha.items() if sha not in known]
+    if not fresh:
+        return {"template": str(target), "inserted": 0, "skipped_known": len(files)}
+    extractor = FeatureExtractor(line.features, resolve_device(device))
+    per_batch = []
+    batch = line.features.batch_size
+    for start in tqdm(range(0, len(fresh), batch), desc="update", unit="batch", disable=not progress):
+        per_batch.append(extractor([load_image(p) for _, p in fresh[start : start + batch]]))
+    layers = [torch.cat([b[j] for b in per_batch]).cpu() for j in range(len(per_batch[0]))]
+    updated = hot_update(tset, layers, [sha for sha, _ in fresh])
+    save_template(target, updated)
+    return {"template": str(target), "inserted": len(fresh), "skipped_known": len(files) - len(fresh),
+            "sheets": int(updated.layers[0].shape[0]), "content_hash": updated.meta["content_hash"]}
