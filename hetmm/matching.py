@@ -97,8 +97,8 @@ def match_layer(
             forward_maps.append(_forward_from_band(band, h, w, d, d_f))
         if d_b >= 0:
             backward_maps.append(_backward_from_band(band, d, d_b))
-    forward = 1.0 - torch.cat(forward_maps).float().view(b, h, w) if d_f >= 0 else None
-    backward = 1.0 - torch.cat(backward_maps).float().view(b, h, w) if d_b >= 0 else None
+    forward = (1.0 - torch.cat(forward_maps)).float().view(b, h, w) if d_f >= 0 else None
+    backward = (1.0 - torch.cat(backward_maps)).float().view(b, h, w) if d_b >= 0 else None
     return forward, backward
 
 
@@ -140,7 +140,7 @@ def nearest_patch(
         for r0 in range(0, q.shape[0], row_block):
             sim = _row_max(q[r0 : r0 + row_block] @ t.T)
             torch.maximum(best[r0 : r0 + row_block], sim, out=best[r0 : r0 + row_block])
-    return 1.0 - best.float().view(b, h, w)
+    return (1.0 - best).float().view(b, h, w)
 
 
 def _check_pair(query: torch.Tensor, templates: torch.Tensor) -> None:

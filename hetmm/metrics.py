@@ -301,13 +301,15 @@ def pro_official(maps: Any, masks: Any) -> float:
     lo = min(float(m.min()) for m in a)
     hi = max(float(m.max()) for m in a)
     thresholds = np.linspace(lo, hi, OFFICIAL_PRO_STEPS)
+    if np.issubdtype(a.dtype, np.floating):
+        thresholds = thresholds.astype(a.dtype)  # the official code compares in the maps' precision
     # a pixel is flagged at thresholds[k] iff k < searchsorted(thresholds, s, "left"), i.e. s > t_k;
     # counting pixels per bucket then a reversed cumulative sum replaces the 300 passes over the maps
     flagged_neg = np.zeros(OFFICIAL_PRO_STEPS + 1, dtype=np.int64)
     for amap, gt in zip(a, g):
-        bucket = np.searchsorted(thresholds, amap[~gt].astype(np.float64), side="left")
+        bucket = np.searchsorted(thresholds, amap[~gt], side="left")
         flagged_neg += np.bincount(bucket, minlength=OFFICIAL_PRO_STEPS + 1)
-    pos_bucket = np.searchsorted(thresholds, pos.astype(np.float64), side="left")
+    pos_bucket = np.searchsorted(thresholds, pos, side="left")
     flagged_pro = np.bincount(pos_bucket, weights=weight, minlength=OFFICIAL_PRO_STEPS + 1)
     fpr = np.cumsum(flagged_neg[::-1])[::-1][1:] / n_neg  # [300], fpr[k] = share of negatives > t_k
     pro = np.cumsum(flagged_pro[::-1])[::-1][1:] / n_regions

@@ -54,8 +54,8 @@ def _slow_pro_official(maps: np.ndarray, masks: np.ndarray) -> float:
     f, p = fprs[keep], pros[keep]
     f = (f - f.min()) / (f.max() - f.min() + 1e-5)
     p = (p - p.min()) / (p.max() - p.min() + 1e-5)
-    order = np.argsort(f, kind="stable")
-    return float(np.trapezoid(p[order], f[order])) * 100
+    # f falls as the threshold rises; like sklearn's auc, integrate along threshold order
+    return float(-np.trapezoid(p, f)) * 100
 
 
 def _random_case(seed: int, quantise: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -184,14 +184,16 @@ def test_aupro_unweighted_mean_over_regions() -> None:
 
 
 def test_aupro_regions_are_8_connected_and_per_image() -> None:
-    # (0,0) and (0,1) detected, (1,2) touches (0,1) diagonally: one region, PRO 2/3 (4-conn: 1/2)
-    maps = np.zeros((2, 4, 4), dtype=np.float32)
+    # (0,0) and (0,1) detected, (1,2) touches (0,1) diagonally: one region, PRO 2/3 (4-conn: 1/2).
+    # Negatives at -1 and the missed pixel at -2, so PRO stays flat up to FPR 1
+    maps = np.full((2, 4, 4), -1.0, dtype=np.float32)
     masks = np.zeros_like(maps, dtype=bool)
     masks[0, 0, :2] = masks[0, 1, 2] = True
-    maps[0, 0, :2] = 1.0
+    maps[0, 0, :2], maps[0, 1, 2] = 1.0, -2.0
     assert metrics.aupro(maps, masks) == pytest.approx(200 / 3)
     # the same pixels in a second image form a second region, missed entirely: PRO (2/3 + 0) / 2
     masks[1] = masks[0]
+    maps[1][masks[1]] = -2.0
     assert metrics.aupro(maps, masks) == pytest.approx(100 / 3)
 
 

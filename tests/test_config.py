@@ -1,0 +1,61 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetmm.config import load_params, parse_params
+from hetmm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repository_params_parse():
+    params = load_params(ROOT / "params.yaml")
+    assert {"demo", "mtd"} <= set(params.product_lines)
+    demo = params.line("demo")
+    assert demo.features.layers == (1, 2, 3)
+    assert len(demo.matching.alphas) == 3
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda r: r["product_lines"]["demo"]["matching"].update(alpahs=[0.5]), "product_lines.demo.matching: unknown key(s) alpahs"),
+        (lambda r: r["product_lines"]["demo"]["matching"].update(alphas=[0.5, 0.5]), "product_lines.demo.matching.alphas"),
+        (lambda r: r["product_lines"]["demo"]["matching"].update(alphas=[0.5, 1.5, 0.5]), "product_lines.demo.matching.alphas[1]"),
+        (lambda r: r["product_lines"]["demo"]["matching"].update(forward_windows=[5, 4, 3]), "forward_windows[1]"),
+        (lambda r: r["product_lines"]["demo"]["features"].update(image_size=[100, 128]), "features.image_size"),
+        (lambda r: r["product_lines"]["demo"]["features"].update(layers=[1, 4]), "features.layers"),
+        (lambda r: r["product_lines"]["demo"]["templates"].update(kind="SOME"), "product_lines.demo.templates.kind"),
+        (lambda r: r["product_lines"]["demo"]["templates"].update(size="60"), "product_lines.demo.templates.size"),
+        (lambda r: r["product_lines"]["demo"]["threshold"].update(rule="manual"), "threshold.value"),
+        (lambda r: r.update(devise="cpu"), "unknown top-level key(s) devise"),
+        (lambda r: r["product_lines"]["demo"]["data"].update(source="folder"), "data.path"),
+    ],
+)
+def test_bad_params_name_the_key(mutate, key):
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        parse_params(raw)
+
+
+def test_unknown_line_lists_known_ones():
+    params = parse_params(_raw())
+    with pytest.raises(ConfigError, match="unknown product line 'bottle'.*demo"):
+        params.line("bottle")
+
+
+def test_fingerprint_ignores_batch_size_only():
+    raw = _raw()
+    a = parse_params(raw).line("demo").features
+    raw["product_lines"]["demo"]["features"]["batch_size"] = 1
+    b = parse_params(raw).line("demo").features
+    raw["product_lines"]["demo"]["features"]["normalisation"] = "official"
+    c = parse_params(raw).line("demo").features
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
