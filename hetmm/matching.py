@@ -183,19 +183,6 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     return x.amax(-1)
 
 
-def _window_index(h: int, w: int, d: int, device: torch.device) -> torch.Tensor:
-    """Flat indices into the zero-padded grid [(H+2d)·(W+2d)] of each pixel's window.
-
-    Returns:
-        [H·W, (2d+1)²] long, offsets in row-major (dy, dx) order.
-    """
-    wp = w + 2 * d
-    k = 2 * d + 1
-    base = torch.arange(h, device=device).view(h, 1) * wp + torch.arange(w, device=device)
-    offsets = torch.arange(k, device=device).view(k, 1) * wp + torch.arange(k, device=device)
-    return (base.view(-1, 1) + offsets.view(1, -1)).contiguous()
-
-
 def _outside(h: int, w: int, d: int, device: torch.device) -> torch.Tensor:
     """True where pixel + offset leaves the grid.
 
@@ -226,22 +213,33 @@ def _band(
     """
     b, c = query.shape[:2]
     n = rows.shape[1]
-    kk = (2 * d + 1) ** 2
-    m = kk * b  # matmul rows per template pixel: the query window of every image
+    k = 2 * d + 1
+    m = k * k * b  # matmul rows per template pixel: the query window of every image
     itemsize = torch.finfo(query.dtype).bits // 8
     budget = _budget(query.device, _STEP_BYTES, _STEP_BYTES_ACCELERATOR)
     step = chunk or max(1, budget // (itemsize * (m * (n + c) + n * c)))
 
-    # Channels-last padded query: one window row (dy, dx) holds B·C contiguous values.
-    padded = F.pad(query, (d, d, d, d)).permute(2, 3, 0, 1).reshape(-1, b * c)
-    index = _window_index(h, w, d, query.device)
-    band = torch.empty(kk, b, h * w, dtype=query.dtype, device=query.device)
-    for p0 in range(0, h * w, step):
-        p1 = min(p0 + step, h * w)
-        window = padded.index_select(0, index[p0:p1].flatten()).view(p1 - p0, m, c)
+    # Zero-padded channels-last query: a window row (dx, image, channel) is one contiguous run,
+    # so each pixel's window [k, k·B·C] is a strided view and unfolding is a plain block copy.
+    padded = F.pad(query, (d, d, d, d)).permute(2, 3, 0, 1).contiguous()
+    windows = (
+        padded.view(h + 2 * d, -1).unfold(1, k * b * c, b * c).unfold(0, k, 1).permute(0, 1, 3, 2)
+    )  # [H, W, k, k·B·C]
+    band = torch.empty(k * k, b, h * w, dtype=query.dtype, device=query.device)
+    for y0, y1, x0, x1 in _blocks(h, w, step):
+        p0, p1 = y0 * w + x0, (y1 - 1) * w + x1
+        window = windows[y0:y1, x0:x1].reshape(p1 - p0, m, c)
         sim = _row_max(torch.bmm(window, rows[p0:p1].transpose(1, 2)))  # [P, k²·B]
-        band[:, :, p0:p1] = sim.view(p1 - p0, kk, b).permute(1, 2, 0)
+        band[:, :, p0:p1] = sim.view(p1 - p0, k * k, b).permute(1, 2, 0)
     return band.masked_fill_(_outside(h, w, d, query.device), float("-inf"))
+
+
+def _blocks(h: int, w: int, step: int) -> list[tuple[int, int, int, int]]:
+    """Template-pixel blocks (y0, y1, x0, x1) of about ``step`` pixels: whole rows or row pieces."""
+    if step >= w:
+        rows = step // w
+        return [(y, min(y + rows, h), 0, w) for y in range(0, h, rows)]
+    return [(y, y + 1, x, min(x + step, w)) for y in range(h) for x in range(0, w, step)]
 
 
 def _backward_from_band(band: torch.Tensor, d: int, d_b: int) -> torch.Tensor:

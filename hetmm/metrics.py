@@ -12,7 +12,8 @@ located in them with ``searchsorted``. That keeps 400 x 256 x 256 maps to about 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from skimage.measure import label
@@ -20,6 +21,7 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 __all__ = [
     "UndefinedMetricError",
+    "as_numpy",
     "image_auroc",
     "pixel_auroc",
     "aupro",
@@ -42,7 +44,8 @@ class UndefinedMetricError(ValueError):
 # ----------------------------------------------------------------------------- input handling
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
+    """numpy view of a numpy array, torch tensor (any device; half precision -> float32) or sequence."""
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         t = x.detach().cpu()
         if t.is_floating_point() and t.element_size() < 4:  # numpy has no bfloat16
@@ -53,7 +56,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _binary_labels(labels: Any, n: int) -> np.ndarray:
     """labels [M] bool / {0, 1} -> bool [M]; other values are rejected, not guessed."""
-    y = _to_numpy(labels).reshape(-1)
+    y = as_numpy(labels).reshape(-1)
     if y.shape[0] != n:
         raise ValueError(f"got {n} scores but {y.shape[0]} labels")
     if y.dtype != bool:
@@ -64,7 +67,7 @@ def _binary_labels(labels: Any, n: int) -> np.ndarray:
 
 
 def _scores_1d(scores: Any) -> np.ndarray:
-    s = _to_numpy(scores).reshape(-1)
+    s = as_numpy(scores).reshape(-1)
     if not np.issubdtype(s.dtype, np.number) or np.issubdtype(s.dtype, np.complexfloating):
         raise ValueError(f"scores must be real numbers, got dtype {s.dtype}")
     if not np.isfinite(s).all():
@@ -74,8 +77,8 @@ def _scores_1d(scores: Any) -> np.ndarray:
 
 def _maps_masks(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
     """maps [M, H, W] (or [H, W]), masks of the same shape -> (maps, bool masks [M, H, W])."""
-    a = _to_numpy(maps)
-    g = _to_numpy(masks)
+    a = as_numpy(maps)
+    g = as_numpy(masks)
     if a.ndim == 2 and g.ndim == 2:
         a, g = a[None], g[None]
     if a.ndim != 3 or a.shape != g.shape:
@@ -122,7 +125,8 @@ def image_auroc(scores: Any, labels: Any) -> float:
 def f1_max(scores: Any, labels: Any) -> tuple[float, float]:
     """Best F1 over all thresholds of the PR curve: scores [M], labels [M] -> (F1 %, threshold).
 
-    A sample is predicted defective when ``score >= threshold``; the threshold is one of the scores.
+    A sample is predicted defective when ``score >= threshold``; the threshold is one of the scores
+    (the lowest one reaching the maximum, if several do).
     Raises UndefinedMetricError when there is no defective sample (F1 is then 0/0).
     """
     s = _scores_1d(scores)
@@ -154,8 +158,8 @@ def _downsample(x: np.ndarray, y: np.ndarray, max_points: int) -> np.ndarray:
     step = np.hypot(np.diff(x) / span_x, np.diff(y) / span_y)
     length = np.concatenate(([0.0], np.cumsum(step)))
     targets = np.linspace(0.0, length[-1], max_points)
-    idx = np.unique(np.searchsorted(length, targets, side="left").clip(0, n - 1))
-    idx[0], idx[-1] = 0, n - 1
+    idx = np.searchsorted(length, targets, side="left")
+    idx[-1] = n - 1  # the last target may land on an earlier duplicate of the end point
     return np.unique(idx)
 
 
@@ -187,7 +191,7 @@ def pixel_auroc(maps: Any, masks: Any) -> float:
     """
     a, g = _maps_masks(maps, masks)
     pos = a[g]
-    if pos.size == 0 or pos.size == g.size:
+    if pos.size in (0, g.size):
         kind = "defect" if pos.size == 0 else "normal"
         raise UndefinedMetricError(f"pixel AUROC needs defect and normal pixels; the masks have no {kind} pixel")
     neg = _sorted_negatives(a, g)

@@ -23,7 +23,7 @@ from hetmm.data import load_mask, read_manifest
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.features import FeatureExtractor
 from hetmm.inspector import Inspector, resolve_device
-from hetmm.io import atomic_path, sha256_file, write_json_atomic
+from hetmm.io import atomic_path, write_json_atomic
 from hetmm.templates import TemplateSet, build_all, build_pts, hot_update, load_template, save_template
 
 
@@ -239,23 +239,6 @@ def gt_masks(test: pd.DataFrame, paths: LinePaths, size: tuple[int, int]) -> np.
     return out
 
 
-def code_version() -> str:
-    import subprocess
-
-    from hetmm import __version__
-
-    try:
-        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        return f"{__version__}+{rev}"
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-
-
-def file_hash(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None
-
-
 def line_settings(params: Params, line: ProductLine) -> dict:
     return {"device": params.device, **json.loads(json.dumps(asdict(line), default=list))}
 
@@ -299,7 +282,7 @@ def report(params: Params, line: ProductLine, paths: LinePaths, device: str = "a
     with atomic_path(paths.reports / "per_defect.csv") as tmp:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
 
-    roc = roc_points(scores, labels)
+    roc = roc_points(scores, labels) if 0 < labels.sum() < len(labels) else {"fpr": [], "tpr": []}
     reports.write_plot_csv(paths.reports / "plots" / "roc.csv", {"fpr": roc["fpr"], "tpr": roc["tpr"]})
     reports.curve_png(paths.reports / "roc.png", {"image ROC": (roc["fpr"], roc["tpr"])},
                       "false positive rate", "true positive rate", f"{line.name}: image ROC")
@@ -325,7 +308,7 @@ def report(params: Params, line: ProductLine, paths: LinePaths, device: str = "a
     timings["report"] = round(time.perf_counter() - start, 2)
     card = {
         "product_line": line.name,
-        "code_version": code_version(),
+        "code_version": reports.code_version(),
         "data": {"manifest_sha256": manifest_hash(_manifest(paths)), "images": int(len(_manifest(paths))),
                  "test_images": int(len(test)), "defective": int(labels.sum())},
         "template": _read_json(paths.reports / "template.json"),
@@ -373,7 +356,7 @@ def _write_overlays(line: ProductLine, paths: LinePaths, test: pd.DataFrame, sco
         for rank, i in enumerate(indices):
             image = load_image(paths.data / test["path"][i]).resize((width, height))
             pred = maps[i] >= threshold  # the image is flagged exactly where its map reaches the threshold
-            panel = reports.panel(image, maps[i], masks[i], float(scores[i]),
+            panel = reports.panel(image, maps[i], masks[i], None,
                                   f"{kind} #{rank + 1}: {test['defect_type'][i]} score {scores[i]:.3f}",
                                   vmin=vmin, vmax=vmax, pred_mask=pred)
             path = out_dir / f"{kind}_{rank + 1}.png"

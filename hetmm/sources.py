@@ -82,8 +82,12 @@ Builder = Callable[..., list[SampleRef]]
 
 
 def fetch(source: str, dest: str | Path, **options: Any) -> pd.DataFrame:
-    """Materialise ``source`` under ``dest`` (replacing it only on success); return the manifest."""
-    builder = _builder(source, options)
+    """Materialise ``source`` under ``dest`` (replacing it only on success); return the manifest.
+
+    ``options`` may hold every source's options (a whole ``data:`` params section): one that this
+    source does not use is accepted while it has its default value, and refused otherwise.
+    """
+    builder, used = _builder(source, options)
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise DataError(f"{dest}: exists and is not a folder; remove it or choose another destination")
@@ -93,7 +97,7 @@ def fetch(source: str, dest: str | Path, **options: Any) -> pd.DataFrame:
     try:
         # Downloads and archives go to a scratch folder beside staging, so they never reach dest.
         with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", suffix=".scratch", dir=dest.parent) as scratch:
-            refs = builder(staging, Path(scratch), **options)
+            refs = builder(staging, Path(scratch), **used)
         manifest = build_manifest(refs, staging)
         write_manifest(manifest, staging / MANIFEST_NAME)
         _swap_into_place(staging, dest)
@@ -102,19 +106,28 @@ def fetch(source: str, dest: str | Path, **options: Any) -> pd.DataFrame:
     return manifest
 
 
-def _builder(source: str, options: dict[str, Any]) -> Builder:
-    builder = SOURCES.get(source)
-    if builder is None:
+def source_options(source: str) -> dict[str, Any]:
+    """Options of one source with their defaults (``inspect.Parameter.empty`` when required)."""
+    if source not in SOURCES:
         raise ConfigError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
-    params = list(inspect.signature(builder).parameters.values())[2:]  # after (out, scratch)
-    known = {p.name for p in params}
-    unknown = sorted(set(options) - known)
+    params = list(inspect.signature(SOURCES[source]).parameters.values())[2:]  # after (out, scratch)
+    return {p.name: p.default for p in params}
+
+
+def _builder(source: str, options: dict[str, Any]) -> tuple[Builder, dict[str, Any]]:
+    own = source_options(source)
+    every = {name: default for other in SOURCES for name, default in source_options(other).items()}
+    unknown = sorted(set(options) - set(every))
     if unknown:
-        raise ConfigError(f"data source {source!r}: unknown option(s) {unknown}; known: {sorted(known)}")
-    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in options]
+        raise ConfigError(f"data source {source!r}: unknown option(s) {unknown}; known: {sorted(own)}")
+    foreign = sorted(k for k, v in options.items() if k not in own and v != every[k])
+    if foreign:
+        raise ConfigError(f"data source {source!r}: option(s) {foreign} do not apply to it; "
+                          f"its options are {sorted(own)}")
+    missing = [k for k, default in own.items() if default is inspect.Parameter.empty and k not in options]
     if missing:
         raise ConfigError(f"data source {source!r}: missing required option(s) {missing}")
-    return builder
+    return SOURCES[source], {k: v for k, v in options.items() if k in own}
 
 
 def _remove_stale_staging(dest: Path) -> None:
@@ -352,12 +365,12 @@ def _defect_mask(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     draw = ImageDraw.Draw(mask)
     centre = rng.uniform(0.25 * size, 0.75 * size, 2)
     if kind == "scratch":
-        angle, length = rng.uniform(0, np.pi), rng.uniform(0.35, 0.6) * size
+        angle, length = rng.uniform(0, np.pi), rng.uniform(0.4, 0.7) * size
         bend = rng.normal(0, 0.15, 3).cumsum()
         t = np.linspace(-0.5, 0.5, 4)
         points = [(centre[0] + length * s * np.cos(angle + b), centre[1] + length * s * np.sin(angle + b))
                   for s, b in zip(t, bend)]
-        draw.line(points, fill=255, width=int(rng.integers(2, 4)), joint="curve")
+        draw.line(points, fill=255, width=int(rng.integers(3, 5)), joint="curve")
     elif kind == "bright_spot":
         r = rng.uniform(0.035, 0.06) * size
         draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], fill=255)
@@ -372,7 +385,7 @@ def _paint(kind: str, image: np.ndarray, inside: np.ndarray, rng: np.random.Gene
     out = image.copy()
     region = out[inside]
     if kind == "scratch":  # exposed bright material
-        out[inside] = region + rng.uniform(0.55, 0.8) * (np.array([0.97, 0.96, 0.93]) - region)
+        out[inside] = region + rng.uniform(0.7, 0.9) * (np.array([0.97, 0.96, 0.93]) - region)
     elif kind == "stain":  # translucent, varying colour and strength
         colour = _STAIN_COLOURS[rng.integers(len(_STAIN_COLOURS))]
         out[inside] = region + rng.uniform(0.3, 0.55) * (colour - region)

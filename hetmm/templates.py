@@ -63,6 +63,10 @@ _VERSION = 1
 _XI = 0.05
 # Float64 elements of one [P, N, N] Gram block: bounds the memory of a pixel chunk (64 MiB).
 _CHUNK_ELEMS = 1 << 23
+# On CPU the [P, N] arrays of the sequential OPTICS / greedy steps stay within torch's parallel
+# grain size (32768), so each tiny step runs on one thread: waking a second, possibly
+# descheduled, thread costs milliseconds on a shared machine, far more than the work.
+_CPU_STEP_ELEMS = 1 << 15
 # Cosine at or above which a new vector counts as a duplicate of a template sheet.
 _DUP_COS = 1.0 - 1e-6
 _REBUILD = "rebuild it with `hetmm template`"
@@ -88,20 +92,23 @@ def _check_size(size: int) -> None:
         raise ValueError(f"template size K must be a positive integer, got {size!r}")
 
 
-def _chunks(pixels: int, n: int, chunk: int | None) -> Iterator[tuple[int, int]]:
-    """Pixel ranges ``[lo, hi)`` with about ``_CHUNK_ELEMS`` Gram elements each (or ``chunk`` pixels)."""
-    step = chunk or max(1, _CHUNK_ELEMS // max(1, n * n))
+def _chunks(pixels: int, n: int, chunk: int | None, device: torch.device) -> Iterator[tuple[int, int]]:
+    """Pixel ranges ``[lo, hi)``: ``chunk`` pixels each, or as many as the memory and step limits allow."""
+    step = max(1, _CHUNK_ELEMS // max(1, n * n))
+    if device.type == "cpu":
+        step = min(step, max(1, _CPU_STEP_ELEMS // max(1, n)))
+    step = chunk or step
     for lo in range(0, pixels, step):
         yield lo, min(pixels, lo + step)
 
 
-def _n_chunks(pixels: int, n: int, chunk: int | None) -> int:
-    return sum(1 for _ in _chunks(pixels, n, chunk))
+def _n_chunks(pixels: int, n: int, chunk: int | None, device: torch.device) -> int:
+    return sum(1 for _ in _chunks(pixels, n, chunk, device))
 
 
 def _pixel_block(features: Tensor, lo: int, hi: int) -> Tensor:
     """``[N, C, H, W]`` -> the float64 vectors of flat pixels ``lo..hi-1`` as ``[P, N, C]``."""
-    return features.flatten(2)[:, :, lo:hi].permute(2, 0, 1).to(torch.float64)
+    return features.flatten(2)[:, :, lo:hi].permute(2, 0, 1).to(torch.float64, memory_format=torch.contiguous_format)
 
 
 def _gram(x: Tensor) -> Tensor:
@@ -143,7 +150,8 @@ def _optics_graph(dist: Tensor, min_samples: int) -> tuple[Tensor, Tensor, Tenso
         processed[rows, point] = True
         key[rows, point] = float("inf")
         # round(max(d, core)) == max(round(d), core): rounding is monotone and core is rounded.
-        cand = torch.maximum(torch.round(flat[rows * n + point], decimals=15), core[rows, point, None])
+        row = flat.index_select(0, rows * n + point)  # dist[p, point[p], :]
+        cand = torch.maximum(torch.round(row, decimals=15), core[rows, point, None])
         better = (cand < key) & ~processed
         key = torch.where(better, cand, key)
         reach = torch.where(better, cand, reach)
@@ -184,7 +192,7 @@ def optics_labels(features: Tensor, size: int, *, chunk: int | None = None) -> T
     min_samples = _min_samples(n, size)
     labels = torch.full((h * w, n), -1, dtype=torch.long)
     if n >= min_samples:
-        for lo, hi in _chunks(h * w, n, chunk):
+        for lo, hi in _chunks(h * w, n, chunk, features.device):
             labels[lo:hi] = _optics_block(_gram(_pixel_block(features, lo, hi)), min_samples)
     return labels.T.reshape(n, h, w).to(features.device)
 
@@ -218,7 +226,7 @@ def _greedy(gram: Tensor, seeds: Tensor, n_seeds: Tensor, steps: int, avoid: Ten
             pick = torch.where(t < n_seeds, seeds[:, t], pick)
         chosen[:, t] = pick
         used[rows, pick] = True
-        score += flat[rows * m + pick]  # incremental <x_m, sum of chosen>
+        score += flat.index_select(0, rows * m + pick)  # incremental <x_m, sum of chosen>
     return chosen
 
 
@@ -265,7 +273,7 @@ def _select_indices(
     flat_labels = labels.to(features.device, torch.long).flatten(1).T  # [HW, N]
     index = torch.empty((h * w, min(n, size)), dtype=torch.long, device=features.device)
     easy = torch.empty(h * w, dtype=torch.long, device=features.device)
-    for lo, hi in _chunks(h * w, n, chunk):
+    for lo, hi in _chunks(h * w, n, chunk, features.device):
         index[lo:hi], easy[lo:hi] = _select_block(_gram(_pixel_block(features, lo, hi)), flat_labels[lo:hi], size)
     return index.T.reshape(-1, h, w), easy.reshape(h, w)
 
@@ -417,13 +425,13 @@ def build_pts(
     t_optics = t_select = 0.0
     out: list[Tensor] = []
     easy: list[Tensor] = []
-    total = sum(_n_chunks(layer.shape[2] * layer.shape[3], n, chunk) for layer in layers)
+    total = sum(_n_chunks(layer.shape[2] * layer.shape[3], n, chunk, layer.device) for layer in layers)
     with tqdm(total=total, desc=f"PTS K={size}", unit="chunk", disable=not progress) as bar:
         for layer in layers:
             _, _, h, w = layer.shape
             index = torch.empty((h * w, min(n, size)), dtype=torch.long, device=layer.device)
             n_easy = torch.empty(h * w, dtype=torch.long, device=layer.device)
-            for lo, hi in _chunks(h * w, n, chunk):
+            for lo, hi in _chunks(h * w, n, chunk, layer.device):
                 start = time.perf_counter()
                 gram = _gram(_pixel_block(layer, lo, hi))
                 if n >= min_samples:
@@ -483,7 +491,7 @@ def _pts_reseed(sheets: Tensor, easy: Tensor, new: Tensor, size: int, chunk: int
     steps = min(size, pool.shape[0])
     flat_easy = easy.to(sheets.device, torch.long).flatten()
     index = torch.empty((h * w, steps), dtype=torch.long, device=sheets.device)
-    for lo, hi in _chunks(h * w, pool.shape[0], chunk):
+    for lo, hi in _chunks(h * w, pool.shape[0], chunk, pool.device):
         gram = _gram(_pixel_block(pool, lo, hi))
         norm = gram.diagonal(dim1=1, dim2=2).clamp_min(1e-30).sqrt()
         cos_to_sheets = gram[:, s:, :s] / (norm[:, s:, None] * norm[:, None, :s])

@@ -1,0 +1,772 @@
+#!/usr/bin/env python
+"""MTD dev-split exploration for HETMM with offline EfficientNet-Lite backbones (issue 5).
+
+Runs on CPU or CUDA. It only ever reads the ``train`` stems (templates) and the ``dev`` half of the
+committed split (``hetmm.splits.load_mtd_split``); the ``holdout`` half is never opened.
+
+Why a separate script and not the pipeline: a sweep over hundreds of matching settings must not
+re-match for every setting. For each feature setting and template set we compute, once per layer,
+the *offset table*
+
+    M_δ(a) = max_n <Q(a), T_n(a+δ)>    for every offset δ with |δ|∞ <= D   (-inf outside the grid)
+
+from which every window size k <= 2D+1 follows by max-reductions (spec §4.5):
+
+    forward  F_k(p) = max_{δ∈W_k} M_δ(p)          backward B_k(p) = max_{δ∈W_k} M_δ(p-δ)
+
+Fusion, blur, image score and metrics follow the pipeline's semantics (``hetmm.inspector``):
+per layer ``α·Up(1-F) + (1-α)·Up(1-B)`` with bilinear ``align_corners=True`` upsampling to the
+image size, λ-weighted sum, ``resize: pad`` maps cropped to the content box and stretched back,
+Gaussian blur (zero padding, kernel 2·ceil(4σ)+1), image score = max (or block mean); masks are
+resized bilinearly to the image size and thresholded at 0.5.
+
+PTS on the device is an *approximation* (``pts_approx``): per pixel, the global medoid, then the
+official hard-normal greedy step (argmin of summed cosine to the selected set). The real PTS
+(OPTICS clusters first) comes from ``hetmm.templates``.
+
+Usage (see research/README.md)::
+
+    python research/mtd_sweep.py --data /work/shared/data/mtd --plan explore --out results/
+    python research/mtd_sweep.py --export-weights .carry/weights    # trimmed Lite weights for the device
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hetmm.config import FeatureConfig  # noqa: E402
+from hetmm.features import FeatureExtractor, content_box  # noqa: E402
+from hetmm.splits import load_mtd_split  # noqa: E402
+
+CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
+T0 = time.time()
+
+
+def log(*args) -> None:
+    print(f"[{time.time() - T0:7.1f}s]", *args, flush=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train: list[Image.Image]
+    dev: list[Image.Image]
+    labels: np.ndarray  # [B] bool, True = defective
+    classes: list[str]
+    stems: list[str]
+    masks: list[np.ndarray]  # original-size bool masks (all-False for MT_Free)
+
+
+def load_data(root: str | Path, limit_train: int | None = None, limit_dev: int | None = None,
+              seed: int = 0) -> Data:
+    """Train templates and the dev half. Never touches ``holdout``."""
+    root = Path(root)
+    split = load_mtd_split()
+    train_stems = list(split["train"])
+    dev = [(cls, stem) for cls in sorted(split["dev"]) for stem in split["dev"][cls]]
+    rng = random.Random(seed)
+    if limit_train:
+        train_stems = sorted(rng.sample(train_stems, limit_train))
+    if limit_dev:
+        dev = sorted(rng.sample(dev, limit_dev))
+
+    def rgb(path: Path) -> Image.Image:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    train = [rgb(root / "MT_Free" / "Imgs" / f"{s}.jpg") for s in train_stems]
+    imgs, masks = [], []
+    for cls, stem in dev:
+        imgs.append(rgb(root / cls / "Imgs" / f"{stem}.jpg"))
+        mpath = root / cls / "Imgs" / f"{stem}.png"
+        if mpath.is_file():
+            with Image.open(mpath) as m:
+                masks.append(np.asarray(m.convert("L")) > 127)
+        else:
+            masks.append(np.zeros(imgs[-1].size[::-1], bool))
+    labels = np.array([cls != "MT_Free" for cls, _ in dev])
+    return Data(train, imgs, labels, [c for c, _ in dev], [s for _, s in dev], masks)
+
+
+def masks_at(data: Data, size: tuple[int, int]) -> torch.Tensor:
+    """GT masks at the model resolution (pipeline.gt_masks: bilinear resize, >= 0.5): [B, H, W] bool."""
+    h, w = size
+    out = np.zeros((len(data.masks), h, w), bool)
+    for i, m in enumerate(data.masks):
+        if m.any():
+            out[i] = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.BILINEAR)) >= 128
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- backbones / features
+
+
+def export_weights(out_dir: str | Path) -> None:
+    """Trimmed state dicts (stem + blocks up to stride 16) of Lite0/1/2: exact features, ~4 MB each."""
+    from hetmm.backbones import build_backbone
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        bb = build_backbone(name, blocks="all")
+        torch.save(bb.state_dict(), out_dir / f"{name}.pth")
+        print(name, (out_dir / f"{name}.pth").stat().st_size)
+
+
+_BACKBONES: dict = {}
+
+
+def backbone(name: str, blocks: str, weights_dir: str | None):
+    key = (name, blocks)
+    if key not in _BACKBONES:
+        if weights_dir:
+            from efficientnet_lite_pytorch import EfficientNet
+
+            from hetmm.backbones import EfficientNetLiteFeatures
+
+            net = EfficientNet.from_name(name.replace("_", "-"))
+            bb = EfficientNetLiteFeatures(net, name, blocks)
+            bb.load_state_dict(torch.load(Path(weights_dir) / f"{name}.pth", map_location="cpu", weights_only=True))
+            bb.eval()
+            for p in bb.parameters():
+                p.requires_grad_(False)
+        else:
+            from hetmm.backbones import build_backbone
+
+            bb = build_backbone(name, blocks=blocks)
+        _BACKBONES[key] = bb
+    return _BACKBONES[key]
+
+
+@torch.no_grad()
+def extract(images: list[Image.Image], cfg: FeatureConfig, device: torch.device, weights_dir: str | None,
+            batch: int = 32) -> list[torch.Tensor]:
+    """All three layers, float32 on ``device``: [len(images), C_j, H_j, W_j]."""
+    names = cfg.backbone.split("+")  # "a+b": channel concatenation of two backbones (each part L2-normalised)
+    parts = []
+    for name in names:
+        c = replace(cfg, backbone=name, layers=(1, 2, 3))
+        fe = FeatureExtractor(c, device, backbone=backbone(name, cfg.blocks, weights_dir))
+        outs = [fe(images[i:i + batch]) for i in range(0, len(images), batch)]
+        parts.append([torch.cat([o[j] for o in outs]).float() for j in range(3)])
+    if len(parts) == 1:
+        return parts[0]
+    return [F.normalize(torch.cat([p[j] for p in parts], 1), dim=1) for j in range(3)]
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def offsets(d: int) -> list[tuple[int, int]]:
+    return [(dy, dx) for dy in range(-d, d + 1) for dx in range(-d, d + 1)]
+
+
+@torch.no_grad()
+def offset_table(query: torch.Tensor, templates: torch.Tensor, d: int, budget: int = 1 << 29) -> torch.Tensor:
+    """M [(2d+1)², B, H, W] with M_δ(a) = max_n <Q(a), T_n(a+δ)>, -inf where a+δ is outside the grid."""
+    b, c, h, w = query.shape
+    n = templates.shape[0]
+    qp = query.permute(2, 3, 0, 1).contiguous()  # [H, W, B, C]
+    tp = templates.permute(2, 3, 1, 0).contiguous()  # [H, W, C, N]
+    out = query.new_full(((2 * d + 1) ** 2, b, h, w), -math.inf)
+    for i, (dy, dx) in enumerate(offsets(d)):
+        y0, y1, x0, x1 = max(0, -dy), h - max(0, dy), max(0, -dx), w - max(0, dx)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        q = qp[y0:y1, x0:x1].reshape(-1, b, c)
+        t = tp[y0 + dy:y1 + dy, x0 + dx:x1 + dx].reshape(-1, c, n)
+        p = q.shape[0]
+        step = max(1, budget // max(1, b * n))
+        res = torch.empty(p, b, device=query.device)
+        for s in range(0, p, step):
+            res[s:s + step] = torch.bmm(q[s:s + step], t[s:s + step]).amax(-1)
+        out[i, :, y0:y1, x0:x1] = res.t().reshape(b, y1 - y0, x1 - x0)
+    return out
+
+
+def forward_sim(table: torch.Tensor, d: int, k: int) -> torch.Tensor:
+    r = k // 2
+    idx = [i for i, (dy, dx) in enumerate(offsets(d)) if abs(dy) <= r and abs(dx) <= r]
+    return table[idx].amax(0)
+
+
+def backward_sim(table: torch.Tensor, d: int, k: int) -> torch.Tensor:
+    r = k // 2
+    _, b, h, w = table.shape
+    out = table.new_full((b, h, w), -math.inf)
+    for i, (dy, dx) in enumerate(offsets(d)):
+        if abs(dy) > r or abs(dx) > r:
+            continue
+        # B(p) = max_δ M_δ(p - δ): shift M_δ by +δ
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        out[:, yd, xd] = torch.maximum(out[:, yd, xd], table[i][:, ys, xs])
+    return out
+
+
+@torch.no_grad()
+def nearest_patch_sim(query: torch.Tensor, templates: torch.Tensor, budget: int = 1 << 30) -> torch.Tensor:
+    """PatchCore-like: max similarity to any template vector at any position: [B, H, W]."""
+    b, c, h, w = query.shape
+    mem = templates.permute(1, 0, 2, 3).reshape(c, -1).half()
+    q = query.permute(0, 2, 3, 1).reshape(-1, c).half()
+    best = torch.full((q.shape[0],), -2.0, device=query.device)
+    rows = max(1024, budget // mem.shape[1])
+    for s in range(0, q.shape[0], rows):
+        best[s:s + rows] = (q[s:s + rows] @ mem).amax(1).float()
+    return best.view(b, h, w)
+
+
+@torch.no_grad()
+def pts_approx(templates: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-pixel K sheets: global medoid, then greedy argmin of summed cosine to the selected set.
+
+    [N, C, H, W] -> [K, C, H, W]. An approximation of PTS (no OPTICS cluster medoids).
+    """
+    n, c, h, w = templates.shape
+    x = templates.permute(2, 3, 0, 1).reshape(h * w, n, c)
+    k = min(k, n)
+    total = x.sum(1, keepdim=True)  # [P, 1, C]
+    score = (x * total).sum(-1)  # [P, N]
+    ar = torch.arange(h * w, device=x.device)
+    chosen = [score.argmax(1)]
+    used = torch.zeros(h * w, n, dtype=torch.bool, device=x.device)
+    used[ar, chosen[0]] = True
+    acc = x[ar, chosen[0]].clone()
+    for _ in range(1, k):
+        s = (x * acc[:, None]).sum(-1).masked_fill(used, math.inf)
+        nxt = s.argmin(1)
+        chosen.append(nxt)
+        used[ar, nxt] = True
+        acc += x[ar, nxt]
+    sel = torch.stack(chosen, 1)  # [P, K]
+    out = x[ar[:, None], sel]  # [P, K, C]
+    return out.reshape(h, w, k, c).permute(2, 3, 0, 1).contiguous()
+
+
+@dataclass
+class Matched:
+    """Per-layer offset tables for one feature setting and template set (dev queries)."""
+
+    tables: dict[int, torch.Tensor]  # layer -> [(2D+1)², B, H, W] similarities
+    d: int
+    patch: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> nearest-patch similarity
+
+    def sims(self, layer: int, kf: int, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.tables[layer]
+        return forward_sim(t, self.d, kf), backward_sim(t, self.d, kb)
+
+
+def match_all(query: list[torch.Tensor], templates: list[torch.Tensor], layers=(1, 2, 3), d: int = 3,
+              patch: bool = False) -> Matched:
+    tables, pt = {}, {}
+    for layer in layers:
+        tables[layer] = offset_table(query[layer - 1], templates[layer - 1], d)
+        if patch:
+            pt[layer] = nearest_patch_sim(query[layer - 1], templates[layer - 1])
+    return Matched(tables, d, pt)
+
+
+# --------------------------------------------------------------------------- fusion, post-processing
+
+
+@dataclass(frozen=True)
+class Combo:
+    layers: tuple[int, ...] = (1, 2)
+    kf: tuple[int, ...] = (3, 3)
+    kb: tuple[int, ...] = (3, 3)
+    alphas: tuple[float, ...] = (0.5, 0.5)
+    weights: tuple[float, ...] = (1.0, 1.0)
+    sigma: float = 4.0
+    score: str = "max"  # max | block<k>
+    mode: str = "mutual"  # mutual | pixel | patch | forward | backward
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """[B, H, W], separable, kernel 2*ceil(4σ)+1, zero padding (the official blur)."""
+    if sigma <= 0:
+        return maps
+    size = 2 * math.ceil(4 * sigma) + 1
+    x = torch.arange(size, device=maps.device, dtype=torch.float32) - size // 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    m = maps[:, None]
+    m = F.conv2d(m, g.view(1, 1, 1, -1), padding=(0, size // 2))
+    m = F.conv2d(m, g.view(1, 1, -1, 1), padding=(size // 2, 0))
+    return m[:, 0]
+
+
+def restore_geometry(maps: torch.Tensor, boxes) -> torch.Tensor:
+    """As hetmm.inspector.restore_geometry: crop the content box and stretch back (align_corners=True)."""
+    h, w = maps.shape[-2:]
+    out = maps.clone()
+    for i, (top, left, bh, bw) in enumerate(boxes):
+        if (bh, bw) != (h, w):
+            out[i] = F.interpolate(maps[i:i + 1, None, top:top + bh, left:left + bw], size=(h, w),
+                                   mode="bilinear", align_corners=True)[0, 0]
+    return out
+
+
+def fuse(m: Matched, combo: Combo, size: tuple[int, int], boxes=None) -> torch.Tensor:
+    """Fused, geometry-restored, blurred anomaly maps [B, H, W] at the image size."""
+    total = None
+    for j, layer in enumerate(combo.layers):
+        if combo.mode == "patch":
+            layer_map = 1 - m.patch[layer]
+        else:
+            kf, kb = (1, 1) if combo.mode == "pixel" else (combo.kf[j], combo.kb[j])
+            alpha = {"forward": 1.0, "backward": 0.0}.get(combo.mode, combo.alphas[j])
+            fs, bs = m.sims(layer, kf, kb)
+            layer_map = alpha * (1 - fs) + (1 - alpha) * (1 - bs)
+        up = F.interpolate(layer_map[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+        total = combo.weights[j] * up if total is None else total + combo.weights[j] * up
+    if boxes is not None:
+        total = restore_geometry(total, boxes)
+    return gaussian_blur(total, combo.sigma)
+
+
+def image_scores(maps: torch.Tensor, rule: str) -> torch.Tensor:
+    if rule == "max":
+        return maps.flatten(1).amax(1)
+    k = int(rule[len("block"):])
+    return F.max_pool2d(maps[:, None], k, stride=k).flatten(1).mean(1)
+
+
+# --------------------------------------------------------------------------- metrics (GPU-friendly)
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact binary AUROC in percent (ties count 1/2), any device."""
+    scores = scores.flatten().float()
+    labels = labels.flatten().bool()
+    n_pos = int(labels.sum())
+    n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg = torch.sort(scores[~labels]).values
+    pos = scores[labels]
+    lo = torch.searchsorted(neg, pos, right=False).double().sum()
+    hi = torch.searchsorted(neg, pos, right=True).double().sum()
+    return float((lo + hi) / (2.0 * n_pos * n_neg)) * 100.0
+
+
+def image_auroc_np(scores: torch.Tensor, labels: np.ndarray) -> float:
+    return auroc(scores.cpu(), torch.from_numpy(labels))
+
+
+_REGION_CACHE: dict = {}
+
+
+def aupro_fast(maps: torch.Tensor, masks: torch.Tensor, limit: float = 0.3, steps: int = 200) -> float:
+    """Standard AU-PRO (FPR <= limit, divided by limit) on a grid of ``steps`` FPR levels (approximate)."""
+    from skimage.measure import label
+
+    key = (masks.shape, int(masks.sum()))
+    if key not in _REGION_CACHE:
+        regs = np.zeros(masks.shape, np.int64)
+        offset = 0
+        for i, g in enumerate(masks.cpu().numpy()):
+            lab, n = label(g, connectivity=2, return_num=True)
+            regs[i][lab > 0] = lab[lab > 0] + offset
+            offset += n
+        _REGION_CACHE[key] = (torch.from_numpy(regs), offset)
+    regs, n_regions = _REGION_CACHE[key]
+    regs = regs.to(maps.device)
+    gt = masks.to(maps.device)
+    neg = torch.sort(maps[~gt]).values
+    fprs = torch.linspace(0, limit, steps + 1, device=maps.device)
+    idx = ((1 - fprs) * (neg.numel() - 1)).round().long().clamp(0, neg.numel() - 1)
+    thr = neg[idx]  # FPR(t) ~ fprs
+    pos = maps[gt]
+    rid = regs[gt] - 1
+    sizes = torch.bincount(rid, minlength=n_regions).float()
+    pros = []
+    for t in thr:
+        hit = torch.bincount(rid, weights=(pos > t).float(), minlength=n_regions)
+        pros.append((hit / sizes).mean())
+    pro = torch.stack(pros)
+    return float(torch.trapezoid(pro, fprs) / limit) * 100.0
+
+
+def pixel_report(maps: torch.Tensor, masks: torch.Tensor, data: Data, full: bool = False) -> dict:
+    """Pixel AUROC pooled, and (full) the diagnostics: per class, per image, normalised, border."""
+    gt = masks.to(maps.device)
+    out = {"pixel_auroc": auroc(maps, gt)}
+    if not full:
+        return out
+    out["aupro"] = aupro_fast(maps, masks)
+    classes = np.array(data.classes)
+    good = torch.from_numpy(classes == "MT_Free")
+    per_class = {}
+    for cls in CLASSES:
+        keep = torch.from_numpy(classes == cls) | good
+        per_class[cls] = auroc(maps[keep.to(maps.device)], gt[keep.to(maps.device)])
+    out["pixel_auroc_per_class"] = per_class
+    keep = torch.from_numpy(classes != "MT_Uneven").to(maps.device)
+    out["pixel_auroc_without_uneven"] = auroc(maps[keep], gt[keep])
+    keep2 = torch.from_numpy(~np.isin(classes, ["MT_Uneven", "MT_Fray"])).to(maps.device)
+    out["pixel_auroc_without_uneven_fray"] = auroc(maps[keep2], gt[keep2])
+    # localisation inside each defective image, independent of cross-image calibration
+    per_img = {}
+    for i in range(len(classes)):
+        g = gt[i]
+        if 0 < int(g.sum()) < g.numel():
+            per_img.setdefault(classes[i], []).append(auroc(maps[i], g))
+    out["per_image_auroc_mean"] = {c: float(np.mean(v)) for c, v in per_img.items()}
+    out["per_image_auroc_mean_all"] = float(np.mean([x for v in per_img.values() for x in v]))
+    # cross-image calibration: subtract each map's median (a per-image offset)
+    med = maps.flatten(1).median(1).values[:, None, None]
+    out["pixel_auroc_median_normalised"] = auroc(maps - med, gt)
+    z = (maps - med) / (maps.flatten(1).std(1)[:, None, None] + 1e-6)
+    out["pixel_auroc_z_normalised"] = auroc(z, gt)
+    # border band: share of the top-1% normal pixels lying in the outer 1/16 of the map
+    h, w = maps.shape[-2:]
+    bh, bw = max(1, h // 16), max(1, w // 16)
+    border = torch.zeros(h, w, dtype=torch.bool, device=maps.device)
+    border[:bh], border[-bh:], border[:, :bw], border[:, -bw:] = True, True, True, True
+    bmask = border.expand_as(gt)
+    negs = maps[~gt]
+    t99 = torch.quantile(negs[torch.randperm(negs.numel(), device=maps.device)[:1_000_000]], 0.99)
+    top = (maps > t99) & ~gt
+    out["border_share_of_pixels"] = float(border.float().mean())
+    out["border_share_of_top1pct_normal"] = float((top & bmask).sum() / top.sum().clamp(min=1))
+    inner = ~bmask
+    out["pixel_auroc_inner"] = auroc(maps[inner], gt[inner])
+    # a misalignment bug for scale: the same maps against horizontally flipped masks
+    out["pixel_auroc_if_masks_flipped"] = auroc(maps, gt.flip(-1))
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation of one combo
+
+
+class Evaluator:
+    def __init__(self, data: Data, cfg: FeatureConfig, matched: Matched, device: torch.device):
+        self.data, self.cfg, self.m = data, cfg, matched
+        self.size = cfg.image_size
+        self.boxes = ([content_box(im.size, cfg.image_size, "pad") for im in data.dev]
+                      if cfg.resize == "pad" else None)
+        self.masks = masks_at(data, self.size)
+        self.masks_dev = self.masks.to(device)
+        self.cache: dict = {}
+
+    def __call__(self, combo: Combo, pixel: bool = True, full: bool = False) -> dict:
+        key = (combo, pixel, full)
+        if key in self.cache:
+            return self.cache[key]
+        maps = fuse(self.m, combo, self.size, self.boxes)
+        out = {}
+        for rule in dict.fromkeys([combo.score, "max"]):
+            s = image_scores(maps, rule)
+            out["image_auroc" if rule == combo.score else f"image_auroc_{rule}"] = image_auroc_np(s, self.data.labels)
+        labels = self.data.labels
+        classes = np.array(self.data.classes)
+        s = image_scores(maps, combo.score).cpu()
+        if full:
+            out["image_auroc_per_class"] = {
+                c: auroc(s[torch.from_numpy((classes == c) | ~labels)],
+                         torch.from_numpy(labels[(classes == c) | ~labels])) for c in CLASSES}
+        if pixel:
+            out.update(pixel_report(maps, self.masks_dev, self.data, full=full))
+        self.cache[key] = out
+        return out
+
+
+def objective(r: dict) -> float:
+    """Image AUROC first; pixel AUROC as a small tie-breaker."""
+    return r["image_auroc"] + 0.02 * r.get("pixel_auroc", 0.0)
+
+
+def local_search(ev: Evaluator, start: Combo, layer_sets=((1, 2), (1, 2, 3), (2, 3), (1,), (2,)),
+                 passes: int = 2, windows=(1, 3, 5, 7), alphas=(0.0, 0.3, 0.5, 0.7, 1.0),
+                 weights=(0.3, 0.5, 0.8, 1.0), sigmas=(0.0, 2.0, 4.0, 6.0, 8.0),
+                 scores=("max", "block16", "block32")) -> tuple[Combo, dict, list]:
+    """Coordinate ascent over the matching/fusion parameters on one feature setting."""
+    best = start
+    best_r = ev(best)
+    trail = [(best.as_dict(), best_r)]
+    maxk = 2 * ev.m.d + 1
+    windows = tuple(k for k in windows if k <= maxk)
+
+    def per_layer(c: Combo, layers: tuple[int, ...]) -> Combo:
+        def pick(vals, default):
+            old = dict(zip(c.layers, vals))
+            return tuple(old.get(layer, default) for layer in layers)
+        return replace(c, layers=layers, kf=pick(c.kf, 3), kb=pick(c.kb, 3), alphas=pick(c.alphas, 0.5),
+                       weights=pick(c.weights, 1.0))
+
+    def consider(c: Combo):
+        nonlocal best, best_r
+        r = ev(c)
+        trail.append((c.as_dict(), r))
+        if objective(r) > objective(best_r) + 1e-9:
+            best, best_r = c, r
+
+    for _ in range(passes):
+        before = best
+        for ls in layer_sets:
+            if all(layer in ev.m.tables for layer in ls):
+                consider(per_layer(best, ls))
+        for j in range(len(best.layers)):
+            for name, values in (("kf", windows), ("kb", windows), ("alphas", alphas), ("weights", weights)):
+                if name == "weights" and j == 0:
+                    continue  # λ1 = 1 fixes the scale
+                base = best
+                for v in values:
+                    vals = list(getattr(base, name))
+                    vals[j] = v
+                    consider(replace(base, **{name: tuple(vals)}))
+        for sg in sigmas:
+            consider(replace(best, sigma=sg))
+        for sc in scores:
+            consider(replace(best, score=sc))
+        if best == before:
+            break
+    return best, best_r, trail
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def feature_cfg(**kw) -> FeatureConfig:
+    base = dict(backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=(256, 256), resize="squash",
+                normalisation="imagenet", blocks="all", pool=1, flip_average=False)
+    base.update(kw)
+    if isinstance(base["image_size"], int):
+        base["image_size"] = (base["image_size"], base["image_size"])
+    return FeatureConfig(**base)
+
+
+def cfg_key(cfg: FeatureConfig) -> str:
+    return (f"{cfg.backbone}|{cfg.blocks}|{cfg.image_size[0]}x{cfg.image_size[1]}|{cfg.resize}|"
+            f"{cfg.normalisation}|pool{cfg.pool}|flip{int(cfg.flip_average)}")
+
+
+NAIVE = Combo(layers=(1, 2, 3), kf=(5, 5, 3), kb=(3, 3, 3), alphas=(0.5,) * 3, weights=(1.0,) * 3, sigma=4.0)
+PAPER = Combo(layers=(1, 2), kf=(3, 3), kb=(3, 3), alphas=(0.5, 0.5), weights=(1.0, 1.0), sigma=4.0)
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device if args.device != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.data = load_data(args.data, args.limit_train, args.limit_dev)
+        log(f"data: {len(self.data.train)} templates, {len(self.data.dev)} dev ({int(self.data.labels.sum())} defective)"
+            f", device {self.device}")
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results: dict = {"settings": {}, "meta": {"device": str(self.device), "n_train": len(self.data.train),
+                                                       "n_dev": len(self.data.dev)}}
+        self.deadline = T0 + args.budget_s
+
+    def save(self, name: str = "results.json") -> None:
+        (self.out / name).write_text(json.dumps(self.results, indent=1, default=float))
+
+    def features(self, cfg: FeatureConfig):
+        t = time.time()
+        tr = extract(self.data.train, cfg, self.device, self.args.weights)
+        dv = extract(self.data.dev, cfg, self.device, self.args.weights)
+        log(f"features {cfg_key(cfg)}: {[tuple(x.shape[1:]) for x in tr]} in {time.time() - t:.1f}s")
+        return tr, dv
+
+    def run_setting(self, cfg: FeatureConfig, search: bool = True, d: int = 3) -> dict:
+        key = cfg_key(cfg)
+        if key in self.results["settings"]:
+            return self.results["settings"][key]
+        t = time.time()
+        tr, dv = self.features(cfg)
+        m = match_all(dv, tr, d=d)
+        del tr
+        ev = Evaluator(self.data, cfg, m, self.device)
+        rec = {"naive": {"combo": NAIVE.as_dict(), **ev(NAIVE)}, "paper": {"combo": PAPER.as_dict(), **ev(PAPER)}}
+        if search:
+            best, best_r, trail = local_search(ev, PAPER)
+            rec["best"] = {"combo": best.as_dict(), **ev(best, full=True)}
+            rec["n_evaluated"] = len(trail)
+        rec["seconds"] = round(time.time() - t, 1)
+        self.results["settings"][key] = rec
+        log(f"{key}: naive {rec['naive']['image_auroc']:.2f}/{rec['naive']['pixel_auroc']:.2f} "
+            f"paper {rec['paper']['image_auroc']:.2f}/{rec['paper']['pixel_auroc']:.2f} "
+            + (f"best {rec['best']['image_auroc']:.2f}/{rec['best']['pixel_auroc']:.2f} {rec['best']['combo']}"
+               if search else ""))
+        self.save()
+        del m, ev, dv
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return rec
+
+    def time_left(self) -> float:
+        return self.deadline - time.time()
+
+    # ---------------------------------------------------------------- plan: explore
+    def plan_explore(self) -> None:
+        """Diagnosis of the naive run, then greedy coordinate ascent over the feature options."""
+        self.diagnose_naive()
+        axes = [
+            ("normalisation", ["image"]),
+            ("image_size", [(320, 320), (384, 384), (448, 448), (512, 512)]),
+            ("backbone", ["efficientnet_lite1", "efficientnet_lite2"]),
+            ("resize", ["pad"]),
+            ("blocks", ["last"]),
+            ("pool", [3]),
+            ("flip_average", [True]),
+        ]
+        current = feature_cfg()
+        cur_r = self.run_setting(current)
+        history = []
+        for pass_no in range(2):
+            changed = False
+            for name, values in axes:
+                for v in values:
+                    if getattr(current, name) == v:
+                        continue
+                    if self.time_left() < 60:
+                        log("time budget reached")
+                        self.results["greedy"] = history
+                        self.save()
+                        return
+                    cand = replace(current, **{name: v})
+                    r = self.run_setting(cand)
+                    history.append({"pass": pass_no, "axis": name, "value": v, "key": cfg_key(cand),
+                                    "image_auroc": r["best"]["image_auroc"], "pixel_auroc": r["best"]["pixel_auroc"]})
+                    if objective(r["best"]) > objective(cur_r["best"]) + 0.05:
+                        current, cur_r, changed = cand, r, True
+                        log(f"  -> adopt {name}={v}")
+            self.results["greedy"] = history
+            self.results["greedy_best"] = cfg_key(current)
+            self.save()
+            if not changed:
+                break
+
+    def diagnose_naive(self) -> None:
+        """The naive user's run (Lite0, all blocks, 256 squash, ALL, windows 5/3,5/3,3/3) plus 200 templates."""
+        cfg = feature_cfg()
+        tr, dv = self.features(cfg)
+        diag = {}
+        for n_t in (None, 200):
+            t = tr if n_t is None else [x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n_t]
+                                            .to(x.device)] for x in tr]
+            m = match_all(dv, t, d=2)
+            ev = Evaluator(self.data, cfg, m, self.device)
+            diag[f"templates_{n_t or 'ALL'}"] = ev(NAIVE, full=True)
+            # raw (no blur) maps too
+            diag[f"templates_{n_t or 'ALL'}_noblur"] = ev(replace(NAIVE, sigma=0.0), full=True)
+        # pad geometry without restoring (a plausible bug): pad features, maps not cropped, squash masks
+        cfg_pad = replace(cfg, resize="pad")
+        trp, dvp = self.features(cfg_pad)
+        mp = match_all(dvp, trp, d=2)
+        evp = Evaluator(self.data, cfg_pad, mp, self.device)
+        diag["pad_restored"] = evp(NAIVE, full=True)
+        maps_unrestored = fuse(mp, NAIVE, cfg.image_size, None)
+        diag["pad_not_restored_vs_squash_masks"] = pixel_report(maps_unrestored, evp.masks_dev, self.data)
+        self.results["naive_diagnosis"] = diag
+        log("naive diagnosis:", json.dumps({k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)}
+                                            for k, v in diag.items()}, default=float)[:3000])
+        self.save()
+        del tr, dv, trp, dvp, m, mp
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- plan: final (profile + ablation)
+    def plan_final(self) -> None:
+        prof = json.loads(Path(self.args.profile).read_text()) if os.path.isfile(self.args.profile) \
+            else json.loads(self.args.profile)
+        variants = prof.pop("variants", [])
+        cfg = feature_cfg(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in prof["features"].items()})
+        combo = Combo(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in prof["combo"].items()})
+        tr, dv = self.features(cfg)
+        res = {"features": cfg_key(cfg), "combo": combo.as_dict(), "rows": []}
+        sets = [("ALL", tr)]
+        for k in prof.get("pts_sizes", [10, 20, 40, 60]):
+            sets.append((f"PTSapprox-{k}", [pts_approx(x, k) for x in tr]))
+        for k in prof.get("random_sizes", []):
+            g = torch.Generator().manual_seed(0)
+            sets.append((f"random-{k}", [x[torch.randperm(x.shape[0], generator=g)[:k].to(x.device)] for x in tr]))
+        for name, t in sets:
+            m = match_all(dv, t, layers=combo.layers, d=prof.get("d", 3), patch=(name == "ALL"))
+            ev = Evaluator(self.data, cfg, m, self.device)
+            modes = ["pixel", "patch", "forward", "backward", "mutual"] if name == "ALL" else ["mutual"]
+            for mode in modes:
+                r = ev(replace(combo, mode=mode), full=True)
+                res["rows"].append({"templates": name, "mode": mode, **r})
+                log(f"{name} {mode}: img {r['image_auroc']:.2f} pix {r['pixel_auroc']:.2f} pro {r['aupro']:.2f}")
+            if name == "ALL":
+                # robustness: one-at-a-time perturbations of the frozen combo
+                res["neighbourhood"] = []
+                for v in variants:
+                    c = replace(combo, **{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()})
+                    r = ev(c)
+                    res["neighbourhood"].append({"change": v, **r})
+                if self.args.save_maps:
+                    maps = fuse(m, combo, cfg.image_size, ev.boxes)
+                    np.savez_compressed(self.out / "maps_all.npz", maps=maps.half().cpu().numpy(),
+                                        labels=self.data.labels, classes=np.array(self.data.classes),
+                                        stems=np.array(self.data.stems))
+            del m, ev
+            self.results["final"] = res
+            self.save()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="/work/shared/data/mtd", help="MTD root with MT_*/Imgs/")
+    ap.add_argument("--out", default="research/results")
+    ap.add_argument("--plan", default="explore", choices=["explore", "final", "setting"])
+    ap.add_argument("--profile", default="", help="final: JSON (or file) {features:{...}, combo:{...}, ...}")
+    ap.add_argument("--settings", default="", help="setting: JSON list of feature dicts, each searched")
+    ap.add_argument("--weights", default=None, help="directory of trimmed Lite weights (--export-weights)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-dev", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new settings after this")
+    ap.add_argument("--save-maps", action="store_true")
+    ap.add_argument("--export-weights", default=None, help="write trimmed weights to this directory and exit")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.export_weights:
+        export_weights(args.export_weights)
+        return
+    runner = Runner(args)
+    if args.plan == "explore":
+        runner.plan_explore()
+    elif args.plan == "final":
+        runner.plan_final()
+    else:
+        for s in json.loads(args.settings):
+            if runner.time_left() < 45:
+                break
+            runner.run_setting(feature_cfg(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}))
+    runner.results["meta"]["seconds"] = round(time.time() - T0, 1)
+    runner.save()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
