@@ -7,6 +7,7 @@ what is wrong and what to do, so the CLI can print one line instead of a Pillow 
 from __future__ import annotations
 
 import struct
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -108,7 +109,9 @@ def _opened(path: Path) -> Iterator[Image.Image]:
     """Open ``path`` lazily (header only) with the file, format, size and mode checks done."""
     _check_file(path)
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # sizes are checked below, with a message that names the file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
     except UnidentifiedImageError:
         raise DataError(
             f"{path}: not an image Pillow can read (wrong extension or not image data); "
@@ -118,7 +121,7 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         raise DataError(f"{path}: absurd image size ({exc}); crop, tile or resize the image") from None
     except _DECODE_ERRORS as exc:
         raise DataError(f"{path}: corrupt image header ({exc}); copy or download the file again") from None
-    with img:
+    with img:  # leaving closes the file only; pixels already decoded stay usable
         _check_header(path, img)
         yield img
 
@@ -345,5 +348,5 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 def manifest_hash(df: pd.DataFrame) -> str:
     """sha256 of the sorted ``(path, sha256, split, label, subset)`` rows: row order does not count."""
-    rows = sorted(df.loc[:, list(HASH_COLUMNS)].astype(str).itertuples(index=False, name=None))
+    rows = sorted(df.loc[:, list(HASH_COLUMNS)].fillna("").astype(str).itertuples(index=False, name=None))
     return sha256_json([list(row) for row in rows])

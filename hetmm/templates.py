@@ -111,9 +111,41 @@ def _pixel_block(features: Tensor, lo: int, hi: int) -> Tensor:
     return features.flatten(2)[:, :, lo:hi].permute(2, 0, 1).to(torch.float64, memory_format=torch.contiguous_format)
 
 
-def _gram(x: Tensor) -> Tensor:
-    """``[P, N, C]`` -> ``[P, N, N]`` float64 dot products (cosine similarities for unit vectors)."""
-    return torch.bmm(x, x.transpose(1, 2))
+def _first_copies(x: Tensor) -> Tensor | None:
+    """``[P, N, C]`` -> ``[P, N]`` index of the first vector bitwise equal to each one, or None if
+    no pixel holds two equal vectors. Near-equal random projections flag candidate pixels; only
+    those get the exact all-pairs comparison."""
+    p, n, c = x.shape
+    probe = torch.randn(c, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x.device)
+    proj = (x @ probe).sort(dim=1).values
+    close = proj.diff(dim=1).abs() <= 1e-9 * (proj[:, 1:].abs() + 1.0)
+    pixels = close.any(dim=1).nonzero().flatten()
+    if not len(pixels):
+        return None
+    first = torch.arange(n, device=x.device).repeat(p, 1)
+    step = max(1, _CHUNK_ELEMS // (n * n * c))
+    for lo in range(0, len(pixels), step):
+        sel = pixels[lo : lo + step]
+        equal = (x[sel, :, None, :] == x[sel, None, :, :]).all(dim=3)  # [S, N, N]
+        first[sel] = equal.to(torch.uint8).argmax(dim=2)  # first True
+    return first
+
+
+def _gram(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``[P, N, C]`` float64 -> ``[P, N, N]`` dot products and :func:`_first_copies`.
+
+    Batched GEMM rounds an entry differently depending on its position, so equal pairs could get
+    unequal values. sklearn's per-pair dot products are exactly symmetric and identical for
+    identical vectors, and its tie-breaks rely on that: symmetrise, and give every copy of a
+    vector the entries of its first copy.
+    """
+    p, n, _ = x.shape
+    gram = torch.bmm(x, x.transpose(1, 2))
+    gram = (gram + gram.transpose(1, 2)) * 0.5
+    first = _first_copies(x)
+    if first is not None:
+        gram = gram.gather(1, first[:, :, None].expand(p, n, n)).gather(2, first[:, None, :].expand(p, n, n))
+    return gram, first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +225,7 @@ def optics_labels(features: Tensor, size: int, *, chunk: int | None = None) -> T
     labels = torch.full((h * w, n), -1, dtype=torch.long)
     if n >= min_samples:
         for lo, hi in _chunks(h * w, n, chunk, features.device):
-            labels[lo:hi] = _optics_block(_gram(_pixel_block(features, lo, hi)), min_samples)
+            labels[lo:hi] = _optics_block(_gram(_pixel_block(features, lo, hi))[0], min_samples)
     return labels.T.reshape(n, h, w).to(features.device)
 
 
@@ -230,10 +262,10 @@ def _greedy(gram: Tensor, seeds: Tensor, n_seeds: Tensor, steps: int, avoid: Ten
     return chosen
 
 
-def _select_block(gram: Tensor, labels: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """PTS selection for a chunk: ``gram`` ``[P, N, N]`` float64, ``labels`` ``[P, N]``.
-
-    Returns ``[P, min(N, K)]`` chosen indices (easy seeds first) and ``[P]`` easy-seed counts.
+def _select_block(gram: Tensor, first: Tensor | None, labels: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """PTS selection for a chunk: ``gram`` ``[P, N, N]`` float64 and ``first`` from :func:`_gram`,
+    ``labels`` ``[P, N]``. Returns ``[P, min(N, K)]`` chosen indices (easy seeds first) and
+    ``[P]`` easy-seed counts.
     """
     p, n, _ = gram.shape
     n_labels = int(labels.max()) + 1 if labels.numel() else 0
@@ -242,17 +274,20 @@ def _select_block(gram: Tensor, labels: Tensor, size: int) -> tuple[Tensor, Tens
         present = onehot.any(dim=2)
         # Medoid of each cluster: member with the largest summed similarity to its cluster.
         within = torch.bmm(onehot.to(torch.float64), gram.transpose(1, 2))  # [P, L, N]
+        if first is not None:  # copies tie exactly, so the lowest index wins
+            within = within.gather(2, first[:, None, :].expand_as(within))
         medoid = torch.where(onehot, within, -float("inf")).argmax(dim=2)  # [P, L]
         # Clusters in order of first appearance; absent labels sort last.
-        first = torch.where(present, onehot.to(torch.uint8).argmax(dim=2), n)
-        order = torch.sort(first, dim=1, stable=True).indices[:, :size]
+        appears = torch.where(present, onehot.to(torch.uint8).argmax(dim=2), n)
+        order = torch.sort(appears, dim=1, stable=True).indices[:, :size]
         seeds = medoid.gather(1, order)
         n_clusters = present.sum(dim=1)
     else:
         seeds = torch.zeros((p, 1), dtype=torch.long, device=gram.device)
         n_clusters = torch.zeros(p, dtype=torch.long, device=gram.device)
     # No cluster: the global medoid is the only seed.
-    global_medoid = gram.sum(dim=2).argmax(dim=1)
+    totals = gram.sum(dim=2)
+    global_medoid = (totals if first is None else totals.gather(1, first)).argmax(dim=1)
     seeds[:, 0] = torch.where(n_clusters > 0, seeds[:, 0], global_medoid)
     n_easy = n_clusters.clamp(1, size)
     return _greedy(gram, seeds, n_easy, min(n, size)), n_easy
@@ -274,7 +309,8 @@ def _select_indices(
     index = torch.empty((h * w, min(n, size)), dtype=torch.long, device=features.device)
     easy = torch.empty(h * w, dtype=torch.long, device=features.device)
     for lo, hi in _chunks(h * w, n, chunk, features.device):
-        index[lo:hi], easy[lo:hi] = _select_block(_gram(_pixel_block(features, lo, hi)), flat_labels[lo:hi], size)
+        gram, first = _gram(_pixel_block(features, lo, hi))
+        index[lo:hi], easy[lo:hi] = _select_block(gram, first, flat_labels[lo:hi], size)
     return index.T.reshape(-1, h, w), easy.reshape(h, w)
 
 
@@ -433,13 +469,13 @@ def build_pts(
             n_easy = torch.empty(h * w, dtype=torch.long, device=layer.device)
             for lo, hi in _chunks(h * w, n, chunk, layer.device):
                 start = time.perf_counter()
-                gram = _gram(_pixel_block(layer, lo, hi))
+                gram, first = _gram(_pixel_block(layer, lo, hi))
                 if n >= min_samples:
                     labels = _optics_block(gram, min_samples).to(layer.device)
                 else:
                     labels = torch.full((hi - lo, n), -1, dtype=torch.long, device=layer.device)
                 mid = time.perf_counter()
-                index[lo:hi], n_easy[lo:hi] = _select_block(gram, labels, size)
+                index[lo:hi], n_easy[lo:hi] = _select_block(gram, first, labels, size)
                 t_optics += mid - start
                 t_select += time.perf_counter() - mid
                 bar.update()
@@ -492,7 +528,7 @@ def _pts_reseed(sheets: Tensor, easy: Tensor, new: Tensor, size: int, chunk: int
     flat_easy = easy.to(sheets.device, torch.long).flatten()
     index = torch.empty((h * w, steps), dtype=torch.long, device=sheets.device)
     for lo, hi in _chunks(h * w, pool.shape[0], chunk, pool.device):
-        gram = _gram(_pixel_block(pool, lo, hi))
+        gram, _ = _gram(_pixel_block(pool, lo, hi))
         norm = gram.diagonal(dim1=1, dim2=2).clamp_min(1e-30).sqrt()
         cos_to_sheets = gram[:, s:, :s] / (norm[:, s:, None] * norm[:, None, :s])
         avoid = torch.zeros(gram.shape[:2], dtype=torch.bool, device=gram.device)

@@ -96,7 +96,7 @@ def _run_suite(df: pd.DataFrame) -> Any:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")  # in memory; no Data Docs are built, so no temp sites
+    context = gx.get_context(mode="ephemeral")  # in memory; no Data Docs are built, nothing left in /tmp
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_definition = (context.data_sources.add_pandas("manifest")
                         .add_dataframe_asset("images").add_batch_definition_whole_dataframe("all"))
@@ -111,6 +111,18 @@ def _listed(paths: list[str], total: int) -> str:
     return ", ".join(paths[:MAX_LISTED]) + (f" (+{more} more)" if more > 0 else "")
 
 
+def _paths(result: dict[str, Any]) -> list[str]:
+    """The offending rows' paths that GX lists (at most 20 with SUMMARY)."""
+    rows = result.get("partial_unexpected_index_list") or []
+    return [row["path"] if isinstance(row["path"], str) else "<row without path>" for row in rows]
+
+
+def _exception_message(info: dict[str, Any]) -> str | None:
+    """GX reports an expectation's error flat, or nested per metric; return the first message."""
+    entries = [info] + [value for value in info.values() if isinstance(value, dict)]
+    return next((e.get("exception_message") or "error" for e in entries if e.get("raised_exception")), None)
+
+
 def _suite_failures(result: Any) -> list[str]:
     failures = []
     for item in result.results:
@@ -118,10 +130,11 @@ def _suite_failures(result: Any) -> list[str]:
             continue
         config = item.expectation_config
         description = config.meta.get("description", config.type)
-        if item.exception_info.get("raised_exception"):
-            failures.append(f"manifest: could not check '{description}': {item.exception_info['exception_message']}")
+        error = _exception_message(item.exception_info or {})
+        if error is not None:
+            failures.append(f"manifest: could not check '{description}' [{config.kwargs.get('column')}]: {error}")
             continue
-        paths = [str(row["path"]) for row in item.result.get("partial_unexpected_index_list") or []]
+        paths = _paths(item.result)
         count = int(item.result.get("unexpected_count") or len(paths))
         failures.append(f"manifest: {description} [{config.kwargs.get('column')}]: {_listed(paths, count)}")
     return failures
@@ -205,13 +218,19 @@ def _check_files(df: pd.DataFrame, root: Path) -> _FileChecks:
 # ----------------------------------------------------------------------------- report
 
 
+def _range(values: pd.Series) -> list[int]:
+    """``[min, max]`` of the numeric values (a broken manifest may hold text); ``[]`` if none."""
+    numbers = pd.to_numeric(values, errors="coerce").dropna()
+    return [int(numbers.min()), int(numbers.max())] if len(numbers) else []
+
+
 def _stats(df: pd.DataFrame, checks: _FileChecks, suite_result: Any) -> dict[str, Any]:
     counts = Counter(f"{split}/{kind}" for split, kind in zip(df["split"], df["defect_type"]))
     return {
         "n_images": len(df),
         "counts": dict(sorted(counts.items())),
-        "width": [int(df["width"].min()), int(df["width"].max())] if len(df) else [],
-        "height": [int(df["height"].min()), int(df["height"].max())] if len(df) else [],
+        "width": _range(df["width"]),
+        "height": _range(df["height"]),
         "modes": dict(Counter(map(str, df["mode"]))),
         "manifest_hash": manifest_hash(df),
         "masks": {
@@ -244,7 +263,7 @@ def _expectation_rows(suite_result: Any) -> list[list[str]]:
     rows = []
     for item in suite_result.results if suite_result is not None else []:
         config = item.expectation_config
-        paths = [str(r["path"]) for r in item.result.get("partial_unexpected_index_list") or []]
+        paths = _paths(item.result)
         verdict = '<span class="pass">pass</span>' if item.success else '<span class="fail">FAIL</span>'
         rows.append([html.escape(config.meta.get("description", config.type)), html.escape(config.type),
                      html.escape(str(config.kwargs.get("column", ""))), verdict,
@@ -271,7 +290,7 @@ def render_html(result: ValidationResult, root: Path, suite_result: Any) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>hetmm data validation</title><style>{_CSS}</style></head>
 <body><h1>Data validation: {status}</h1>
-{_table(["", ""], summary)}
+{_table(["item", "value"], summary)}
 <h2>Failures ({len(result.failures)})</h2>{_items(result.failures)}
 <h2>Warnings ({len(result.warnings)})</h2>{_items(result.warnings)}
 <h2>Images per split / type</h2>{_table(["split/type", "images"], counts)}
@@ -284,7 +303,9 @@ def render_html(result: ValidationResult, root: Path, suite_result: Any) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def validate(manifest_df: pd.DataFrame, root: str | Path, out_json: str | Path, out_html: str | Path) -> ValidationResult:
+def validate(
+    manifest_df: pd.DataFrame, root: str | Path, out_json: str | Path, out_html: str | Path
+) -> ValidationResult:
     """Check the manifest (great-expectations) and every image and mask under ``root``.
 
     Failures (named files): manifest rule violations, duplicates, undecodable or changed images,

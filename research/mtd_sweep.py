@@ -267,22 +267,26 @@ class Matched:
     """Per-layer offset tables for one feature setting and template set (dev queries)."""
 
     tables: dict[int, torch.Tensor]  # layer -> [(2D+1)², B, H, W] similarities
-    d: int
+    d: dict[int, int]  # layer -> D (largest window 2D+1)
     patch: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> nearest-patch similarity
 
     def sims(self, layer: int, kf: int, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.tables[layer]
-        return forward_sim(t, self.d, kf), backward_sim(t, self.d, kb)
+        t, d = self.tables[layer], self.d[layer]
+        if max(kf, kb) > 2 * d + 1:
+            raise ValueError(f"layer {layer}: window {max(kf, kb)} > table size {2 * d + 1}")
+        return forward_sim(t, d, kf), backward_sim(t, d, kb)
 
 
-def match_all(query: list[torch.Tensor], templates: list[torch.Tensor], layers=(1, 2, 3), d: int = 3,
+def match_all(query: list[torch.Tensor], templates: list[torch.Tensor], layers=(1, 2, 3), d=3,
               patch: bool = False) -> Matched:
+    """``d``: an int for every layer or {layer: D}."""
+    ds = {layer: (d[layer] if isinstance(d, dict) else d) for layer in layers}
     tables, pt = {}, {}
     for layer in layers:
-        tables[layer] = offset_table(query[layer - 1], templates[layer - 1], d)
+        tables[layer] = offset_table(query[layer - 1], templates[layer - 1], ds[layer])
         if patch:
             pt[layer] = nearest_patch_sim(query[layer - 1], templates[layer - 1])
-    return Matched(tables, d, pt)
+    return Matched(tables, ds, pt)
 
 
 # --------------------------------------------------------------------------- fusion, post-processing
@@ -499,15 +503,13 @@ def objective(r: dict) -> float:
 
 
 def local_search(ev: Evaluator, start: Combo, layer_sets=((1, 2), (1, 2, 3), (2, 3), (1,), (2,)),
-                 passes: int = 2, windows=(1, 3, 5, 7), alphas=(0.0, 0.3, 0.5, 0.7, 1.0),
+                 passes: int = 2, windows=(1, 3, 5, 7, 9), alphas=(0.0, 0.3, 0.5, 0.7, 1.0),
                  weights=(0.3, 0.5, 0.8, 1.0), sigmas=(0.0, 2.0, 4.0, 6.0, 8.0),
                  scores=("max", "block16", "block32")) -> tuple[Combo, dict, list]:
     """Coordinate ascent over the matching/fusion parameters on one feature setting."""
     best = start
     best_r = ev(best)
     trail = [(best.as_dict(), best_r)]
-    maxk = 2 * ev.m.d + 1
-    windows = tuple(k for k in windows if k <= maxk)
 
     def per_layer(c: Combo, layers: tuple[int, ...]) -> Combo:
         def pick(vals, default):
@@ -533,6 +535,8 @@ def local_search(ev: Evaluator, start: Combo, layer_sets=((1, 2), (1, 2, 3), (2,
                 if name == "weights" and j == 0:
                     continue  # λ1 = 1 fixes the scale
                 base = best
+                if name in ("kf", "kb"):
+                    values = tuple(k for k in values if k <= 2 * ev.m.d[base.layers[j]] + 1)
                 for v in values:
                     vals = list(getattr(base, name))
                     vals[j] = v
@@ -565,6 +569,8 @@ def cfg_key(cfg: FeatureConfig) -> str:
 
 NAIVE = Combo(layers=(1, 2, 3), kf=(5, 5, 3), kb=(3, 3, 3), alphas=(0.5,) * 3, weights=(1.0,) * 3, sigma=4.0)
 PAPER = Combo(layers=(1, 2), kf=(3, 3), kb=(3, 3), alphas=(0.5, 0.5), weights=(1.0, 1.0), sigma=4.0)
+ROBUST_GRID = [Combo(layers=(2, 3), kf=(kf2, kf3), kb=(kb2, kb3), alphas=(0.5, 0.5), weights=(1.0, 1.0), sigma=4.0)
+               for kf2 in (3, 5, 7) for kb2 in (1, 3, 5) for kf3 in (3, 5) for kb3 in (1, 3)]
 
 
 class Runner:
@@ -594,24 +600,35 @@ class Runner:
         log(f"features {cfg_key(cfg)}: {[tuple(x.shape[1:]) for x in tr]} in {time.time() - t:.1f}s")
         return tr, dv
 
-    def run_setting(self, cfg: FeatureConfig, search: bool = True, d: int = 3) -> dict:
+    def run_setting(self, cfg: FeatureConfig, search: bool = True, d=None) -> dict:
+        """Features + offset tables once, then: naive and paper combos, the fixed robustness grid
+        (``ROBUST_GRID``: median over 36 plausible layer-2/3 combos measures the features, not the tuning),
+        and a coordinate-ascent search (optimistic: it is tuned on dev)."""
         key = cfg_key(cfg)
         if key in self.results["settings"]:
             return self.results["settings"][key]
         t = time.time()
         tr, dv = self.features(cfg)
-        m = match_all(dv, tr, d=d)
+        m = match_all(dv, tr, d=d or {1: 3, 2: 4, 3: 4})
         del tr
         ev = Evaluator(self.data, cfg, m, self.device)
         rec = {"naive": {"combo": NAIVE.as_dict(), **ev(NAIVE)}, "paper": {"combo": PAPER.as_dict(), **ev(PAPER)}}
+        grid = [ev(c) for c in ROBUST_GRID]
+        img = np.array([g["image_auroc"] for g in grid])
+        pix = np.array([g["pixel_auroc"] for g in grid])
+        rec["grid"] = {"image_median": float(np.median(img)), "image_mean": float(img.mean()),
+                       "image_min": float(img.min()), "image_max": float(img.max()),
+                       "pixel_median": float(np.median(pix)), "pixel_max": float(pix.max())}
         if search:
             best, best_r, trail = local_search(ev, PAPER)
             rec["best"] = {"combo": best.as_dict(), **ev(best, full=True)}
+            rec["best"]["scores"] = image_scores(fuse(m, best, cfg.image_size, ev.boxes), best.score).cpu().tolist()
             rec["n_evaluated"] = len(trail)
         rec["seconds"] = round(time.time() - t, 1)
         self.results["settings"][key] = rec
         log(f"{key}: naive {rec['naive']['image_auroc']:.2f}/{rec['naive']['pixel_auroc']:.2f} "
             f"paper {rec['paper']['image_auroc']:.2f}/{rec['paper']['pixel_auroc']:.2f} "
+            f"grid median {rec['grid']['image_median']:.2f}/{rec['grid']['pixel_median']:.2f} "
             + (f"best {rec['best']['image_auroc']:.2f}/{rec['best']['pixel_auroc']:.2f} {rec['best']['combo']}"
                if search else ""))
         self.save()
@@ -628,13 +645,13 @@ class Runner:
         """Diagnosis of the naive run, then greedy coordinate ascent over the feature options."""
         self.diagnose_naive()
         axes = [
-            ("normalisation", ["image"]),
-            ("image_size", [(320, 320), (384, 384), (448, 448), (512, 512)]),
-            ("backbone", ["efficientnet_lite1", "efficientnet_lite2"]),
-            ("resize", ["pad"]),
-            ("blocks", ["last"]),
-            ("pool", [3]),
-            ("flip_average", [True]),
+            ("normalisation", ["imagenet", "image"]),
+            ("image_size", [(256, 256), (320, 320), (384, 384), (448, 448), (512, 512)]),
+            ("backbone", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]),
+            ("resize", ["squash", "pad"]),
+            ("blocks", ["all", "last"]),
+            ("pool", [1, 3]),
+            ("flip_average", [False, True]),
         ]
         current = feature_cfg()
         cur_r = self.run_setting(current)
@@ -708,7 +725,8 @@ class Runner:
             g = torch.Generator().manual_seed(0)
             sets.append((f"random-{k}", [x[torch.randperm(x.shape[0], generator=g)[:k].to(x.device)] for x in tr]))
         for name, t in sets:
-            m = match_all(dv, t, layers=combo.layers, d=prof.get("d", 3), patch=(name == "ALL"))
+            d = {int(k): v for k, v in prof.get("d", {"1": 3, "2": 4, "3": 4}).items()}
+            m = match_all(dv, t, layers=combo.layers, d=d, patch=(name == "ALL"))
             ev = Evaluator(self.data, cfg, m, self.device)
             modes = ["pixel", "patch", "forward", "backward", "mutual"] if name == "ALL" else ["mutual"]
             for mode in modes:
@@ -722,9 +740,13 @@ class Runner:
                     c = replace(combo, **{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()})
                     r = ev(c)
                     res["neighbourhood"].append({"change": v, **r})
-                if self.args.save_maps:
-                    maps = fuse(m, combo, cfg.image_size, ev.boxes)
-                    np.savez_compressed(self.out / "maps_all.npz", maps=maps.half().cpu().numpy(),
+                maps = fuse(m, combo, cfg.image_size, ev.boxes)
+                res["scores"] = image_scores(maps, combo.score).cpu().tolist()
+                res["stems"] = self.data.stems
+                res["classes"] = self.data.classes
+                if self.args.save_maps:  # 128 x 128 float16 copies for figures
+                    small = F.interpolate(maps[:, None], size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
+                    np.savez_compressed(self.out / "maps_all.npz", maps=small.half().cpu().numpy(),
                                         labels=self.data.labels, classes=np.array(self.data.classes),
                                         stems=np.array(self.data.stems))
             del m, ev

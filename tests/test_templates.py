@@ -131,10 +131,14 @@ def test_optics_labels_on_device(device: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def at_angles(degrees: list[float]) -> torch.Tensor:
-    """Unit vectors in the plane, as ``[N, 2, 1, 1]``."""
-    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
-    return torch.stack([rad.cos(), rad.sin()], 1).float()[:, :, None, None]
+def dyadic(rows: list[list[float]]) -> torch.Tensor:
+    """Unit vectors with entries in {0, +-1/2, +-1}, as ``[N, 4, 1, 1]``: every dot product and sum
+    of them is exact, so ties are exact whatever the summation order."""
+    return torch.tensor(rows)[:, :, None, None]
+
+
+E1, E2, E3, E4 = ([float(i == j) for j in range(4)] for i in range(4))
+H = 0.5
 
 
 def pixel_labels(values: list[int]) -> torch.Tensor:
@@ -148,11 +152,10 @@ def chosen(features: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[list[i
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_select_medoids_in_first_appearance_order_then_hard_normal(device: str) -> None:
-    # Cluster A = {10, 0, -10} deg (medoid 0 deg, index 1); cluster B = {40, 50} deg, made an exact
-    # tie by swapping coordinates (lowest index 4 wins); noise at 225 deg is least similar to them.
-    feats = at_angles([10, 0, -10, 225, 40, 0])
-    feats[5] = feats[4].flip(0)
-    feats = feats.to(device)
+    # Cluster {0, 1, 2}: similarity sums 1.5, 2, 1.5, so the medoid is 1. Cluster {4, 5}: two
+    # copies of one vector, an exact tie that the lowest index wins. Noise 3 is the only vector
+    # with a negative similarity to the seed sum x1 + x4 = (1, 1, 0, 0).
+    feats = dyadic([[H, H, H, H], E1, [H, H, -H, -H], [-H, -H, H, H], E2, E2]).to(device)
     for labels in ([0, 0, 0, -1, 1, 1], [1, 1, 1, -1, 0, 0]):  # label ids do not set the order
         assert chosen(feats, pixel_labels(labels).to(device), 3) == ([1, 4, 3], 2)
     sheets = select_prototypes(feats, pixel_labels([0, 0, 0, -1, 1, 1]).to(device), 3)
@@ -160,16 +163,15 @@ def test_select_medoids_in_first_appearance_order_then_hard_normal(device: str) 
 
 
 def test_select_no_cluster_starts_from_global_medoid_and_breaks_ties_low() -> None:
-    # Global medoid of {0, 20, 40, 200} deg is 20 deg (index 1); its exact opposite (index 3)
-    # follows; then 0 and 40 deg score exactly 0 against x1 + x3 = 0, and index 0 wins the tie.
-    v = at_angles([0, 20, 40, 0])
-    v[3] = -v[1]
-    assert chosen(v, pixel_labels([-1, -1, -1, -1]), 4) == ([1, 3, 0, 2], 1)
-    assert chosen(v, pixel_labels([-1, -1, -1, -1]), 3) == ([1, 3, 0], 1)
+    # Similarity sums 2, 2, 2.5, 1, 1.5: global medoid 2. Greedy scores against the running sum:
+    # x4 (0), then x3 (0), then x0 and x1 tie at 1 and index 0 wins.
+    feats = dyadic([E3, E1, [H, H, H, H], E4, [H, -H, H, -H]])
+    assert chosen(feats, pixel_labels([-1] * 5), 5) == ([2, 4, 3, 0, 1], 1)
+    assert chosen(feats, pixel_labels([-1] * 5), 3) == ([2, 4, 3], 1)
 
 
 def test_select_more_clusters_than_k_keeps_first_k_and_no_hard_normals() -> None:
-    feats = at_angles([0, 0, 60, 60, 180, 120])
+    feats = dyadic([E1, [H, H, H, H], E2, [H, -H, H, -H], [-1.0, 0, 0, 0], E3])
     assert chosen(feats, pixel_labels([2, 2, 0, 0, 1, 1]), 2) == ([0, 2], 2)
 
 
