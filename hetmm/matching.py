@@ -35,6 +35,9 @@ _STEP_BYTES_ACCELERATOR = 256 << 20
 # Cap on the band table G [k², B, H·W] per pass; larger query batches are split into groups.
 _BAND_BYTES = {"cpu": 64 << 20}
 _BAND_BYTES_ACCELERATOR = 1 << 30
+# Window rows (k²·B) from which sheets-as-rows products are faster: MKL runs [N, C] x [C, k²·B]
+# better for tall windows, and the max over sheets then reduces long contiguous rows.
+_TALL_WINDOW = 96
 # torch's CPU max-reduction vectorises the innermost dim in blocks of 32; fold to a multiple of it.
 _REDUCE_BLOCK = 32
 
@@ -169,8 +172,8 @@ def _template_rows(templates: torch.Tensor) -> torch.Tensor:
     return templates.permute(2, 3, 0, 1).flatten(0, 1)
 
 
-def _row_max(x: torch.Tensor) -> torch.Tensor:
-    """Max over the last dim, [..., L] -> [...].
+def _row_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Max over the last dim, [..., L] -> [...], optionally into ``out``.
 
     Folds L onto a multiple of ``_REDUCE_BLOCK`` with one overlapping elementwise max (max is
     idempotent, so the overlap is harmless); torch reduces a ragged tail of the innermost dim
@@ -180,7 +183,7 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     if length > _REDUCE_BLOCK and length % _REDUCE_BLOCK:
         half = -(-length // (2 * _REDUCE_BLOCK)) * _REDUCE_BLOCK
         x = torch.maximum(x[..., :half], x[..., length - half :])
-    return x.amax(-1)
+    return torch.amax(x, -1, out=out) if out is not None else x.amax(-1)
 
 
 def _outside(h: int, w: int, d: int, device: torch.device) -> torch.Tensor:
@@ -225,12 +228,22 @@ def _band(
     windows = (
         padded.view(h + 2 * d, -1).unfold(1, k * b * c, b * c).unfold(0, k, 1).permute(0, 1, 3, 2)
     )  # [H, W, k, k·B·C]
-    band = torch.empty(k * k, b, h * w, dtype=query.dtype, device=query.device)
+    tall = m >= _TALL_WINDOW
+    step = min(step, h * w)
+    window_buf = query.new_empty(step, m, c)
+    product_buf = query.new_empty((step, n, m) if tall else (step, m, n))
+    band = query.new_empty(h * w, m)
     for y0, y1, x0, x1 in _blocks(h, w, step):
         p0, p1 = y0 * w + x0, (y1 - 1) * w + x1
-        window = windows[y0:y1, x0:x1].reshape(p1 - p0, m, c)
-        sim = _row_max(torch.bmm(window, rows[p0:p1].transpose(1, 2)))  # [P, k²·B]
-        band[:, :, p0:p1] = sim.view(p1 - p0, k * k, b).permute(1, 2, 0)
+        window, product = window_buf[: p1 - p0], product_buf[: p1 - p0]
+        window.view(y1 - y0, x1 - x0, k, k * b * c).copy_(windows[y0:y1, x0:x1])
+        if tall:  # [P, N, C] x [P, C, k²·B], max over the sheet rows
+            torch.bmm(rows[p0:p1], window.transpose(1, 2), out=product)
+            torch.amax(product, 1, out=band[p0:p1])
+        else:  # [P, k²·B, C] x [P, C, N], max over the sheet columns
+            torch.bmm(window, rows[p0:p1].transpose(1, 2), out=product)
+            _row_max(product, out=band[p0:p1])
+    band = band.view(h * w, k * k, b).permute(1, 2, 0)
     return band.masked_fill_(_outside(h, w, d, query.device), float("-inf"))
 
 

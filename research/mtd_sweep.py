@@ -600,7 +600,7 @@ class Runner:
         log(f"features {cfg_key(cfg)}: {[tuple(x.shape[1:]) for x in tr]} in {time.time() - t:.1f}s")
         return tr, dv
 
-    def run_setting(self, cfg: FeatureConfig, search: bool = True, d=None) -> dict:
+    def run_setting(self, cfg: FeatureConfig, search: bool = True, d=None, frozen: "Combo | None" = None) -> dict:
         """Features + offset tables once, then: naive and paper combos, the fixed robustness grid
         (``ROBUST_GRID``: median over 36 plausible layer-2/3 combos measures the features, not the tuning),
         and a coordinate-ascent search (optimistic: it is tuned on dev)."""
@@ -619,6 +619,8 @@ class Runner:
         rec["grid"] = {"image_median": float(np.median(img)), "image_mean": float(img.mean()),
                        "image_min": float(img.min()), "image_max": float(img.max()),
                        "pixel_median": float(np.median(pix)), "pixel_max": float(pix.max())}
+        if frozen is not None:
+            rec["frozen"] = {"combo": frozen.as_dict(), **ev(frozen, full=True)}
         if search:
             best, best_r, trail = local_search(ev, PAPER)
             rec["best"] = {"combo": best.as_dict(), **ev(best, full=True)}
@@ -629,6 +631,7 @@ class Runner:
         log(f"{key}: naive {rec['naive']['image_auroc']:.2f}/{rec['naive']['pixel_auroc']:.2f} "
             f"paper {rec['paper']['image_auroc']:.2f}/{rec['paper']['pixel_auroc']:.2f} "
             f"grid median {rec['grid']['image_median']:.2f}/{rec['grid']['pixel_median']:.2f} "
+            + (f"frozen {rec['frozen']['image_auroc']:.2f}/{rec['frozen']['pixel_auroc']:.2f} " if frozen else "")
             + (f"best {rec['best']['image_auroc']:.2f}/{rec['best']['pixel_auroc']:.2f} {rec['best']['combo']}"
                if search else ""))
         self.save()
@@ -726,7 +729,10 @@ class Runner:
             sets.append((f"random-{k}", [x[torch.randperm(x.shape[0], generator=g)[:k].to(x.device)] for x in tr]))
         for name, t in sets:
             d = {int(k): v for k, v in prof.get("d", {"1": 3, "2": 4, "3": 4}).items()}
-            m = match_all(dv, t, layers=combo.layers, d=d, patch=(name == "ALL"))
+            layers = combo.layers
+            if name == "ALL":  # the neighbourhood may use other layers
+                layers = tuple(sorted(set(combo.layers).union(*[v.get("layers", ()) for v in variants])))
+            m = match_all(dv, t, layers=layers, d=d, patch=(name == "ALL"))
             ev = Evaluator(self.data, cfg, m, self.device)
             modes = ["pixel", "patch", "forward", "backward", "mutual"] if name == "ALL" else ["mutual"]
             for mode in modes:
@@ -767,6 +773,7 @@ def main(argv=None) -> None:
     ap.add_argument("--limit-dev", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new settings after this")
     ap.add_argument("--save-maps", action="store_true")
+    ap.add_argument("--no-search", action="store_true", help="setting: skip the coordinate-ascent search")
     ap.add_argument("--export-weights", default=None, help="write trimmed weights to this directory and exit")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -781,10 +788,15 @@ def main(argv=None) -> None:
     elif args.plan == "final":
         runner.plan_final()
     else:
-        for s in json.loads(args.settings):
+        frozen = None
+        if args.profile:
+            prof = json.loads(Path(args.profile).read_text()) if os.path.isfile(args.profile) else json.loads(args.profile)
+            frozen = Combo(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in prof["combo"].items()})
+        for s in json.loads(Path(args.settings).read_text() if os.path.isfile(args.settings) else args.settings):
             if runner.time_left() < 45:
                 break
-            runner.run_setting(feature_cfg(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}))
+            runner.run_setting(feature_cfg(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}),
+                               search=not args.no_search, frozen=frozen)
     runner.results["meta"]["seconds"] = round(time.time() - T0, 1)
     runner.save()
     log("done")

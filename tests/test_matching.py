@@ -1,0 +1,184 @@
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hetmm.matching import match_layer, nearest_patch, to_pixel_major
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {torch.float64: 1e-6, torch.float32: 1e-5}
+
+
+def _unit(*shape, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=1).to(dtype)
+
+
+def _reference(query, templates, k_f, k_b):
+    """Literal transcription of the official kernels plus max over sheets (slow, for tests)."""
+    q, t = query.double().tolist(), templates.double().tolist()
+    b_, c_, h_, w_ = query.shape
+    n_ = templates.shape[0]
+
+    def dot(i, y, x, n, ty, tx):
+        return sum(q[i][c][y][x] * t[n][c][ty][tx] for c in range(c_))
+
+    def kernel(k, forward):
+        if k == 0:
+            return None
+        out = torch.empty(b_, h_, w_, dtype=torch.float64)
+        d = k // 2
+        for i in range(b_):
+            for y in range(h_):
+                for x in range(w_):
+                    best = -1e30
+                    for n in range(n_):
+                        for dy in range(-d, d + 1):
+                            for dx in range(-d, d + 1):
+                                yy, xx = y + dy, x + dx
+                                if not (0 <= yy < h_ and 0 <= xx < w_):
+                                    continue  # border truncation: the offset is skipped
+                                if forward:  # <Q(p), T_n(p+δ)>
+                                    s = dot(i, y, x, n, yy, xx)
+                                else:  # <Q(p+δ), T_n(p)>
+                                    s = dot(i, yy, xx, n, y, x)
+                                best = max(best, s)
+                    out[i, y, x] = 1.0 - best
+        return out
+
+    return kernel(k_f, True), kernel(k_b, False)
+
+
+# Non-square grid; B=4 with k=5 gives 100 window rows (the tall matmul path), B=2 the short one;
+# N=40 exercises the ragged max over sheets.
+CASES = {
+    "B2N3": dict(b=2, n=3, c=5, h=5, w=7),
+    "B1N1": dict(b=1, n=1, c=4, h=6, w=4),
+    "B4N40": dict(b=4, n=40, c=3, h=4, w=5),
+}
+
+
+@functools.cache
+def _case(name, k_f, k_b):
+    s = CASES[name]
+    query = _unit(s["b"], s["c"], s["h"], s["w"], seed=1)
+    templates = _unit(s["n"], s["c"], s["h"], s["w"], seed=2)
+    return query, templates, _reference(query, templates, k_f, k_b)
+
+
+def _assert_close(got, want, tol):
+    if want is None:
+        assert got is None
+        return
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double().cpu() - want).abs().max().item() < tol
+
+
+WINDOWS = [(5, 3), (3, 5), (1, 1), (7, 1), (3, 0), (0, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("windows", WINDOWS)
+@pytest.mark.parametrize("chunk", [None, 1, 3, 10_000])
+def test_match_layer_equals_official_kernels(device, dtype, windows, chunk):
+    query, templates, (want_f, want_b) = _case("B2N3", *windows)
+    forward, backward = match_layer(
+        query.to(device, dtype), templates.to(device, dtype), *windows, chunk=chunk
+    )
+    _assert_close(forward, want_f, TOL[dtype])
+    _assert_close(backward, want_b, TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["B1N1", "B4N40"])
+@pytest.mark.parametrize("windows", [(5, 3), (3, 5), (1, 1)])
+@pytest.mark.parametrize("chunk", [None, 2, 5])
+def test_match_layer_single_sheet_and_wide_batches(device, case, windows, chunk):
+    query, templates, (want_f, want_b) = _case(case, *windows)
+    forward, backward = match_layer(query.to(device), templates.to(device), *windows, chunk=chunk)
+    _assert_close(forward, want_f, 1e-6)
+    _assert_close(backward, want_b, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_border_is_truncated_not_zero_padded(device):
+    # Every similarity is negative, so a zero-padded neighbour (similarity 0) would win at the border.
+    g = torch.Generator().manual_seed(3)
+    query = F.normalize(torch.rand(2, 4, 5, 6, generator=g, dtype=torch.float64) + 0.1, dim=1)
+    templates = -F.normalize(torch.rand(3, 4, 5, 6, generator=g, dtype=torch.float64) + 0.1, dim=1)
+    forward, backward = match_layer(query.to(device), templates.to(device), 5, 3)
+    want_f, want_b = _reference(query, templates, 5, 3)
+    _assert_close(forward, want_f, 1e-6)
+    _assert_close(backward, want_b, 1e-6)
+    assert forward.min() > 1.0 and backward.min() > 1.0  # 1 - (negative similarity)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("windows", [(5, 3), (1, 1), (3, 7)])
+def test_query_equal_to_a_template_matches_itself_everywhere(device, windows):
+    templates = _unit(4, 16, 9, 11, seed=4).to(device)
+    query = templates[[2, 0]]
+    forward, backward = match_layer(query, templates, *windows)
+    assert forward.abs().max() < 1e-6 and backward.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_template_memory_layout_does_not_change_results(device):
+    query = _unit(3, 6, 7, 5, seed=5).to(device)
+    templates = _unit(4, 6, 7, 5, seed=6).to(device)
+    pixel_major = to_pixel_major(templates)
+    assert torch.equal(pixel_major, templates)
+    assert pixel_major.permute(2, 3, 0, 1).is_contiguous()
+    want = match_layer(query, templates, 5, 3)
+    for layout in (pixel_major, templates.contiguous(memory_format=torch.channels_last)):
+        got = match_layer(query, layout, 5, 3, chunk=4)
+        assert torch.allclose(got[0], want[0], atol=1e-12)
+        assert torch.allclose(got[1], want[1], atol=1e-12)
+
+
+def test_even_window_uses_half_width_k_over_2_like_the_official_kernels():
+    query, templates = _unit(2, 4, 6, 6, seed=7), _unit(3, 4, 6, 6, seed=8)
+    even, odd = match_layer(query, templates, 4, 2), match_layer(query, templates, 5, 3)
+    assert torch.equal(even[0], odd[0]) and torch.equal(even[1], odd[1])
+
+
+def test_half_precision_templates_are_computed_in_float32_on_cpu():
+    query, templates = _unit(2, 8, 6, 5, seed=9), _unit(3, 8, 6, 5, seed=10)
+    half = match_layer(query.half(), templates.half(), 3, 3)
+    full = match_layer(query.half().float(), templates.half().float(), 3, 3)
+    assert half[0].dtype == torch.float32
+    assert torch.allclose(half[0], full[0]) and torch.allclose(half[1], full[1])
+
+
+def test_no_window_means_no_work_and_bad_arguments_are_rejected():
+    query, templates = _unit(1, 4, 5, 5, seed=11), _unit(2, 4, 5, 5, seed=12)
+    assert match_layer(query, templates, 0, 0) == (None, None)
+    with pytest.raises(ValueError, match="forward_window"):
+        match_layer(query, templates, -1, 3)
+    with pytest.raises(ValueError, match="chunk"):
+        match_layer(query, templates, 3, 3, chunk=0)
+    with pytest.raises(ValueError, match="equal C, H, W"):
+        match_layer(query, templates[:, :, :4], 3, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_nearest_patch_equals_brute_force(device, chunk):
+    query = _unit(2, 5, 6, 7, seed=13)
+    templates = _unit(3, 5, 4, 3, seed=14)  # any grid: positions are ignored
+    q = query.permute(0, 2, 3, 1).reshape(-1, 5)
+    t = templates.permute(0, 2, 3, 1).reshape(-1, 5)
+    want = torch.tensor(
+        [1.0 - max(float(qi @ tj) for tj in t) for qi in q], dtype=torch.float64
+    ).view(2, 6, 7)
+    got = nearest_patch(query.to(device), templates.to(device), chunk=chunk)
+    _assert_close(got, want, 1e-6)
+
+
+def test_nearest_patch_is_at_most_any_windowed_distance():
+    query, templates = _unit(2, 6, 8, 8, seed=15), _unit(5, 6, 8, 8, seed=16)
+    patch = nearest_patch(query, templates)
+    forward, _ = match_layer(query, templates, 7, 0)
+    assert (patch <= forward + 1e-6).all()
