@@ -237,11 +237,14 @@ def _band(
         p0, p1 = y0 * w + x0, (y1 - 1) * w + x1
         window, product = window_buf[: p1 - p0], product_buf[: p1 - p0]
         window.view(y1 - y0, x1 - x0, k, k * b * c).copy_(windows[y0:y1, x0:x1])
+        sheets = rows[p0:p1]
+        if sheets.stride(-1) != 1:  # NCHW templates: re-lay this chunk out (bmm would go slowly)
+            sheets = sheets.contiguous()
         if tall:  # [P, N, C] x [P, C, k²·B], max over the sheet rows
-            torch.bmm(rows[p0:p1], window.transpose(1, 2), out=product)
+            torch.bmm(sheets, window.transpose(1, 2), out=product)
             torch.amax(product, 1, out=band[p0:p1])
         else:  # [P, k²·B, C] x [P, C, N], max over the sheet columns
-            torch.bmm(window, rows[p0:p1].transpose(1, 2), out=product)
+            torch.bmm(window, sheets.transpose(1, 2), out=product)
             _row_max(product, out=band[p0:p1])
     band = band.view(h * w, k * k, b).permute(1, 2, 0)
     return band.masked_fill_(_outside(h, w, d, query.device), float("-inf"))

@@ -22,7 +22,7 @@ from hetmm.config import Params, ProductLine
 from hetmm.data import load_mask, read_manifest
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.features import FeatureExtractor
-from hetmm.inspector import Inspector, resolve_device
+from hetmm.inspector import Inspector, pixel_major_, resolve_device
 from hetmm.io import atomic_path, write_json_atomic
 from hetmm.templates import TemplateSet, build_all, build_pts, hot_update, load_template, save_template
 
@@ -184,7 +184,8 @@ def template(line: ProductLine, paths: LinePaths, progress: bool = True) -> dict
 def load_inspector(line: ProductLine, paths: LinePaths, device: str = "auto",
                    template_path: str | Path | None = None) -> Inspector:
     tset = load_template(template_path or paths.template, expect=line.features.fingerprint())
-    return Inspector(line, tset, resolve_device(device))
+    # Re-laid out here, in place, while nothing else holds the loaded set: peak = template + one layer.
+    return Inspector(line, pixel_major_(tset), resolve_device(device))
 
 
 def score_cached(inspector: Inspector, cache: FeatureCache, shas: list[str], batch_size: int,

@@ -24,16 +24,18 @@ PTS on the device is an *approximation* (``pts_approx``): per pixel, the global 
 official hard-normal greedy step (argmin of summed cosine to the selected set). The real PTS
 (OPTICS clusters first) comes from ``hetmm.templates``.
 
-Usage (see research/README.md)::
+Usage (see research/README.md for the plans and the results)::
 
     python research/mtd_sweep.py --data /work/shared/data/mtd --plan explore --out results/
+    python research/mtd_sweep.py --plan setting --settings '[{"backbone": "efficientnet_lite1", "pool": 3}]'
+    python research/mtd_sweep.py --plan final --profile profile.json --save-maps   # ablation + neighbourhood
+    python research/mtd_sweep.py --plan pts --profile profile.json                 # real OPTICS PTS-K
     python research/mtd_sweep.py --export-weights .carry/weights    # trimmed Lite weights for the device
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -760,11 +762,67 @@ class Runner:
             self.save()
 
 
+def pts_real(templates: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, dict]:
+    """The pipeline's PTS (``hetmm.templates``: exact batched OPTICS + medoids + hard normals)."""
+    from hetmm.templates import optics_labels, select_prototypes
+
+    t = time.time()
+    labels = optics_labels(templates, k, chunk=chunk)
+    sheets = select_prototypes(templates, labels, k, chunk=chunk)
+    n_clusters = (labels.amax(0) + 1).float()
+    stats = {"seconds": round(time.time() - t, 1), "clusters_mean": float(n_clusters.mean()),
+             "clusters_max": int(n_clusters.max()), "noise_fraction": float((labels < 0).float().mean()),
+             "pixels_with_K_or_more_clusters": float((n_clusters >= k).float().mean())}
+    return sheets.float(), stats
+
+
+def plan_pts(runner: "Runner") -> None:
+    """Real PTS-K (OPTICS) for the profile's features, the frozen combo and ``pts_variants`` on ALL and each PTS."""
+    args = runner.args
+    prof = json.loads(Path(args.profile).read_text()) if os.path.isfile(args.profile) else json.loads(args.profile)
+    cfg = feature_cfg(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in prof["features"].items()})
+    combo = Combo(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in prof["combo"].items()})
+    variants = [replace(combo, **{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items()})
+                for v in prof.get("pts_variants", [])]
+    d = {int(k): v for k, v in prof.get("d", {"2": 4, "3": 4}).items()}
+    tr, dv = runner.features(cfg)
+    res = {"features": cfg_key(cfg), "combo": combo.as_dict(), "rows": [], "pts_stats": {}}
+    runner.results["pts"] = res
+
+    def evaluate(name: str, templates: list[torch.Tensor]) -> None:
+        m = match_all(dv, templates, layers=combo.layers, d=d)
+        ev = Evaluator(runner.data, cfg, m, runner.device)
+        for i, c in enumerate([combo, *variants]):
+            r = ev(c, full=(i == 0))
+            res["rows"].append({"templates": name, "combo": c.as_dict(), "variant": i, **r})
+        r0 = res["rows"][-len(variants) - 1]
+        log(f"{name}: img {r0['image_auroc']:.2f} pix {r0['pixel_auroc']:.2f} pro {r0['aupro']:.2f}; variants "
+            + " ".join(f"{x['image_auroc']:.2f}" for x in res["rows"][-len(variants):]))
+        runner.save()
+
+    evaluate("ALL", tr)
+    for k in prof.get("pts_real_sizes", [60]):
+        if runner.time_left() < 40:
+            log("time budget reached")
+            break
+        sheets, stats = [], {}
+        for layer in combo.layers:
+            sh, st = pts_real(tr[layer - 1], k)
+            sheets.append(sh)
+            stats[layer] = st
+        res["pts_stats"][k] = stats
+        log(f"PTS-{k} built: {stats}")
+        full = [None, None, None]
+        for layer, sh in zip(combo.layers, sheets):
+            full[layer - 1] = sh
+        evaluate(f"PTS-{k}", full)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/work/shared/data/mtd", help="MTD root with MT_*/Imgs/")
     ap.add_argument("--out", default="research/results")
-    ap.add_argument("--plan", default="explore", choices=["explore", "final", "setting"])
+    ap.add_argument("--plan", default="explore", choices=["explore", "final", "setting", "pts"])
     ap.add_argument("--profile", default="", help="final: JSON (or file) {features:{...}, combo:{...}, ...}")
     ap.add_argument("--settings", default="", help="setting: JSON list of feature dicts, each searched")
     ap.add_argument("--weights", default=None, help="directory of trimmed Lite weights (--export-weights)")
@@ -787,6 +845,8 @@ def main(argv=None) -> None:
         runner.plan_explore()
     elif args.plan == "final":
         runner.plan_final()
+    elif args.plan == "pts":
+        plan_pts(runner)
     else:
         frozen = None
         if args.profile:
