@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -53,17 +53,10 @@ class FeatureConfig:
     flip_average: bool = False  # average each layer with the un-flipped features of the mirrored image (2x cost)
     batch_size: int = 8
 
-    # options added after the first release: left out of the fingerprint while at their default, so the digests
-    # (and caches, templates) of existing settings do not change
-    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"pool": 1, "flip_average": False}
-
     def fingerprint(self) -> dict[str, Any]:
         """Settings that determine feature values (batch size does not)."""
         out = dataclasses.asdict(self)
         out.pop("batch_size")
-        for name, default in self._LATE_DEFAULTS.items():
-            if out[name] == default:
-                out.pop(name)
         out["layers"] = list(self.layers)
         out["image_size"] = list(self.image_size)
         return out
@@ -107,6 +100,8 @@ class ThresholdConfig:
 class ReportConfig:
     overlays: int = 6  # worst and best cases drawn per report
     ablation: bool = False  # also score the paper's Table 8 variants and PTS sizes
+    ablation_sizes: tuple[int, ...] = (10, 20, 40, 60)  # PTS sizes in the ablation table
+    ablation_subset: Literal["all", "dev", "holdout"] = "all"  # score the ablation on one test subset only
 
 
 @dataclass(frozen=True)

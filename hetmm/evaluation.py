@@ -10,11 +10,11 @@ import pandas as pd
 
 from hetmm.cache import FeatureCache
 from hetmm.config import ProductLine, ThresholdConfig
+from hetmm.errors import ConfigError
 from hetmm.inspector import Inspector
 from hetmm.metrics import f1_max, summarise
 
 ABLATION_MODES = ("pixel", "patch", "forward", "backward", "mutual")
-ABLATION_SIZES = (10, 20, 40, 60)
 
 
 def choose_threshold(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarray) -> dict:
@@ -60,6 +60,12 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
     """
     from hetmm.pipeline import score_cached
 
+    subset = line.report.ablation_subset
+    if subset != "all":
+        keep = (test["subset"] == subset).to_numpy()
+        if not keep.any():
+            raise ConfigError(f"report.ablation_subset: no test images in subset {subset!r}")
+        test, masks = test[keep].reset_index(drop=True), masks[keep]
     labels = (test["label"] == "defect").to_numpy()
     shas = list(test["sha256"])
     batch = line.features.batch_size
@@ -68,7 +74,7 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
         start = time.perf_counter()
         scores, maps = score_cached(variant, cache, shas, batch, progress, desc=name)
         metrics = summarise(scores, labels, maps.astype(np.float32), masks)
-        return {"variant": name, "sheets": int(variant.template.layers[0].shape[0]),
+        return {"variant": name, "subset": subset, "sheets": int(variant.template.layers[0].shape[0]),
                 "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
                 "aupro": metrics["aupro"], "seconds": round(time.perf_counter() - start, 1)}
 
@@ -79,7 +85,7 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
     rows.append(row("template=ALL", inspector.with_settings(
         template=build_template(all_line, train_layers, train_shas))))
     pts_line = replace(line, templates=replace(line.templates, kind="PTS"))
-    for size in ABLATION_SIZES:
+    for size in line.report.ablation_sizes:
         tset = build_template(pts_line, train_layers, train_shas, size)
         rows.append(row(f"template=PTS-{size}", inspector.with_settings(template=tset)))
     return rows

@@ -300,7 +300,7 @@ def report(params: Params, line: ProductLine, paths: LinePaths, device: str = "a
         ablation_rows = evaluation.ablation(line, inspector, _cache(line, paths),
                                             list(df.loc[df["split"] == "train", "sha256"]), test, masks,
                                             build_template, progress)
-    columns = ["variant", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds"]
+    columns = ["variant", "subset", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds"]
     with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
         pd.DataFrame(ablation_rows, columns=columns).to_csv(tmp, index=False)
 

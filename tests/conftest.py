@@ -1,0 +1,114 @@
+"""Shared fixtures for the pipeline, CLI, end-to-end and DVC tests: real images, real stage runs.
+
+The shared data sets sit beside the repository (``<repo>/../shared/data``), on developer machines and on CI's
+clean clone alike; tests that need them skip with a reason when the folder is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+HAZELNUT = SHARED / "data" / "hazelnut_toy"
+MTD = SHARED / "data" / "mtd"
+
+needs_hazelnut = pytest.mark.skipif(not (HAZELNUT / "train" / "good").is_dir(),
+                                    reason=f"hazelnut_toy data set not found at {HAZELNUT}")
+needs_mtd = pytest.mark.skipif(not (MTD / "MT_Free" / "Imgs").is_dir(), reason=f"MTD data set not found at {MTD}")
+
+STAGES = ("download", "validate", "extract", "template", "infer", "report")
+
+# The demo line of the repository's params.yaml (128 px, PTS K=10): real ImageNet features.
+DEMO_LINE: dict[str, Any] = {
+    "data": {"source": "demo", "seed": 0},
+    "features": {"backbone": "efficientnet_lite0", "layers": [1, 2, 3], "image_size": [128, 128],
+                 "batch_size": 8},
+    "templates": {"kind": "PTS", "size": 10, "hot_update": True},
+    "matching": {"mode": "mutual", "forward_windows": [5, 3, 3], "backward_windows": [3, 3, 1],
+                 "alphas": [0.5, 0.5, 0.5], "weights": [1.0, 1.0, 0.5]},
+    "post": {"blur_sigma": 2.0, "image_score": "max"},
+    "threshold": {"rule": "f1_max"},
+    "report": {"overlays": 2, "ablation": False},
+}
+
+
+def folder_line(path: Path, *, backbone: str = "random_resnet18", size: int = 64, kind: str = "PTS", k: int = 10,
+                **sections: dict) -> dict[str, Any]:
+    """A ``folder`` product line; ``random_resnet18`` at 64 px unless the test needs meaningful features."""
+    line = {
+        "data": {"source": "folder", "path": str(path)},
+        "features": {"backbone": backbone, "image_size": [size, size], "batch_size": 16},
+        "templates": {"kind": kind, "size": k},
+        "matching": {"forward_windows": [5, 3, 3], "backward_windows": [3, 3, 1]},
+        "post": {"blur_sigma": 2.0},
+        "report": {"overlays": 2},
+    }
+    for name, values in sections.items():
+        line.setdefault(name, {}).update(values)
+    return line
+
+
+def write_params(root: Path, lines: dict[str, dict], device: str = "cpu"):
+    """Write ``root/params.yaml`` and return the parsed :class:`hetmm.config.Params`."""
+    from hetmm.config import load_params
+
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump({"device": device, "product_lines": copy.deepcopy(lines)}, sort_keys=False))
+    return load_params(path)
+
+
+def run_stages(params, name: str, root: Path, stages=STAGES) -> dict[str, Any]:
+    """Run pipeline stages of one line in ``root`` (no progress bars); returns each stage's result."""
+    from hetmm import pipeline
+    from hetmm.pipeline import LinePaths
+
+    line, paths = params.line(name), LinePaths.for_line(name, root)
+    calls = {
+        "download": lambda: pipeline.download(line, paths),
+        "validate": lambda: pipeline.validate(line, paths),
+        "extract": lambda: pipeline.extract(line, paths, "cpu", progress=False),
+        "template": lambda: pipeline.template(line, paths, progress=False),
+        "infer": lambda: pipeline.infer(line, paths, "cpu", progress=False),
+        "report": lambda: pipeline.report(params, line, paths, "cpu", progress=False),
+    }
+    return {stage: calls[stage]() for stage in stages}
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory) -> Path:
+    """The embedded demo images as a plain MVTec-layout folder (24 train/good, 10 test/good, 16 defects)."""
+    from hetmm.sources import fetch
+
+    tree = tmp_path_factory.mktemp("demo_tree") / "src"
+    fetch("demo", tree)
+    (tree / "manifest.csv").unlink()
+    return tree
+
+
+@pytest.fixture
+def folder_src(demo_tree, tmp_path) -> Path:
+    """A private, writable copy of :func:`demo_tree` for tests that add, remove or corrupt images."""
+    return Path(shutil.copytree(demo_tree, tmp_path / "src"))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """Root of a complete demo-line run (all six stages, efficientnet_lite0 at 128 px). Read-only for tests:
+    copy it (``copy_run``) before changing anything."""
+    root = tmp_path_factory.mktemp("demo_run")
+    params = write_params(root, {"demo": DEMO_LINE})
+    run_stages(params, "demo", root)
+    return root
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
