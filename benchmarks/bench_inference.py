@@ -23,12 +23,11 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from hetmm.config import load_params
+from hetmm.config import FeatureConfig, MatchingConfig, PostConfig, ProductLine, TemplateConfig
 from hetmm.data import load_image
 from hetmm.features import FeatureExtractor, to_tensor
 from hetmm.inspector import Inspector
@@ -38,10 +37,24 @@ from hetmm.scoring import fuse_layers, gaussian_blur, image_scores
 from hetmm.splits import MTD_CLASSES, load_mtd_split
 from hetmm.templates import TemplateSet, build_pts
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 TARGET_IMAGES_PER_S = 8.0
 DEFAULT_MIRROR = "/work/shared/data/mtd"
+
+
+def issue_line(blocks: str, k: int) -> ProductLine:
+    """The issue's setting, pinned here (params.yaml is tuned separately): Lite0 at 256 px, ImageNet
+    normalisation, layers 1-3, fwd 5/5/3, bwd 3/3/3, alpha 0.5, weights 1, blur sigma 4, image score max."""
+    return ProductLine(
+        name="mtd",
+        features=FeatureConfig(backbone="efficientnet_lite0", layers=(1, 2, 3), image_size=(256, 256),
+                               resize="squash", normalisation="imagenet", blocks=blocks, dtype="float32",
+                               batch_size=8),
+        templates=TemplateConfig(kind="PTS", size=k),
+        matching=MatchingConfig(mode="mutual", forward_windows=(5, 5, 3), backward_windows=(3, 3, 3),
+                                alphas=(0.5, 0.5, 0.5), weights=(1.0, 1.0, 1.0)),
+        post=PostConfig(blur_sigma=4.0, image_score="max"),
+    )
 
 
 def _clock(fn: Callable[[], object]) -> float:
@@ -190,12 +203,7 @@ def main() -> None:
     if args.quick:
         args.train, args.queries, args.samples = 60, 16, 3
     torch.set_num_threads(args.threads)
-    base = load_params(ROOT / "params.yaml").line("mtd")
-    # The issue's setting: 256 px Lite0, layers 1-3, fwd 5/5/3, bwd 3/3/3, blur 4, max (the mtd line's values).
-    base = replace(base, features=replace(base.features, backbone="efficientnet_lite0", image_size=(256, 256),
-                                          layers=(1, 2, 3), dtype="float32"),
-                   matching=replace(base.matching, mode="mutual", forward_windows=(5, 5, 3),
-                                    backward_windows=(3, 3, 3)))
+    base = issue_line("last", args.k)
     load_before = os.getloadavg()
     start = time.perf_counter()
     train_images, queries = mtd_images(Path(args.mirror), args.train, args.queries)
@@ -205,7 +213,7 @@ def main() -> None:
 
     runs = []
     for blocks in args.blocks:
-        line = replace(base, features=replace(base.features, blocks=blocks))
+        line = issue_line(blocks, args.k)
         extractor = FeatureExtractor(line.features, "cpu")
         tset, info = build_template(extractor, train_images, args.k, line.features.batch_size)
         inspector = Inspector(line, tset, "cpu", extractor)

@@ -15,9 +15,10 @@ So a single pass over the larger window gives both maps. For every template pixe
 window around it (``k² · B`` rows) is multiplied by ``T(b)`` (``[C, N]``) in one batched matmul over
 pixels, which keeps the arithmetic intensity of a GEMM instead of ``k²`` skinny per-offset products.
 
-Memory is bounded by chunking template pixels (``chunk``) and, for the band table, query images.
-With ``chunk=None`` the chunk keeps each step's matmul operands and product near
-``_STEP_BYTES`` (a few MiB on CPU so they stay in cache; more on accelerators).
+Memory is bounded by chunking template pixels (``chunk``) and, for the band table ``[k², B, H·W]``,
+query images. With ``chunk=None`` a step's unfolded query windows, template rows and product take
+about 4 MiB on CPU (cache-sized, yet big enough that per-call overhead stays small) and 256 MiB on
+accelerators; the band table is capped at 64 MiB on CPU and 1 GiB on accelerators.
 
 Templates are read per pixel as ``[N, C]`` rows. Pass them in pixel-major memory
 (:func:`to_pixel_major`, done once when a template set is loaded) to make that a view; any other
@@ -29,12 +30,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Per-step working set (unfolded query + template rows + products) for automatic chunking.
-_STEP_BYTES = {"cpu": 4 << 20}
-_STEP_BYTES_ACCELERATOR = 256 << 20
-# Cap on the band table G [k², B, H·W] per pass; larger query batches are split into groups.
-_BAND_BYTES = {"cpu": 64 << 20}
-_BAND_BYTES_ACCELERATOR = 1 << 30
+# Automatic chunking, in bytes of intermediates: (CPU, accelerator).
+_STEP_BYTES = (4 << 20, 256 << 20)  # one matmul step: query windows + template rows + product
+_BAND_BYTES = (64 << 20, 1 << 30)  # band table per group of query images
+# Columns (template vectors) per nearest-patch step.
+_PATCH_COLUMNS = 512
 # Window rows (k²·B) from which sheets-as-rows products are faster: MKL runs [N, C] x [C, k²·B]
 # better for tall windows, and the max over sheets then reduces long contiguous rows.
 _TALL_WINDOW = 96
@@ -89,8 +89,8 @@ def match_layer(
     d_b = backward_window // 2 if backward_window else -1
     d = max(d_f, d_b)
     b, _, h, w = query.shape
-    band_limit = _budget(query.device, _BAND_BYTES, _BAND_BYTES_ACCELERATOR)
-    group = max(1, band_limit // ((2 * d + 1) ** 2 * h * w * torch.finfo(dtype).bits // 8))
+    itemsize = torch.finfo(dtype).bits // 8
+    group = max(1, _bytes(query.device, _BAND_BYTES) // ((2 * d + 1) ** 2 * h * w * itemsize))
 
     rows = _template_rows(templates.to(dtype))
     forward_maps, backward_maps = [], []
@@ -129,14 +129,12 @@ def nearest_patch(
     b, c, h, w = query.shape
     n = templates.shape[0]
     itemsize = torch.finfo(dtype).bits // 8
-    budget = _budget(query.device, _STEP_BYTES, _STEP_BYTES_ACCELERATOR)
 
     q = query.to(dtype).permute(0, 2, 3, 1).reshape(b * h * w, c)
     rows = _template_rows(templates.to(dtype))
     pixels = rows.shape[0]
-    # Template columns per step: at least a few vector blocks so the row max stays vectorised.
-    step = chunk or max(1, min(pixels, -(-4 * _REDUCE_BLOCK // n)))
-    row_block = max(1, budget // (step * n * itemsize))
+    step = chunk or max(1, min(pixels, -(-_PATCH_COLUMNS // n)))
+    row_block = max(1, _bytes(query.device, _STEP_BYTES) // (step * n * itemsize))
     best = torch.full((q.shape[0],), float("-inf"), dtype=dtype, device=q.device)
     for p0 in range(0, pixels, step):
         t = rows[p0 : p0 + step].reshape(-1, c)  # [P·N, C]
@@ -163,8 +161,8 @@ def _compute_dtype(templates: torch.Tensor) -> torch.dtype:
     return templates.dtype
 
 
-def _budget(device: torch.device, cpu_table: dict[str, int], accelerator: int) -> int:
-    return cpu_table.get(device.type, accelerator)
+def _bytes(device: torch.device, budget: tuple[int, int]) -> int:
+    return budget[0] if device.type == "cpu" else budget[1]
 
 
 def _template_rows(templates: torch.Tensor) -> torch.Tensor:
@@ -183,7 +181,7 @@ def _row_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if length > _REDUCE_BLOCK and length % _REDUCE_BLOCK:
         half = -(-length // (2 * _REDUCE_BLOCK)) * _REDUCE_BLOCK
         x = torch.maximum(x[..., :half], x[..., length - half :])
-    return torch.amax(x, -1, out=out) if out is not None else x.amax(-1)
+    return torch.amax(x, -1, out=out)
 
 
 def _outside(h: int, w: int, d: int, device: torch.device) -> torch.Tensor:
@@ -219,8 +217,8 @@ def _band(
     k = 2 * d + 1
     m = k * k * b  # matmul rows per template pixel: the query window of every image
     itemsize = torch.finfo(query.dtype).bits // 8
-    budget = _budget(query.device, _STEP_BYTES, _STEP_BYTES_ACCELERATOR)
-    step = chunk or max(1, budget // (itemsize * (m * (n + c) + n * c)))
+    step = chunk or _bytes(query.device, _STEP_BYTES) // (itemsize * (m * (n + c) + n * c))
+    step = max(1, min(step, h * w))
 
     # Zero-padded channels-last query: a window row (dx, image, channel) is one contiguous run,
     # so each pixel's window [k, k·B·C] is a strided view and unfolding is a plain block copy.
@@ -229,7 +227,6 @@ def _band(
         padded.view(h + 2 * d, -1).unfold(1, k * b * c, b * c).unfold(0, k, 1).permute(0, 1, 3, 2)
     )  # [H, W, k, k·B·C]
     tall = m >= _TALL_WINDOW
-    step = min(step, h * w)
     window_buf = query.new_empty(step, m, c)
     product_buf = query.new_empty((step, n, m) if tall else (step, m, n))
     band = query.new_empty(h * w, m)
@@ -246,7 +243,7 @@ def _band(
         else:  # [P, k²·B, C] x [P, C, N], max over the sheet columns
             torch.bmm(window, sheets.transpose(1, 2), out=product)
             _row_max(product, out=band[p0:p1])
-    band = band.view(h * w, k * k, b).permute(1, 2, 0)
+    band = band.view(h * w, k * k, b).permute(1, 2, 0).contiguous()
     return band.masked_fill_(_outside(h, w, d, query.device), float("-inf"))
 
 

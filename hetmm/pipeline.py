@@ -81,10 +81,11 @@ def validate(line: ProductLine, paths: LinePaths) -> None:
     result = run_suite(_manifest(paths), paths.data, paths.reports / "validation.json",
                        paths.reports / "validation.html")
     if not result.success:
-        listed = "\n  ".join(result.failures[:20])
-        more = f"\n  ... and {len(result.failures) - 20} more" if len(result.failures) > 20 else ""
-        raise DataError(f"data validation failed for line {line.name!r} "
-                        f"(details: {paths.reports / 'validation.html'}):\n  {listed}{more}")
+        # one line (the CLI prints errors as one line); the report lists every failure
+        listed = "; ".join(" ".join(str(f).split()) for f in result.failures[:5])
+        more = f"; ... and {len(result.failures) - 5} more" if len(result.failures) > 5 else ""
+        raise DataError(f"data validation failed for line {line.name!r}: {listed}{more} "
+                        f"(details: {paths.reports / 'validation.html'})")
 
 
 # --------------------------------------------------------------------------- extract
@@ -134,6 +135,11 @@ def _plan_update(line: ProductLine, paths: LinePaths, sources: list[str]) -> tup
     try:
         old = load_template(paths.template, expect=line.features.fingerprint())
     except TemplateMismatchError as exc:
+        # the same error type covers torn files; say which it is in the recorded reason
+        try:
+            load_template(paths.template)
+        except HetmmError:
+            return None, f"previous template unusable ({exc})"
         return None, f"previous template does not match the settings ({exc})"
     except HetmmError as exc:
         return None, f"previous template unusable ({exc})"
@@ -209,7 +215,9 @@ def infer(line: ProductLine, paths: LinePaths, device: str = "auto", progress: b
                                 line.features.batch_size, progress)
     seconds = time.perf_counter() - start
     out = test[["path", "sha256", "label", "defect_type", "mask_path", "subset"]].copy()
-    out["score"] = scores
+    # float64 so the CSV holds each float32 score exactly: the threshold chosen from these values is then a score
+    # the model can produce, and `score >= threshold` gives the same verdict in float32 (predict) and float64
+    out["score"] = scores.astype(np.float64)
     paths.outputs.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.outputs / "scores.csv") as tmp:
         out.to_csv(tmp, index=False)

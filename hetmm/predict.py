@@ -62,14 +62,16 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
         scored = inspector.predict(images)
         for path, image, amap, score in zip(chunk, images, scored.maps.numpy(), scored.scores.numpy()):
             # back to the image's own geometry so masks line up with the file the user gave us
-            full = np.asarray(Image.fromarray(amap).resize(image.size, Image.BILINEAR))
-            mask = full >= threshold
+            full = np.asarray(Image.fromarray(amap).resize(image.size, Image.BILINEAR), dtype=np.float64)
+            defective = float(score) >= threshold
+            # resizing can smooth the peak of a flagged image below the threshold; its mask then keeps the peak
+            mask = full >= (min(threshold, float(full.max())) if defective else threshold)
             stem = f"{len(rows):05d}_{path.stem}"
             with atomic_path(out / "masks" / f"{stem}.png") as tmp:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
                 overlay(image, full, pred_mask=mask if mask.any() else None).save(tmp, format="PNG")
-            rows.append({"path": str(path), "score": float(score), "defective": bool(score >= threshold),
+            rows.append({"path": str(path), "score": float(score), "defective": defective,
                          "defect_area_fraction": float(mask.mean()), "mask": f"masks/{stem}.png",
                          "overlay": f"overlays/{stem}.png"})
     df = pd.DataFrame(rows)
@@ -100,5 +102,14 @@ def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path],
     layers = [torch.cat([b[j] for b in per_batch]).cpu() for j in range(len(per_batch[0]))]
     updated = hot_update(tset, layers, [sha for sha, _ in fresh])
     save_template(target, updated)
+    if target.resolve() == paths.template.resolve():
+        # the line's template changed outside the template stage: keep its record (read by the report and the
+        # model card) describing the template that infer will now use
+        write_json_atomic(paths.reports / "template.json", {
+            "action": "hot_update", "reason": "hetmm update: new good images given on the command line",
+            "kind": updated.meta["kind"], "sheets": int(updated.layers[0].shape[0]),
+            "train_images": int(updated.meta["n_images"]), "new_images": len(fresh),
+            "content_hash": updated.meta["content_hash"], "bytes": int(updated.nbytes),
+            "seconds": updated.meta["history"][-1].get("seconds")})
     return {"template": str(target), "inserted": len(fresh), "skipped_known": len(files) - len(fresh),
             "sheets": int(updated.layers[0].shape[0]), "content_hash": updated.meta["content_hash"]}

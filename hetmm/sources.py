@@ -42,7 +42,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from hetmm.data import SampleRef, Subset, build_manifest, discover_mvtec, write_manifest
+from hetmm.data import SampleRef, Subset, build_manifest, discover_mvtec, image_facts, write_manifest
 from hetmm.errors import ConfigError, DataError
 from hetmm.splits import MTD_CLASSES, load_mtd_split
 
@@ -215,6 +215,7 @@ def _copy_tree(src_root: Path, refs: list[SampleRef], out: Path, *, link: bool =
     """Copy discovered samples into ``out``; masks are renamed to ``ground_truth/<type>/<name>.png``."""
     copied = []
     for ref in refs:
+        image_facts(src_root / ref["path"])  # a bad file is named where the user can fix it, not in staging
         _copy(src_root / ref["path"], out / ref["path"], link=link)
         mask_path = ""
         if ref["mask_path"]:

@@ -393,6 +393,10 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+# When and how fast a template was built does not change what it is: identical inputs give identical hashes.
+_VOLATILE_META = frozenset({"content_hash", "created", "history", "timing"})
+
+
 def _content_hash(layers: Sequence[Tensor], easy: Sequence[Tensor], meta: dict[str, Any]) -> str:
     digest = hashlib.sha256()
     for name, tensors in (("layers", layers), ("easy", easy)):
@@ -400,7 +404,7 @@ def _content_hash(layers: Sequence[Tensor], easy: Sequence[Tensor], meta: dict[s
             t = t.detach().cpu().contiguous()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             digest.update(t.view(torch.uint8).numpy())
-    digest.update(sha256_json({k: v for k, v in meta.items() if k != "content_hash"}).encode())
+    digest.update(sha256_json({k: v for k, v in meta.items() if k not in _VOLATILE_META}).encode())
     return digest.hexdigest()
 
 

@@ -16,8 +16,9 @@ from hetmm.io import sha256_file
 from hetmm.sources import fetch
 from hetmm.splits import MTD_CLASSES, load_mtd_split, make_mtd_split
 
-HAZELNUT = Path("/work/shared/data/hazelnut_toy")
-MTD = Path("/work/shared/data/mtd")
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # CI clones the repo with shared/ beside it
+HAZELNUT = SHARED / "data" / "hazelnut_toy"
+MTD = SHARED / "data" / "mtd"
 needs_hazelnut = pytest.mark.skipif(not HAZELNUT.is_dir(), reason=f"hazelnut_toy test data not found at {HAZELNUT}")
 needs_mtd = pytest.mark.skipif(not (MTD / "MT_Free").is_dir(), reason=f"MTD copy not found at {MTD}")
 

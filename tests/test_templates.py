@@ -456,3 +456,14 @@ def test_template_set_to_device_copies_meta() -> None:
     moved = tset.to("cpu")
     moved.meta["sources"].append("x")
     assert tset.meta["sources"] == ids("a", 2) and isinstance(moved, TemplateSet)
+
+
+def test_identical_inputs_give_identical_content_hash() -> None:
+    torch.manual_seed(3)
+    layers = [torch.nn.functional.normalize(torch.randn(12, 8, 4, 4), dim=1)]
+    sources = [f"s{i}" for i in range(12)]
+    a = build_pts(layers, 4, sources, {"backbone": "x"}, progress=False)
+    b = build_pts(layers, 4, sources, {"backbone": "x"}, progress=False)
+    assert a.meta["content_hash"] == b.meta["content_hash"]
+    c = build_pts(layers, 5, sources, {"backbone": "x"}, progress=False)
+    assert c.meta["content_hash"] != a.meta["content_hash"]

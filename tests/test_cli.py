@@ -1,0 +1,256 @@
+"""The ``hetmm`` command line: one-line errors, predict, update and audit on a real demo-line run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import DEMO_LINE, SUBPROCESS_ENV, copy_run, folder_line, write_params
+from hetmm.cli import app
+from hetmm.templates import load_template
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def at(root: Path) -> list[str]:
+    return ["--params", str(root / "params.yaml"), "--root", str(root)]
+
+
+def assert_one_line_error(result, *names: str) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def test_help_in_a_real_subprocess_lists_the_commands_without_loading_torch():
+    exe = Path(sys.executable).with_name("hetmm")
+    command = [str(exe)] if exe.is_file() else [sys.executable, "-m", "hetmm.cli"]
+    proc = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **SUBPROCESS_ENV})
+    assert proc.returncode == 0, proc.stderr
+    for name in ("download", "validate", "extract", "template", "infer", "report", "run", "predict", "update",
+                 "audit"):
+        assert name in proc.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys, hetmm.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False"  # heavy imports happen inside the commands
+
+
+# --------------------------------------------------------------------------- errors: one line, exit 1
+
+
+def test_missing_params_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert_one_line_error(invoke("download", "demo", "--params", missing), str(missing))
+
+
+def test_unknown_line(tmp_path):
+    write_params(tmp_path, {"demo": DEMO_LINE})
+    assert_one_line_error(invoke("extract", "bolts", *at(tmp_path)), "'bolts'")
+
+
+def test_unknown_param_key(tmp_path):
+    write_params(tmp_path, {"demo": DEMO_LINE})
+    text = (tmp_path / "params.yaml").read_text().replace("blur_sigma:", "blur_sigmaa:")
+    (tmp_path / "params.yaml").write_text(text)
+    assert_one_line_error(invoke("template", "demo", *at(tmp_path)), "product_lines.demo.post", "blur_sigmaa")
+
+
+def test_bad_param_value(tmp_path):
+    write_params(tmp_path, {"demo": DEMO_LINE})
+    text = (tmp_path / "params.yaml").read_text().replace("kind: PTS", "kind: SOME")
+    (tmp_path / "params.yaml").write_text(text)
+    assert_one_line_error(invoke("template", "demo", *at(tmp_path)), "product_lines.demo.templates.kind")
+
+
+def test_validate_names_the_corrupt_image(demo_tree, tmp_path):
+    src = Path(shutil.copytree(demo_tree, tmp_path / "src"))
+    victim = src / "test" / "good" / "003.png"
+    victim.write_bytes(victim.read_bytes()[:300])
+    write_params(tmp_path, {"line": folder_line(src)})
+    assert invoke("download", "line", *at(tmp_path)).exit_code == 0
+    line = assert_one_line_error(invoke("validate", "line", *at(tmp_path)), "test/good/003.png", "validation.html")
+    assert "truncated" in line or "corrupt" in line
+
+
+def test_download_names_the_empty_image(demo_tree, tmp_path):
+    src = Path(shutil.copytree(demo_tree, tmp_path / "src"))
+    (src / "train" / "good" / "000.png").write_bytes(b"")
+    write_params(tmp_path, {"line": folder_line(src)})
+    assert_one_line_error(invoke("download", "line", *at(tmp_path)), "train/good/000.png", "empty")
+
+
+def test_download_error_names_the_users_file_not_the_staging_copy(demo_tree, tmp_path):
+    src = Path(shutil.copytree(demo_tree, tmp_path / "src"))
+    (src / "train" / "good" / "000.png").write_bytes(b"")
+    write_params(tmp_path, {"line": folder_line(src)})
+    assert_one_line_error(invoke("download", "line", *at(tmp_path)), str(src / "train" / "good" / "000.png"))
+
+
+def test_stages_out_of_order_name_what_is_missing(tmp_path):
+    write_params(tmp_path, {"demo": DEMO_LINE})
+    assert_one_line_error(invoke("extract", "demo", *at(tmp_path), "-q"), "manifest")
+    assert_one_line_error(invoke("report", "demo", *at(tmp_path), "-q"), "outputs/demo", "infer")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(image)
+    assert_one_line_error(invoke("predict", "demo", image, "--out", tmp_path / "p", *at(tmp_path)),
+                          "threshold.json")
+    assert_one_line_error(invoke("predict", "demo", image, "--threshold", "0.5", "--out", tmp_path / "p",
+                                 *at(tmp_path)), "models/demo/template.pt")
+    assert_one_line_error(invoke("update", "demo", image, *at(tmp_path)), "models/demo/template.pt")
+
+
+def test_predict_and_update_name_missing_or_bad_inputs(demo_run, tmp_path):
+    missing = tmp_path / "no_such_image.png"
+    assert_one_line_error(invoke("predict", "demo", missing, "--out", tmp_path / "p", *at(demo_run)), str(missing))
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    assert_one_line_error(invoke("update", "demo", empty, *at(demo_run)), str(empty))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    assert_one_line_error(invoke("predict", "demo", broken, "--out", tmp_path / "p", *at(demo_run), "-q"), str(broken))
+    assert not (tmp_path / "p" / "predictions.csv").exists()
+
+
+def test_audit_outside_git_names_the_folder(tmp_path):
+    assert_one_line_error(invoke("audit", "--root", tmp_path), str(tmp_path), "git")
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_run, tmp_path):
+    images = demo_run / "data" / "demo" / "test"
+    out = tmp_path / "pred"
+    result = invoke("predict", "demo", images, "--out", out, *at(demo_run), "-q")
+    assert result.exit_code == 0, result.output
+    threshold = json.loads((demo_run / "models/demo/threshold.json").read_text())
+    summary = json.loads((out / "predictions.json").read_text())
+    table = pd.read_csv(out / "predictions.csv")
+    assert summary["images"] == len(table) == 26 and len(summary["predictions"]) == 26
+    assert summary["threshold"] == threshold["threshold"]
+    assert summary["template_hash"] == load_template(demo_run / "models/demo/template.pt").meta["content_hash"]
+    assert len(list((out / "masks").glob("*.png"))) == 26 and len(list((out / "overlays").glob("*.png"))) == 26
+
+    # verdicts follow the threshold, and match the infer stage's scores of the same files
+    assert (table["defective"] == (table["score"] >= threshold["threshold"])).all()
+    assert summary["defective"] == int(table["defective"].sum())
+    confusion = threshold["confusion"]
+    assert summary["defective"] == confusion["true_positive"] + confusion["false_positive"]
+    staged = pd.read_csv(demo_run / "outputs/demo/scores.csv", keep_default_na=False)
+    staged_by_path = dict(zip(staged["path"], staged["score"]))
+    rel = [Path(p).relative_to(demo_run / "data" / "demo").as_posix() for p in table["path"]]
+    np.testing.assert_allclose(table["score"], [staged_by_path[r] for r in rel], rtol=1e-3, atol=1e-4)
+
+    # masks: the image's own size, binary, flagged pixels exactly for the defective verdicts
+    for row in table.itertuples():
+        mask = np.asarray(Image.open(out / row.mask))
+        assert mask.shape == Image.open(row.path).size[::-1] and set(np.unique(mask)) <= {0, 255}
+        assert (mask.mean() / 255 > 0) == row.defective, row.path
+        assert mask.mean() / 255 == pytest.approx(row.defect_area_fraction)
+        assert Image.open(out / row.overlay).size[0] >= mask.shape[1]
+
+    # an explicit threshold above every score: nothing is defective, every mask is empty
+    strict = invoke("predict", "demo", images / "good", "--out", tmp_path / "strict", "--threshold", "1e9",
+                    *at(demo_run), "-q")
+    assert strict.exit_code == 0, strict.output
+    table = pd.read_csv(tmp_path / "strict" / "predictions.csv")
+    assert len(table) == 10 and not table["defective"].any() and (table["defect_area_fraction"] == 0).all()
+
+
+# --------------------------------------------------------------------------- update
+
+
+def test_update_inserts_new_good_images_once(demo_run, tmp_path):
+    root = copy_run(demo_run, tmp_path / "run")
+    template = root / "models/demo/template.pt"
+    before = load_template(template)
+    new = sorted((root / "data/demo/test/good").glob("*.png"))[:3]
+    first = invoke("update", "demo", *new, *at(root), "-q")
+    assert first.exit_code == 0, first.output
+    info = json.loads(first.output)
+    assert info["inserted"] == 3 and info["skipped_known"] == 0 and info["sheets"] == 10
+    after = load_template(template)
+    assert len(after.meta["sources"]) == len(before.meta["sources"]) + 3
+    assert after.meta["content_hash"] == info["content_hash"] != before.meta["content_hash"]
+    assert after.meta["history"][-1]["event"] == "hot_update"
+    record = json.loads((root / "reports/demo/template.json").read_text())
+    assert (record["action"], record["new_images"], record["content_hash"]) == ("hot_update", 3, info["content_hash"])
+
+    again = invoke("update", "demo", *new, *at(root), "-q")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["inserted"] == 0 and json.loads(again.output)["skipped_known"] == 3
+    assert load_template(template).meta["content_hash"] == after.meta["content_hash"]
+
+    # the report after an update describes the template that scored the images
+    for stage in ("infer", "report"):
+        result = invoke(stage, "demo", *at(root), "-q")
+        assert result.exit_code == 0, result.output
+    card = json.loads((root / "reports/demo/model_card.json").read_text())
+    assert card["template"]["content_hash"] == after.meta["content_hash"]
+    assert json.loads((root / "models/demo/threshold.json").read_text())["template_hash"] == after.meta["content_hash"]
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def _git(root: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
+    root = copy_run(demo_run, tmp_path / "run")
+    _git(root, "init", "-q")
+    card_path = root / "reports/demo/model_card.json"
+    _git(root, "add", "reports/demo/model_card.json")
+    _git(root, "commit", "-q", "-m", "first template")
+    first = json.loads(card_path.read_text())
+
+    # a second template version: K 10 -> 6 rebuilds it; infer and report write a new model card
+    write_params(root, {"demo": {**DEMO_LINE, "templates": {"kind": "PTS", "size": 6}}})
+    for stage in ("template", "infer", "report"):
+        result = invoke(stage, "demo", *at(root), "-q")
+        assert result.exit_code == 0, result.output
+    second = json.loads(card_path.read_text())
+    assert second["template"]["content_hash"] != first["template"]["content_hash"]
+    _git(root, "add", "reports/demo/model_card.json")
+    _git(root, "commit", "-q", "-m", "second template")
+
+    result = invoke("audit", "demo", "--root", root, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["subject"] for r in rows] == ["second template", "first template"]
+    assert [r["template_hash"] for r in rows] == [second["template"]["content_hash"][:12],
+                                                  first["template"]["content_hash"][:12]]
+    assert [r["template"] for r in rows] == ["PTSx6", "PTSx10"]
+    assert all(r["line"] == "demo" and r["backbone"] == "efficientnet_lite0" for r in rows)
+    assert rows[0]["data_hash"] == rows[1]["data_hash"] != ""
+    assert rows[1]["image_auroc"] == first["metrics"]["all"]["image_auroc"]
+
+    table = invoke("audit", "--root", root)
+    assert table.exit_code == 0
+    lines = table.output.strip().split("\n")
+    assert len(lines) == 3 and "template_hash" in lines[0]
+    assert first["template"]["content_hash"][:12] in table.output and second["template"]["content_hash"][:12] in lines[1]
+    assert json.loads(invoke("audit", "other_line", "--root", root, "--json").output) == []

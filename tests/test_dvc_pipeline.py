@@ -1,0 +1,147 @@
+"""The DVC pipeline itself (``dvc.yaml`` + ``params.yaml``), run offline in a throwaway copy of the repository.
+
+One test walks the whole life cycle on the embedded demo line, because every step depends on the previous
+one's workspace: repro, no-op repro, a per-line parameter change, metrics, offline plots, an experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import MTD, REPO, SUBPROCESS_ENV
+
+pytestmark = pytest.mark.slow
+
+DVC_TIMEOUT_S = 400
+
+
+def _env(root: Path) -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)
+    return {**os.environ, **SUBPROCESS_ENV, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(root),  # the stage scripts import the copy's hetmm, not the editable install's
+            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com", "CI": "true"}
+
+
+def _run(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=root, env=_env(root), capture_output=True, text=True,
+                          timeout=DVC_TIMEOUT_S)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                    f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _commit(root: Path, message: str) -> None:
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "commit", "-q", "-m", message)
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """The repository's tracked files in a new git repository; params.yaml keeps the demo line and, when the
+    shared MTD copy is there, a tiny MTD slice read from it."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"{REPO} is not a git checkout")
+    root = tmp_path / "repo"
+    for rel in filter(None, listed.stdout.split("\0")):
+        src = REPO / rel
+        if src.is_file():  # tracked but deleted in the working tree: leave it out
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    lines = {"demo": params["product_lines"]["demo"]}
+    if (MTD / "MT_Free" / "Imgs").is_dir():  # a second, tiny line shows that one line's change leaves the other be
+        mtd = params["product_lines"]["mtd"]
+        mtd["data"].update({"mirror": str(MTD), "subset": "dev", "limit": 2})
+        mtd["features"].update({"image_size": [64, 64], "blocks": "last"})
+        mtd["templates"].update({"size": 4})
+        mtd["report"] = {"overlays": 2, "ablation": False}
+        lines["mtd"] = mtd
+    params["product_lines"] = lines
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.lock").unlink(missing_ok=True)
+    _run(root, "git", "init", "-q")
+    _commit(root, "copy of the repository, demo line only")
+    return root
+
+
+def _set_param(root: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    node = params
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
+    root = repo_copy
+    dvc = str(Path(sys.executable).with_name("dvc")) if Path(sys.executable).with_name("dvc").is_file() else "dvc"
+
+    # 1. first reproduction: every stage of the line runs, metrics are sane
+    first = _run(root, dvc, "repro")
+    lines = set(yaml.safe_load((root / "params.yaml").read_text())["product_lines"])
+    assert _ran(first.stdout) == {f"{s}@{line}" for s in ("download", "validate", "extract", "template", "infer",
+                                                          "report") for line in lines}
+    metrics = json.loads((root / "reports/demo/metrics.json").read_text())
+    assert metrics["n_images"] == 26 and metrics["image_auroc"] >= 95.0 and metrics["pixel_auroc"] >= 97.0
+    assert (root / "dvc.lock").is_file() and (root / "reports/demo/model_card.json").is_file()
+    assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "rebuild"
+
+    # 2. nothing changed: nothing runs
+    second = _run(root, dvc, "repro")
+    assert _ran(second.stdout) == set()
+    assert "up to date" in second.stdout
+    _commit(root, "first reproduction")
+
+    # 3. a matching parameter of the line: only its infer and report stages are stale and rerun
+    _set_param(root, "product_lines.demo.matching.alphas", [0.7, 0.5, 0.5])
+    status = json.loads(_run(root, dvc, "status", "--json").stdout)
+    assert set(status) == {"infer@demo"}
+    third = _run(root, dvc, "repro")
+    assert _ran(third.stdout) == {"infer@demo", "report@demo"}
+    assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "rebuild"  # not rerun
+    _commit(root, "alphas 0.7")
+
+    # 4. metrics and offline plots
+    shown = json.loads(_run(root, dvc, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    demo = files["reports/demo/metrics.json"]["data"]
+    if "mtd" in lines:
+        assert 0 <= files["reports/mtd/metrics.json"]["data"]["image_auroc"] <= 100
+    assert demo["image_auroc"] == json.loads((root / "reports/demo/metrics.json").read_text())["image_auroc"]
+    assert 0 <= demo["pixel_auroc"] <= 100
+    plots_dir = root.parent / "plots"
+    _run(root, dvc, "plots", "show", "-o", str(plots_dir))
+    html = (plots_dir / "index.html").read_text()
+    assert "cdn.jsdelivr" not in html
+    assert not re.search(r"<script[^>]*\bsrc\s*=", html), "plots must not load scripts from anywhere"
+    assert "vega" in html and "Image ROC" in html and "PRO curve" in html
+
+    # 5. an experiment: the parameter lands in params.yaml and only the affected stages run
+    before = json.loads((root / "reports/demo/metrics.json").read_text())
+    exp = _run(root, dvc, "exp", "run", "-S", "product_lines.demo.post.blur_sigma=1.0")
+    assert _ran(exp.stdout) == {"infer@demo", "report@demo"}
+    assert yaml.safe_load((root / "params.yaml").read_text())["product_lines"]["demo"]["post"]["blur_sigma"] == 1.0
+    after = json.loads((root / "reports/demo/metrics.json").read_text())
+    assert after["image_auroc"] >= 95.0 and after != before
+    listed = _run(root, dvc, "exp", "show", "--json").stdout
+    assert "blur_sigma" in listed

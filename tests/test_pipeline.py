@@ -1,0 +1,291 @@
+"""Pipeline stage functions (``hetmm.pipeline``) on real images in a temporary repository root.
+
+Covers the demo line end to end, incremental feature extraction and template hot update on a ``folder`` line,
+and that failures (corrupt images, a torn template file, an empty training folder, bad config) are refused
+loudly without touching the previous run's artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import DEMO_LINE, copy_run, folder_line, run_stages, write_params
+from hetmm import pipeline
+from hetmm.config import load_params
+from hetmm.errors import ConfigError, DataError, HetmmError
+from hetmm.pipeline import LinePaths
+from hetmm.templates import load_template
+
+# Measured on the demo line (efficientnet_lite0, 128 px, PTS K=10), percent: image AUROC 99.38 / 98.75, pixel AUROC
+# 99.05 / 99.26, AU-PRO 94.9 / 95.7 with 1 / 2 torch threads (float summation order shifts a few PTS choices).
+# Data and weights are fixed, so these bounds only leave room for such noise.
+DEMO_MIN_IMAGE_AUROC = 95.0
+DEMO_MIN_PIXEL_AUROC = 97.0
+DEMO_MIN_AUPRO = 90.0
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- demo line, every stage
+
+
+def test_demo_line_all_stages_write_their_files_and_sane_metrics(demo_run):
+    paths = LinePaths.for_line("demo", demo_run)
+    manifest = pd.read_csv(paths.manifest, keep_default_na=False)
+    assert len(manifest) == 50 and (manifest["split"] == "train").sum() == 24
+    assert all((paths.data / p).is_file() for p in manifest["path"])
+
+    validation = _json(paths.reports / "validation.json")
+    assert validation["success"] is True and validation["failures"] == []
+    assert (paths.reports / "validation.html").is_file()
+
+    extract = _json(paths.reports / "extract.json")
+    assert (extract["computed"], extract["reused"]) == (50, 0)
+    assert len(list((paths.features / extract["digest"]).glob("*.pt"))) == 50
+
+    template = _json(paths.reports / "template.json")
+    assert template["action"] == "rebuild" and template["reason"] == "no previous template"
+    assert (template["kind"], template["sheets"], template["train_images"]) == ("PTS", 10, 24)
+    tset = load_template(paths.template)
+    assert tset.meta["content_hash"] == template["content_hash"] and len(tset.meta["sources"]) == 24
+
+    infer = _json(paths.reports / "infer.json")
+    assert infer["images"] == 26 and infer["template_hash"] == template["content_hash"]
+    scores = pd.read_csv(paths.outputs / "scores.csv", keep_default_na=False)
+    maps = np.load(paths.outputs / "maps.npy")
+    assert len(scores) == 26 and maps.shape == (26, 128, 128)
+    assert np.isfinite(scores["score"]).all() and np.isfinite(maps).all()
+    # the image score is the maximum of the (blurred) map
+    np.testing.assert_allclose(scores["score"], maps.reshape(26, -1).max(axis=1).astype(np.float64), rtol=2e-3)
+
+    metrics = _json(paths.reports / "metrics.json")
+    assert metrics["n_images"] == 26 and metrics["n_defective"] == 16
+    assert metrics["image_auroc"] >= DEMO_MIN_IMAGE_AUROC
+    assert metrics["pixel_auroc"] >= DEMO_MIN_PIXEL_AUROC
+    assert metrics["aupro"] >= DEMO_MIN_AUPRO
+    assert 0 <= metrics["f1_max"] <= 100
+    threshold = _json(paths.models / "threshold.json")
+    assert threshold["threshold"] == metrics["threshold"]
+    assert threshold["template_hash"] == template["content_hash"]
+    flagged = scores["score"] >= threshold["threshold"]
+    confusion = threshold["confusion"]
+    assert sum(confusion.values()) == 26
+    assert confusion["true_positive"] + confusion["false_positive"] == flagged.sum()
+
+    for name in ("roc.png", "pro.png", "per_defect.csv", "ablation.csv", "model_card.md", "plots/roc.csv",
+                 "plots/pro.csv"):
+        assert (paths.reports / name).is_file(), name
+    assert len(list((paths.reports / "overlays").glob("*.png"))) >= 2
+    per_defect = pd.read_csv(paths.reports / "per_defect.csv")
+    assert len(per_defect) >= 4  # scratch, stain, hole, bright_spot (plus good/all rows if any)
+    card = _json(paths.reports / "model_card.json")
+    assert card["product_line"] == "demo"
+    assert card["template"]["content_hash"] == template["content_hash"]
+    assert card["params"]["features"]["backbone"] == "efficientnet_lite0"
+    roc = pd.read_csv(paths.reports / "plots" / "roc.csv")
+    assert list(roc.columns) == ["fpr", "tpr"] and roc["tpr"].iloc[-1] == 1.0
+
+
+def test_rerun_of_an_unchanged_line_reuses_everything(demo_run, tmp_path):
+    root = copy_run(demo_run, tmp_path / "run")
+    params = load_params(root / "params.yaml")
+    before = _json(root / "reports/demo/metrics.json")
+    template_bytes = (root / "models/demo/template.pt").read_bytes()
+    out = run_stages(params, "demo", root)
+    assert (out["extract"]["computed"], out["extract"]["reused"], out["extract"]["pruned"]) == (0, 50, 0)
+    assert out["template"]["action"] == "unchanged" and out["template"]["new_images"] == 0
+    assert (root / "models/demo/template.pt").read_bytes() == template_bytes
+    after = _json(root / "reports/demo/metrics.json")
+    assert after["image_auroc"] == before["image_auroc"]
+    assert after["pixel_auroc"] == pytest.approx(before["pixel_auroc"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- incremental update
+
+
+@pytest.mark.parametrize("kind", ["PTS", "ALL"])
+def test_new_good_images_are_extracted_alone_and_hot_update_the_template(folder_src, tmp_path, kind):
+    root = tmp_path / "repo"
+    held = tmp_path / "held_back"
+    held.mkdir()
+    train = sorted((folder_src / "train" / "good").iterdir())
+    for image in train[-3:]:
+        shutil.move(image, held / image.name)
+    params = write_params(root, {"line": folder_line(folder_src, kind=kind, k=10)})
+    paths = LinePaths.for_line("line", root)
+    stages = ("download", "extract", "template")
+
+    first = run_stages(params, "line", root, stages)
+    assert (first["extract"]["computed"], first["extract"]["reused"]) == (47, 0)
+    assert first["template"]["action"] == "rebuild" and first["template"]["train_images"] == 21
+    sheets = 10 if kind == "PTS" else 21
+    assert first["template"]["sheets"] == sheets
+    old = load_template(paths.template)
+
+    # three new good images arrive in the source folder
+    for image in held.iterdir():
+        shutil.move(image, folder_src / "train" / "good" / image.name)
+    second = run_stages(params, "line", root, stages)
+    extract = _json(paths.reports / "extract.json")
+    assert (extract["computed"], extract["reused"], extract["pruned"]) == (3, 47, 0)
+    record = _json(paths.reports / "template.json")
+    assert record == {**second["template"]}
+    assert record["action"] == "hot_update" and record["new_images"] == 3 and record["train_images"] == 24
+    new = load_template(paths.template)
+    assert len(new.meta["sources"]) == 24 and new.meta["sources"][:21] == old.meta["sources"]
+    if kind == "PTS":
+        assert record["sheets"] == 10 and new.layers[0].shape[0] == 10  # K sheets kept, sources grew
+    else:
+        assert record["sheets"] == 24 and new.layers[0].shape[0] == 24  # exactly 3 more sheets
+        for layer_old, layer_new in zip(old.layers, new.layers):
+            assert bool((layer_new[:21] == layer_old).all())
+    assert new.meta["history"][-1]["event"] == "hot_update" and new.meta["history"][-1]["added"] == 3
+    assert record["content_hash"] != first["template"]["content_hash"]
+
+    # nothing changed: nothing computed, template untouched
+    template_bytes = paths.template.read_bytes()
+    third = run_stages(params, "line", root, stages)
+    assert (third["extract"]["computed"], third["extract"]["reused"]) == (0, 50)
+    assert third["template"]["action"] == "unchanged" and third["template"]["new_images"] == 0
+    assert paths.template.read_bytes() == template_bytes
+
+    # a training image disappears: its features are pruned and the template is rebuilt, saying why
+    (folder_src / "train" / "good" / train[0].name).unlink()
+    fourth = run_stages(params, "line", root, stages)
+    assert (fourth["extract"]["computed"], fourth["extract"]["pruned"]) == (0, 1)
+    assert fourth["template"]["action"] == "rebuild" and "removed" in fourth["template"]["reason"]
+    assert fourth["template"]["train_images"] == 23
+    assert len(load_template(paths.template).meta["sources"]) == 23
+
+    # a feature setting changes: new digest folder, old one pruned, template rebuilt for the mismatch
+    old_digest = fourth["extract"]["digest"]
+    params = write_params(root, {"line": folder_line(folder_src, kind=kind, k=10, features={"image_size": [96, 96]})})
+    fifth = run_stages(params, "line", root, stages)
+    assert fifth["extract"]["digest"] != old_digest
+    assert (fifth["extract"]["computed"], fifth["extract"]["reused"], fifth["extract"]["pruned"]) == (49, 0, 49)
+    assert not (paths.features / old_digest).exists()
+    assert sorted(p.name for p in paths.features.iterdir()) == [fifth["extract"]["digest"]]
+    assert fifth["template"]["action"] == "rebuild"
+    assert "does not match the settings" in fifth["template"]["reason"] and "image_size" in fifth["template"]["reason"]
+    assert load_template(paths.template).meta["feature"]["image_size"] == [96, 96]
+
+
+# --------------------------------------------------------------------------- nothing lost on failure
+
+
+@pytest.fixture(scope="module")
+def good_folder_run(tmp_path_factory, demo_tree):
+    """A complete run of a folder line (random features) plus its source folder, to be copied by each test."""
+    base = tmp_path_factory.mktemp("good_folder_run")
+    src = Path(shutil.copytree(demo_tree, base / "src"))
+    params = write_params(base / "repo", {"line": folder_line(src)})
+    run_stages(params, "line", base / "repo")
+    return base
+
+
+def _copy_good_run(good_folder_run: Path, tmp_path: Path, **overrides):
+    base = Path(shutil.copytree(good_folder_run, tmp_path / "base"))
+    params = write_params(base / "repo", {"line": folder_line(base / "src", **overrides)})
+    return base / "src", base / "repo", params
+
+
+def _truncated_jpeg(src: Path, path: Path) -> None:
+    Image.open(src).convert("RGB").save(path, format="JPEG", quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header intact, pixel data cut off
+
+
+@pytest.mark.parametrize("damage", ["truncated_jpeg", "zero_bytes"])
+def test_corrupt_image_is_named_and_the_previous_run_survives(good_folder_run, tmp_path, damage):
+    src, root, params = _copy_good_run(good_folder_run, tmp_path)
+    kept = {rel: (root / rel).read_bytes() for rel in ("models/line/template.pt", "reports/line/metrics.json",
+                                                       "models/line/threshold.json", "outputs/line/scores.csv")}
+    name = "new_arrival.jpg"
+    bad = src / "train" / "good" / name
+    if damage == "truncated_jpeg":
+        _truncated_jpeg(next((src / "train" / "good").glob("*.png")), bad)
+    else:
+        bad.write_bytes(b"")
+    with pytest.raises(DataError, match=name) as err:
+        run_stages(params, "line", root, ("download", "validate"))
+    assert "\n" not in str(err.value)  # printed by the CLI as one line
+    for rel, content in kept.items():
+        assert (root / rel).read_bytes() == content, rel
+    if damage == "zero_bytes":  # refused while fetching: the previous data folder is untouched
+        assert not (root / "data" / "line" / "train" / "good" / name).exists()
+    else:
+        assert _json(root / "reports/line/validation.json")["success"] is False
+
+
+def test_torn_template_is_refused_by_infer_and_rebuilt_by_the_template_stage(good_folder_run, tmp_path):
+    _, root, params = _copy_good_run(good_folder_run, tmp_path)
+    paths = LinePaths.for_line("line", root)
+    scores_before = (paths.outputs / "scores.csv").read_bytes()
+    data = paths.template.read_bytes()
+    paths.template.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HetmmError, match="corrupt or incomplete") as err:
+        run_stages(params, "line", root, ("infer",))
+    assert str(paths.template) in str(err.value)
+    assert (paths.outputs / "scores.csv").read_bytes() == scores_before
+
+    out = run_stages(params, "line", root, ("template", "infer"))
+    assert out["template"]["action"] == "rebuild"
+    assert "corrupt" in out["template"]["reason"] and "unusable" in out["template"]["reason"]
+    assert _json(paths.reports / "template.json")["reason"] == out["template"]["reason"]
+    assert out["infer"]["template_hash"] == out["template"]["content_hash"]
+    assert np.isfinite(pd.read_csv(paths.outputs / "scores.csv")["score"]).all()
+
+
+def test_fewer_training_images_than_k_gives_n_sheets(folder_src, tmp_path):
+    for image in sorted((folder_src / "train" / "good").iterdir())[4:]:
+        image.unlink()
+    root = tmp_path / "repo"
+    params = write_params(root, {"line": folder_line(folder_src, kind="PTS", k=10)})
+    out = run_stages(params, "line", root, ("download", "extract", "template", "infer", "report"))
+    assert out["template"]["sheets"] == 4 and out["template"]["train_images"] == 4
+    tset = load_template(LinePaths.for_line("line", root).template)
+    assert all(layer.shape[0] == 4 for layer in tset.layers)
+    assert out["infer"]["images"] == 26
+    assert all(math.isfinite(out["report"][key]) for key in ("image_auroc", "pixel_auroc"))
+
+
+def test_empty_training_folder_is_a_data_error_naming_it(folder_src, tmp_path):
+    for image in (folder_src / "train" / "good").iterdir():
+        image.unlink()
+    params = write_params(tmp_path / "repo", {"line": folder_line(folder_src)})
+    with pytest.raises(DataError, match=str(folder_src / "train" / "good")):
+        run_stages(params, "line", tmp_path / "repo", ("download",))
+    assert not (tmp_path / "repo" / "data" / "line").exists()
+
+
+def test_unknown_product_line_is_a_config_error_naming_it(tmp_path):
+    params = write_params(tmp_path, {"demo": DEMO_LINE})
+    with pytest.raises(ConfigError, match="'bolts'.*demo"):
+        params.line("bolts")
+
+
+def test_unknown_param_key_is_a_config_error_naming_it(tmp_path):
+    raw = {"product_lines": {"demo": {**DEMO_LINE, "features": {**DEMO_LINE["features"], "backbon": "resnet18"}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"product_lines\.demo\.features: unknown key\(s\) backbon"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_report_before_infer_is_a_data_error(tmp_path):
+    params = write_params(tmp_path, {"demo": DEMO_LINE})
+    paths = LinePaths.for_line("demo", tmp_path)
+    with pytest.raises(DataError, match="run the infer stage first"):
+        pipeline.report(params, params.line("demo"), paths, "cpu", progress=False)
+    with pytest.raises(DataError, match="manifest"):
+        pipeline.extract(params.line("demo"), paths, "cpu", progress=False)
