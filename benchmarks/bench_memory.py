@@ -254,6 +254,9 @@ def main() -> None:
             row["limit_bytes"] = template + GIB
             row["peak_minus_template_bytes"] = r["peak"] - template
             row["target_met"] = r["peak"] <= template + GIB
+        if phase == "build_pts" and sizes["all"]:  # the input it must hold is ALL-sized
+            row["limit_vs_input_bytes"] = sizes["all"] + GIB
+            row["target_met_vs_input"] = r["peak"] <= sizes["all"] + GIB
         table.append(row)
 
         def mib(v: int | None) -> str:
@@ -262,9 +265,12 @@ def main() -> None:
         print(f"{phase:<12} {mib(template)} {mib(row.get('input_bytes'))} {mib(r['baseline_rss'])} {mib(r['peak'])} "
               f"{(r['peak'] - r['baseline_rss']) / MIB:10.0f} "
               f"{(mib(r['peak'] - template) if template else f'{chr(45):>9}'):>10} {mib(row.get('limit_bytes'))} "
-              f"{str(row.get('target_met', '-')):>5} {r['seconds']:8.1f}", flush=True)
+              f"{str(row.get('target_met', '-')):>5} {r['seconds']:8.1f}"
+              + (f"   (vs input + 1 GiB = {mib(row['limit_vs_input_bytes']).strip()}: "
+                 f"{row['target_met_vs_input']})" if "limit_vs_input_bytes" in row else ""), flush=True)
 
-    write_json_atomic = __import__("hetmm.io", fromlist=["write_json_atomic"]).write_json_atomic
+    from hetmm.io import write_json_atomic
+
     write_json_atomic(RESULTS, {
         "benchmark": "memory",
         "command": "python benchmarks/bench_memory.py" + (f" --limit {args.limit}" if args.limit else "")
@@ -280,7 +286,7 @@ def main() -> None:
             "lifetime_peak_rss": "ru_maxrss of that process, including the transient of loading the backbone",
             "template_bytes": "TemplateSet.nbytes: float32 template layers (+ PTS easy-seed maps)",
             "input_bytes": "build phases: the stacked train features loaded from the per-image cache (= ALL size)",
-            "target": "peak_rss <= template_bytes + 1 GiB",
+            "target": "peak_rss <= template_bytes + 1 GiB (build_pts also against input_bytes + 1 GiB)",
         },
         "phases": table,
     })

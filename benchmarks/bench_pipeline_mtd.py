@@ -19,6 +19,10 @@ Copy 2, incremental case (adding 10 good images to the MTD line):
      hot-updated, infer and report rerun. Timed against run 1.
 A second copy is used so that DVC's run-cache cannot restore any output of run 1 in run 4.
 
+The stages run with ``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp-wait-policy ''`` is given: on this shared
+2-core machine libgomp's default spin-waiting made the infer stage 20x slower with 2 threads than with 1
+(benchmarks/bench_inference.py measures the variants side by side).
+
 Stage times are wall-clock from DVC's own output (the time between its "Running stage" lines, so a stage's
 time includes DVC hashing and caching its outputs); the stages' internal seconds (reports/mtd/*.json) are
 recorded too. Metrics are reports/mtd/metrics.json (image AUROC, pixel AUROC, AU-PRO per subset).
@@ -162,6 +166,8 @@ def main() -> None:
     parser.add_argument("--hold-back", type=int, default=10, help="train images added in the incremental run")
     parser.add_argument("--skip-all", action="store_true", help="skip the ALL template run")
     parser.add_argument("--keep", action="store_true", help="keep the repository copies")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY for the stages ('' = leave the environment as it is)")
     args = parser.parse_args()
 
     work = Path(args.workdir)
@@ -169,6 +175,8 @@ def main() -> None:
     venv_bin = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
            "HETMM_MIRROR": str(Path(args.mirror).resolve()), "PYTHONUNBUFFERED": "1"}
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     full_split, _ = split_file(args.limit, 0)
     partial_split, held = split_file(args.limit, args.hold_back)
     load_before = os.getloadavg()
@@ -198,14 +206,16 @@ def main() -> None:
     ratio = runs["incremental_pts60"]["seconds"] / runs["full_pts60"]["seconds"]
     print(f"incremental / full = {runs['incremental_pts60']['seconds']:.0f} / {runs['full_pts60']['seconds']:.0f} s "
           f"= {ratio:.3f} (target <= {TARGET_RATIO}): {'met' if ratio <= TARGET_RATIO else 'MISSED'}", flush=True)
-    write_json = __import__("hetmm.io", fromlist=["write_json_atomic"]).write_json_atomic
-    write_json(RESULTS, {
+    from hetmm.io import write_json_atomic
+
+    write_json_atomic(RESULTS, {
         "benchmark": "pipeline_mtd",
         "command": "python benchmarks/bench_pipeline_mtd.py" + (f" --limit {args.limit}" if args.limit else ""),
         "args": vars(args),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_before": load_before,
                     "load_average_after": os.getloadavg()},
         "settings": LINE,
+        "environment": {k: env.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")},
         "data": {"train_images": len(full_split["train"]),
                  "test_images": sum(len(v) for part in ("dev", "holdout") for v in full_split[part].values()),
                  "held_back_train_stems": held},

@@ -46,17 +46,27 @@ class FeatureCache:
         return item["layers"], tuple(item["box"])
 
     def load(self, shas: Sequence[str]) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
-        """Stack cached features: per layer ``[N, C_j, H_j, W_j]``, plus the content boxes."""
-        per_layer: list[list[torch.Tensor]] = []
+        """Stack cached features: per layer ``[N, C_j, H_j, W_j]``, plus the content boxes.
+
+        Entries are copied one by one into tensors allocated up front, so the peak is the stacked size plus
+        one entry (collecting every entry and then ``torch.stack`` held both: twice the ALL template's size
+        when a template is built; see benchmarks/bench_memory.py).
+        """
+        stacked: list[torch.Tensor] = []
         boxes = []
-        for sha in shas:
+        for i, sha in enumerate(shas):
             layers, box = self.load_one(sha)
-            if not per_layer:
-                per_layer = [[] for _ in layers]
-            for store, t in zip(per_layer, layers):
-                store.append(t)
+            if not stacked:
+                stacked = [torch.empty((len(shas), *t.shape), dtype=t.dtype) for t in layers]
+            if len(layers) != len(stacked) or any(
+                    t.shape != s.shape[1:] or t.dtype != s.dtype for t, s in zip(layers, stacked)):
+                raise DataError(f"{self.path(sha)}: cached features {[tuple(t.shape) for t in layers]} do not match "
+                                f"the other entries' {[tuple(s.shape[1:]) for s in stacked]}; delete it and re-run "
+                                "extract")
+            for store, t in zip(stacked, layers):
+                store[i].copy_(t)
             boxes.append(box)
-        return [torch.stack(ts) for ts in per_layer], boxes
+        return stacked, boxes
 
     def prune(self, keep: Iterable[str]) -> int:
         """Delete entries of images no longer in the data and folders of other settings."""

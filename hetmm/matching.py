@@ -17,10 +17,13 @@ pixels, which keeps the arithmetic intensity of a GEMM instead of ``k²`` skinny
 
 Memory is bounded by chunking template pixels (``chunk``) and, for the band table ``[k², B, H·W]``,
 query images. With ``chunk=None`` a step's unfolded query windows, template rows and product take
-about 4 MiB on CPU (cache-sized, yet big enough that per-call overhead stays small) and 256 MiB on
-accelerators; the band table is capped at 64 MiB on CPU and 1 GiB on accelerators.
+about 16 MiB on CPU and 256 MiB on accelerators, and the band table is capped at 64 MiB on CPU and
+1 GiB on accelerators. The CPU step stays within the last-level cache, yet is large enough that a
+call makes few parallel regions: each costs a thread wake-up, which on a loaded machine can take
+milliseconds, and 4 MiB steps measured no faster on a quiet one.
 
-Templates are read per pixel as ``[N, C]`` rows. Pass them in pixel-major memory
+Products are computed in the templates' dtype, except that float16/bfloat16 use float32 on CPU
+(no fast reduced-precision CPU matmul). Templates are read per pixel as ``[N, C]`` rows. Pass them in pixel-major memory
 (:func:`to_pixel_major`, done once when a template set is loaded) to make that a view; any other
 layout works but is re-laid out chunk by chunk on every call.
 """
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 # Automatic chunking, in bytes of intermediates: (CPU, accelerator).
-_STEP_BYTES = (4 << 20, 256 << 20)  # one matmul step: query windows + template rows + product
+_STEP_BYTES = (16 << 20, 256 << 20)  # one matmul step: query windows + template rows + product
 _BAND_BYTES = (64 << 20, 1 << 30)  # band table per group of query images
 # Columns (template vectors) per nearest-patch step.
 _PATCH_COLUMNS = 512
@@ -100,8 +103,8 @@ def match_layer(
             forward_maps.append(_forward_from_band(band, h, w, d, d_f))
         if d_b >= 0:
             backward_maps.append(_backward_from_band(band, d, d_b))
-    forward = (1.0 - torch.cat(forward_maps)).float().view(b, h, w) if d_f >= 0 else None
-    backward = (1.0 - torch.cat(backward_maps)).float().view(b, h, w) if d_b >= 0 else None
+    forward = _distance(torch.cat(forward_maps)).view(b, h, w) if d_f >= 0 else None
+    backward = _distance(torch.cat(backward_maps)).view(b, h, w) if d_b >= 0 else None
     return forward, backward
 
 
@@ -141,7 +144,7 @@ def nearest_patch(
         for r0 in range(0, q.shape[0], row_block):
             sim = _row_max(q[r0 : r0 + row_block] @ t.T)
             torch.maximum(best[r0 : r0 + row_block], sim, out=best[r0 : r0 + row_block])
-    return (1.0 - best).float().view(b, h, w)
+    return _distance(best).view(b, h, w)
 
 
 def _check_pair(query: torch.Tensor, templates: torch.Tensor) -> None:
@@ -163,6 +166,12 @@ def _compute_dtype(templates: torch.Tensor) -> torch.dtype:
 
 def _bytes(device: torch.device, budget: tuple[int, int]) -> int:
     return budget[0] if device.type == "cpu" else budget[1]
+
+
+def _distance(similarity: torch.Tensor) -> torch.Tensor:
+    """1 - similarity as float32, subtracting in at least float32 (half loses 1 - s near s = 1)."""
+    wide = torch.promote_types(similarity.dtype, torch.float32)
+    return (1.0 - similarity.to(wide)).float()
 
 
 def _template_rows(templates: torch.Tensor) -> torch.Tensor:

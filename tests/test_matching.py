@@ -182,3 +182,35 @@ def test_nearest_patch_is_at_most_any_windowed_distance():
     patch = nearest_patch(query, templates)
     forward, _ = match_layer(query, templates, 7, 0)
     assert (patch <= forward + 1e-6).all()
+
+
+def _per_offset(query, templates, k_f, k_b):
+    """Vectorised restatement of the kernels: one shifted product per offset, -inf outside."""
+    b, _, h, w = query.shape
+    d = max(k_f, k_b) // 2
+    pad_q = F.pad(query, (d, d, d, d))
+    pad_t = F.pad(templates, (d, d, d, d))
+    inside = F.pad(torch.ones(h, w, dtype=torch.bool), (d, d, d, d))
+    forward = torch.full((b, h, w), -torch.inf, dtype=query.dtype)
+    backward = forward.clone()
+    for dy in range(-d, d + 1):
+        for dx in range(-d, d + 1):
+            rows, cols = slice(d + dy, d + dy + h), slice(d + dx, d + dx + w)
+            valid = inside[rows, cols]
+            if max(abs(dy), abs(dx)) <= k_f // 2:  # <Q(p), T_n(p+δ)>
+                sim = torch.einsum("bchw,nchw->bnhw", query, pad_t[:, :, rows, cols]).amax(1)
+                forward = torch.maximum(forward, sim.masked_fill(~valid, -torch.inf))
+            if max(abs(dy), abs(dx)) <= k_b // 2:  # <Q(p+δ), T_n(p)>
+                sim = torch.einsum("bchw,nchw->bnhw", pad_q[:, :, rows, cols], templates).amax(1)
+                backward = torch.maximum(backward, sim.masked_fill(~valid, -torch.inf))
+    return 1 - forward, 1 - backward
+
+
+@pytest.mark.parametrize("windows", [(7, 3), (3, 5)])
+@pytest.mark.parametrize("chunk", [None, 60, 7])  # 60: 3-row blocks, the last of 2 rows; 7: row pieces
+def test_match_layer_on_a_larger_grid_equals_the_per_offset_formulation(windows, chunk):
+    query, templates = _unit(8, 8, 20, 18, seed=17), _unit(13, 8, 20, 18, seed=18)
+    want_f, want_b = _per_offset(query, templates, *windows)
+    forward, backward = match_layer(query, templates, *windows, chunk=chunk)
+    _assert_close(forward, want_f, 1e-6)
+    _assert_close(backward, want_b, 1e-6)
