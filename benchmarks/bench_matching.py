@@ -46,14 +46,17 @@ BATCHES = [1, 8]
 CONFIGS = {"lite0": [(5, 3), (5, 3), (3, 3)], "resnet": [(5, 3), (5, 3), (7, 3)]}
 MATMUL = 2048
 NOTES = [
-    "B=1 and k=3 are the weak shapes: each template pixel is one [k²·B, C] x [C, N] matmul, and with "
-    "k²·B = 9-25 rows MKL's small-GEMM efficiency is about 0.4-0.7 of a large sgemm; the templates are "
-    "also streamed once per call with only k²·B/2 flops per byte (see dram_bound). Batching images "
-    "(B=8) gives 72-392 rows and the 0.6 target is met or nearly met.",
-    "C=24 (Lite0 layer 1) is output-bound: each product value costs 2·C = 48 flops and the max over "
-    "sheets reads it again, which costs about a quarter of the matmul time.",
-    "The machine is shared: runs with a 1-minute load average above ~1 give ratios far below the "
-    "quiet-machine figures (ratio_best), because every parallel region waits for a thread wake-up.",
+    "B=1 and k=3 are the weak shapes. Each template pixel is one [k²·B, C] x [C, N] matmul, and with "
+    "k²·B = 9-25 rows (72 for B=8, k=3) MKL's batched small GEMMs run at about 0.3-0.6 of a large "
+    "sgemm on 2 threads; the window copy and the max over sheets add to that. They are not "
+    "memory-bound (dram_bound 1.0). Batches of images are the remedy: B=8 with k >= 5 gives "
+    "200-392 rows per matmul.",
+    "C=24 (Lite0 layer 1) is output-bound: each product value costs only 2·C = 48 flops and the max "
+    "over sheets reads it again, about a quarter of the matmul time.",
+    "Templates in plain NCHW memory are re-laid out chunk by chunk inside every call "
+    "(ratio_nchw_templates): hold template sets pixel-major (hetmm.matching.to_pixel_major).",
+    "The machine is shared: with a 1-minute load average above ~1 ratios fall far below the "
+    "quiet-machine figures, because every parallel region waits for a thread wake-up.",
 ]
 SAMPLE_SECONDS = 0.02  # short calls are repeated within a sample up to about this long
 
@@ -187,11 +190,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved samples per shape")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="N=60, windows (5,3) only, 3 samples")
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sheets, windows, repeats = ([60], [(5, 3)], 3) if args.quick else (SHEETS, WINDOWS, args.repeats)
-    families = list(FAMILIES)
+    families = args.families
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = useful GF/s / matmul GF/s "
           f"(useful: max(kf,kb)^2; official: kf^2+kb^2)", flush=True)
     load_before = os.getloadavg()
