@@ -257,11 +257,21 @@ def _band(
 
 
 def _blocks(h: int, w: int, step: int) -> list[tuple[int, int, int, int]]:
-    """Template-pixel blocks (y0, y1, x0, x1) of about ``step`` pixels: whole rows or row pieces."""
+    """Template-pixel blocks (y0, y1, x0, x1) of at most ``step`` pixels: whole rows or row pieces.
+
+    Blocks differ in size by at most a row (or a pixel): a ragged last block would be a small,
+    badly balanced matmul.
+    """
     if step >= w:
-        rows = step // w
-        return [(y, min(y + rows, h), 0, w) for y in range(0, h, rows)]
-    return [(y, y + 1, x, min(x + step, w)) for y in range(h) for x in range(0, w, step)]
+        ys = _even_split(h, -(-h // (step // w)))
+        return [(y0, y1, 0, w) for y0, y1 in zip(ys, ys[1:])]
+    xs = _even_split(w, -(-w // step))
+    return [(y, y + 1, x0, x1) for y in range(h) for x0, x1 in zip(xs, xs[1:])]
+
+
+def _even_split(size: int, parts: int) -> list[int]:
+    """Boundaries of ``parts`` near-equal ranges covering [0, size)."""
+    return [i * size // parts for i in range(parts + 1)]
 
 
 def _backward_from_band(band: torch.Tensor, d: int, d_b: int) -> torch.Tensor:

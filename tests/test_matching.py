@@ -207,7 +207,7 @@ def _per_offset(query, templates, k_f, k_b):
 
 
 @pytest.mark.parametrize("windows", [(7, 3), (3, 5)])
-@pytest.mark.parametrize("chunk", [None, 60, 7])  # 60: 3-row blocks, the last of 2 rows; 7: row pieces
+@pytest.mark.parametrize("chunk", [None, 60, 7])  # 60: blocks of 2-3 whole rows; 7: row pieces
 def test_match_layer_on_a_larger_grid_equals_the_per_offset_formulation(windows, chunk):
     query, templates = _unit(8, 8, 20, 18, seed=17), _unit(13, 8, 20, 18, seed=18)
     want_f, want_b = _per_offset(query, templates, *windows)
