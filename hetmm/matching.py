@@ -88,6 +88,7 @@ def match_layer(
         return None, None
 
     dtype = _compute_dtype(templates)
+    # Half-widths; -1 marks a direction that is off.
     d_f = forward_window // 2 if forward_window else -1
     d_b = backward_window // 2 if backward_window else -1
     d = max(d_f, d_b)
