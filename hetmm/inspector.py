@@ -16,7 +16,7 @@ from PIL import Image
 from hetmm.config import MatchingConfig, PostConfig, ProductLine
 from hetmm.features import FeatureExtractor, content_box
 from hetmm.matching import to_pixel_major
-from hetmm.scoring import gaussian_blur, image_scores, score_layers
+from hetmm.scoring import LayerMatches, fuse_matches, gaussian_blur, image_scores, match_layers
 from hetmm.templates import TemplateSet
 
 
@@ -98,20 +98,30 @@ class Inspector:
         return Inspector(line, template or self.template, self.device, self._extractor)
 
     @torch.no_grad()
-    def score_features(self, features: Sequence[torch.Tensor],
-                       boxes: Sequence[tuple[int, int, int, int]] | None = None) -> Scored:
-        """Per-layer features ``[B, C_j, H_j, W_j]`` -> :class:`Scored`."""
-        m, post = self.line.matching, self.line.post
-        size = self.line.features.image_size
-        query = [f.to(self.device, self.template.layers[0].dtype) for f in features]
-        maps = score_layers(query, self.template.layers, m.forward_windows, m.backward_windows,
-                            m.alphas, m.weights, size, mode=m.mode)
+    def match(self, features: Sequence[torch.Tensor], first_sheet: int = 0) -> LayerMatches:
+        """Per-layer features ``[B, C_j, H_j, W_j]`` -> distances to the sheets from ``first_sheet`` on."""
+        m = self.line.matching
+        layers = self.template.layers
+        query = [f.to(self.device, layers[0].dtype) for f in features]
+        sheets = layers if first_sheet == 0 else [t[first_sheet:] for t in layers]
+        return match_layers(query, sheets, m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode)
+
+    @torch.no_grad()
+    def finish(self, matches: LayerMatches, boxes: Sequence[tuple[int, int, int, int]] | None = None) -> Scored:
+        """Fusion, geometry, blur and image scores of :meth:`match`'s output."""
+        post = self.line.post
+        maps = fuse_matches(matches, self.line.features.image_size).to(self.device)
         if boxes is not None and self.line.features.resize == "pad":
             maps = restore_geometry(maps, boxes)
         if post.blur_sigma > 0:
             maps = gaussian_blur(maps, post.blur_sigma, post.blur_kernel)
         scores = image_scores(maps, post.image_score, post.block)
         return Scored(maps.float().cpu(), scores.float().cpu())
+
+    def score_features(self, features: Sequence[torch.Tensor],
+                       boxes: Sequence[tuple[int, int, int, int]] | None = None) -> Scored:
+        """Per-layer features ``[B, C_j, H_j, W_j]`` -> :class:`Scored`."""
+        return self.finish(self.match(features), boxes)
 
     def boxes(self, images: Sequence[Image.Image]) -> list[tuple[int, int, int, int]]:
         f = self.line.features

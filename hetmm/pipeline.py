@@ -23,7 +23,9 @@ from hetmm.data import load_mask, read_manifest
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.features import FeatureExtractor
 from hetmm.inspector import Inspector, pixel_major_, resolve_device
-from hetmm.io import atomic_path, write_json_atomic
+from hetmm.io import atomic_path, sha256_json, write_json_atomic
+from hetmm.match_cache import MatchCache
+from hetmm.scoring import match_plan
 from hetmm.templates import TemplateSet, build_all, build_pts, hot_update, load_template, save_template
 
 
@@ -109,10 +111,12 @@ def extract(line: ProductLine, paths: LinePaths, device: str = "auto", progress:
 # --------------------------------------------------------------------------- template
 
 
-def _cache(line: ProductLine, paths: LinePaths) -> FeatureCache:
-    from hetmm.io import sha256_json
+def _feature_digest(line: ProductLine) -> str:
+    return sha256_json(line.features.fingerprint())[:16]
 
-    return FeatureCache(paths.features, sha256_json(line.features.fingerprint())[:16])
+
+def _cache(line: ProductLine, paths: LinePaths) -> FeatureCache:
+    return FeatureCache(paths.features, _feature_digest(line))
 
 
 def _dtype(line: ProductLine) -> torch.dtype:
@@ -195,12 +199,25 @@ def load_inspector(line: ProductLine, paths: LinePaths, device: str = "auto",
 
 
 def score_cached(inspector: Inspector, cache: FeatureCache, shas: list[str], batch_size: int,
-                 progress: bool = True, desc: str = "infer") -> tuple[np.ndarray, np.ndarray]:
-    """Scores ``[M]`` and float16 maps ``[M, H, W]`` for cached test images, batch by batch."""
+                 progress: bool = True, desc: str = "infer",
+                 matches: MatchCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores ``[M]`` and float16 maps ``[M, H, W]`` for cached test images, batch by batch.
+
+    With ``matches``, images whose earlier distances it holds are matched against the template's new sheets
+    only (:mod:`hetmm.match_cache`), and this run's distances are added to it.
+    """
     maps, scores = [], []
     for start in tqdm(range(0, len(shas), batch_size), desc=desc, unit="batch", disable=not progress):
-        layers, boxes = cache.load(shas[start : start + batch_size])
-        out = inspector.score_features(layers, boxes)
+        batch = shas[start : start + batch_size]
+        layers, boxes = cache.load(batch)
+        found = matches.lookup(batch, inspector.device) if matches is not None else None
+        if found is None:
+            found = inspector.match(layers)
+        elif matches.reuse < matches.sheets:
+            found = found.merged(inspector.match(layers, first_sheet=matches.reuse))
+        if matches is not None:
+            matches.add(batch, found)
+        out = inspector.finish(found, boxes)
         maps.append(out.maps.half().numpy())
         scores.append(out.scores.numpy())
     return np.concatenate(scores), np.concatenate(maps)
@@ -210,9 +227,14 @@ def infer(line: ProductLine, paths: LinePaths, device: str = "auto", progress: b
     df = _manifest(paths)
     test = df[df["split"] == "test"].reset_index(drop=True)
     inspector = load_inspector(line, paths, device)
+    m = line.matching
+    matches = MatchCache(inspector.template,
+                         match_plan(m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode),
+                         _feature_digest(line))
+    matches.resume(paths.outputs / "matches.pt")
     start = time.perf_counter()
-    scores, maps = score_cached(inspector, _cache(line, paths), list(test["sha256"]),
-                                line.features.batch_size, progress)
+    scores, maps = score_cached(inspector, _cache(line, paths), list(test["sha256"]), line.features.batch_size,
+                                progress, matches=matches)
     seconds = time.perf_counter() - start
     out = test[["path", "sha256", "label", "defect_type", "mask_path", "subset"]].copy()
     # float64 so the CSV holds each float32 score exactly: the threshold chosen from these values is then a score
@@ -224,9 +246,11 @@ def infer(line: ProductLine, paths: LinePaths, device: str = "auto", progress: b
     with atomic_path(paths.outputs / "maps.npy") as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, maps)
+    matches.save(paths.outputs / "matches.pt")
     stats = {"images": len(test), "seconds": round(seconds, 2),
              "images_per_second": round(len(test) / max(seconds, 1e-9), 2),
-             "device": str(inspector.device), "template_hash": inspector.template.meta["content_hash"]}
+             "device": str(inspector.device), "template_hash": inspector.template.meta["content_hash"],
+             "matching": matches.summary()}
     write_json_atomic(paths.reports / "infer.json", stats)
     return stats
 

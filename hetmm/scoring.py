@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,118 @@ def image_scores(maps: torch.Tensor, rule: str, block: int | None = None) -> tor
     raise ValueError(f"unknown image score rule {rule!r}; use one of {RULES}")
 
 
+@dataclass
+class LayerMatches:
+    """Matching distances of a query batch, per computed layer, before fusion.
+
+    ``forward[i]`` / ``backward[i]``: [B, h_j, w_j] float32 distances (None for a direction with no weight);
+    ``alphas[i]`` / ``weights[i]``: the mix and layer weight they are fused with; ``plan``: one
+    ``(layer j, forward window, backward window, patch)`` per computed layer, 0 for a skipped direction;
+    ``batch``: B (the maps' batch size even when no layer is computed).
+
+    Every distance is a minimum over the template sheets, so the matches of one batch against two disjoint
+    sheet sets combine exactly by :meth:`merged` (what lets an ALL template grow without re-matching).
+    """
+
+    forward: list[torch.Tensor | None]
+    backward: list[torch.Tensor | None]
+    alphas: list[float]
+    weights: list[float]
+    plan: list[tuple[int, int, int, bool]]
+    batch: int
+
+    def merged(self, other: "LayerMatches") -> "LayerMatches":
+        """Elementwise minimum with ``other``, matched with the same plan against other sheets."""
+        if other.plan != self.plan:
+            raise ValueError(f"cannot merge matches of different plans: {self.plan} and {other.plan}")
+
+        def low(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else torch.minimum(a, b.to(a.device))
+
+        return LayerMatches([low(a, b) for a, b in zip(self.forward, other.forward)],
+                            [low(a, b) for a, b in zip(self.backward, other.backward)],
+                            list(self.alphas), list(self.weights), list(self.plan), self.batch)
+
+
+def match_plan(
+    forward_windows: Sequence[int],
+    backward_windows: Sequence[int],
+    alphas: Sequence[float],
+    weights: Sequence[float],
+    mode: str = "mutual",
+) -> list[tuple[int, int, int, bool, float, float]]:
+    """What :func:`match_layers` computes: per layer of non-zero weight
+    ``(layer j, forward window, backward window, patch, alpha, weight)``, a window of 0 = not computed.
+
+    Modes (the paper's Table 8 ablation):
+        ``"mutual"``: forward and backward windows as given, mixed by alpha.
+        ``"forward"``: forward only (alpha 1; the backward window is ignored).
+        ``"backward"``: backward only (alpha 0; the forward window is ignored).
+        ``"pixel"``: both windows 1 (position-aligned), mixed by the given alphas.
+        ``"patch"``: PatchCore-like nearest template vector anywhere, as the forward map (alpha 1).
+    """
+    n = len(weights)
+    lengths = (len(forward_windows), len(backward_windows), len(alphas))
+    if n == 0 or any(length != n for length in lengths):
+        raise ValueError(f"need windows, alphas and weights for each of the {n} layers, got {lengths}")
+    if mode not in MODES:
+        raise ValueError(f"unknown matching mode {mode!r}; use one of {MODES}")
+    plan = []
+    for j in range(n):
+        if weights[j] == 0:
+            continue
+        alpha = {"forward": 1.0, "backward": 0.0, "patch": 1.0}.get(mode, alphas[j])
+        k_f, k_b = (1, 1) if mode in ("pixel", "patch") else (forward_windows[j], backward_windows[j])
+        plan.append((j, k_f if alpha != 0 else 0, k_b if alpha != 1 else 0, mode == "patch", alpha, weights[j]))
+    return plan
+
+
+def match_layers(
+    features: Sequence[torch.Tensor],
+    templates: Sequence[torch.Tensor],
+    forward_windows: Sequence[int],
+    backward_windows: Sequence[int],
+    alphas: Sequence[float],
+    weights: Sequence[float],
+    mode: str = "mutual",
+    chunk: int | None = None,
+) -> LayerMatches:
+    """Match every layer of non-zero weight (see :func:`match_plan` for the modes).
+
+    Args:
+        features: per layer [B, C_j, h_j, w_j], L2-normalised over C.
+        templates: per layer [N_j, C_j, h_j, w_j], L2-normalised over C.
+        forward_windows, backward_windows, alphas, weights: per layer settings.
+        chunk: template pixels per matmul step (see :func:`hetmm.matching.match_layer`).
+
+    Returns:
+        :class:`LayerMatches` with [B, h_j, w_j] distances.
+    """
+    if not (len(features) == len(templates) == len(weights)):
+        raise ValueError(f"need templates and settings for each of the {len(features)} layers, got "
+                         f"{len(templates)} templates and {len(weights)} weights")
+    out = LayerMatches([], [], [], [], [], features[0].shape[0])
+    for j, k_f, k_b, patch, alpha, weight in match_plan(forward_windows, backward_windows, alphas, weights, mode):
+        if patch:
+            fwd, bwd = nearest_patch(features[j], templates[j], chunk=chunk), None
+        else:
+            fwd, bwd = match_layer(features[j], templates[j], k_f, k_b, chunk=chunk)
+        out.forward.append(fwd)
+        out.backward.append(bwd)
+        out.alphas.append(alpha)
+        out.weights.append(weight)
+        out.plan.append((j, k_f, k_b, patch))
+    return out
+
+
+def fuse_matches(matches: LayerMatches, out_size: tuple[int, int] | int) -> torch.Tensor:
+    """[B, H, W] float32 anomaly maps from :class:`LayerMatches` (zeros when every layer weight is 0)."""
+    if not matches.plan:
+        size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+        return torch.zeros(matches.batch, *size)
+    return fuse_layers(matches.forward, matches.backward, matches.alphas, matches.weights, out_size)
+
+
 def score_layers(
     features: Sequence[torch.Tensor],
     templates: Sequence[torch.Tensor],
@@ -137,14 +250,7 @@ def score_layers(
     mode: str = "mutual",
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Anomaly maps of a query batch: match every layer, then fuse (see :func:`fuse_layers`).
-
-    Modes (the paper's Table 8 ablation):
-        ``"mutual"``: forward and backward windows as given, mixed by alpha.
-        ``"forward"``: forward only (alpha 1; the backward window is ignored).
-        ``"backward"``: backward only (alpha 0; the forward window is ignored).
-        ``"pixel"``: both windows 1 (position-aligned), mixed by the given alphas.
-        ``"patch"``: PatchCore-like nearest template vector anywhere, as the forward map (alpha 1).
+    """Anomaly maps of a query batch: :func:`match_layers`, then :func:`fuse_layers`.
 
     A direction whose alpha gives it no weight, and a layer of weight 0, are not computed.
 
@@ -153,38 +259,11 @@ def score_layers(
         templates: per layer [N_j, C_j, h_j, w_j], L2-normalised over C.
         forward_windows, backward_windows, alphas, weights: per layer settings.
         out_size: (H, W) of the maps, or one int for a square.
+        mode: see :func:`match_plan`.
         chunk: template pixels per matmul step (see :func:`hetmm.matching.match_layer`).
 
     Returns:
         [B, H, W] float32 anomaly maps.
     """
-    n = len(features)
-    lengths = (len(templates), len(forward_windows), len(backward_windows), len(alphas), len(weights))
-    if n == 0 or any(length != n for length in lengths):
-        raise ValueError(
-            f"need templates, windows, alphas and weights for each of the {n} layers, got {lengths}"
-        )
-    if mode not in MODES:
-        raise ValueError(f"unknown matching mode {mode!r}; use one of {MODES}")
-
-    forward, backward, mix, kept = [], [], [], []
-    for j in range(n):
-        if weights[j] == 0:
-            continue
-        query, sheets = features[j], templates[j]
-        alpha = {"forward": 1.0, "backward": 0.0, "patch": 1.0}.get(mode, alphas[j])
-        if mode == "patch":
-            fwd, bwd = nearest_patch(query, sheets, chunk=chunk), None
-        else:
-            k_f, k_b = (1, 1) if mode == "pixel" else (forward_windows[j], backward_windows[j])
-            fwd, bwd = match_layer(
-                query, sheets, k_f if alpha != 0 else 0, k_b if alpha != 1 else 0, chunk=chunk
-            )
-        forward.append(fwd)
-        backward.append(bwd)
-        mix.append(alpha)
-        kept.append(weights[j])
-    if not kept:
-        size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-        return torch.zeros(features[0].shape[0], *size, device=features[0].device)
-    return fuse_layers(forward, backward, mix, kept, out_size)
+    matches = match_layers(features, templates, forward_windows, backward_windows, alphas, weights, mode, chunk)
+    return fuse_matches(matches, out_size).to(features[0].device)

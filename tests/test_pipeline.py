@@ -62,6 +62,8 @@ def test_demo_line_all_stages_write_their_files_and_sane_metrics(demo_run):
 
     infer = _json(paths.reports / "infer.json")
     assert infer["images"] == 26 and infer["template_hash"] == template["content_hash"]
+    assert infer["matching"]["sheets_matched"] == 10
+    assert not (paths.outputs / "matches.pt").exists()  # PTS distances are never reused, so not kept
     scores = pd.read_csv(paths.outputs / "scores.csv", keep_default_na=False)
     maps = np.load(paths.outputs / "maps.npy")
     assert len(scores) == 26 and maps.shape == (26, 128, 128)
@@ -179,6 +181,59 @@ def test_new_good_images_are_extracted_alone_and_hot_update_the_template(folder_
     assert fifth["template"]["action"] == "rebuild"
     assert "does not match the settings" in fifth["template"]["reason"] and "image_size" in fifth["template"]["reason"]
     assert load_template(paths.template).meta["feature"]["image_size"] == [96, 96]
+
+
+def _scores_and_maps(paths: LinePaths) -> tuple[np.ndarray, np.ndarray]:
+    return pd.read_csv(paths.outputs / "scores.csv")["score"].to_numpy(), np.load(paths.outputs / "maps.npy")
+
+
+def test_grown_all_template_rematches_only_new_sheets_and_equals_a_full_rematch(folder_src, tmp_path):
+    root, held = tmp_path / "repo", tmp_path / "held_back"
+    held.mkdir()
+    for image in sorted((folder_src / "train" / "good").iterdir())[-3:]:
+        shutil.move(image, held / image.name)
+    params = write_params(root, {"line": folder_line(folder_src, kind="ALL")})
+    paths = LinePaths.for_line("line", root)
+    stages = ("download", "extract", "template", "infer")
+    first = run_stages(params, "line", root, stages)["infer"]
+    n_test = first["images"]
+    assert first["matching"] == {"images_reused": 0, "sheets_matched": 21, "reason": "no stored matches"}
+
+    for image in held.iterdir():
+        shutil.move(image, folder_src / "train" / "good" / image.name)
+    grown = run_stages(params, "line", root, stages)["infer"]
+    assert grown["matching"] == {"images_reused": n_test, "sheets_matched": 3,
+                                 "reason": "matched the 3 new sheet(s) only"}
+    incremental = _scores_and_maps(paths)
+    (paths.outputs / "matches.pt").unlink()
+    assert pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]["sheets_matched"] == 24
+    full = _scores_and_maps(paths)
+    assert np.allclose(incremental[0], full[0], atol=1e-6)
+    assert np.allclose(incremental[1].astype(np.float32), full[1].astype(np.float32), atol=2e-3)  # float16 maps
+
+    # fusion settings only: nothing is matched, and the result equals a fresh run with those settings
+    params = write_params(root, {"line": folder_line(folder_src, kind="ALL", matching={"alphas": [0.2, 0.7, 0.9]})})
+    assert pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]["sheets_matched"] == 0
+    reweighted = _scores_and_maps(paths)
+    (paths.outputs / "matches.pt").unlink()
+    pipeline.infer(params.line("line"), paths, "cpu", progress=False)
+    assert np.allclose(reweighted[0], _scores_and_maps(paths)[0], atol=1e-6)
+    assert not np.allclose(reweighted[0], full[0], atol=1e-4)
+
+    # a window change or a torn file: full re-match, saying why
+    params = write_params(root, {"line": folder_line(folder_src, kind="ALL", matching={"forward_windows": [3, 3, 3]})})
+    changed = pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]
+    assert changed["sheets_matched"] == 24 and changed["reason"] == "changed since the stored matches: plan"
+    data = (paths.outputs / "matches.pt").read_bytes()
+    (paths.outputs / "matches.pt").write_bytes(data[: len(data) // 2])
+    torn = pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]
+    assert torn["sheets_matched"] == 24 and "unreadable" in torn["reason"]
+
+    # a training image disappears: the rebuilt template is no longer the stored one plus new sheets
+    next((folder_src / "train" / "good").iterdir()).unlink()
+    rebuilt = run_stages(params, "line", root, stages)
+    assert rebuilt["template"]["action"] == "rebuild" and rebuilt["infer"]["matching"]["sheets_matched"] == 23
+    assert rebuilt["infer"]["matching"]["reason"] == "the template is not the stored matches' template plus new sheets"
 
 
 # --------------------------------------------------------------------------- nothing lost on failure

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hetmm.matching import match_layer, nearest_patch
-from hetmm.scoring import fuse_layers, gaussian_blur, image_scores, score_layers
+from hetmm.scoring import fuse_layers, fuse_matches, gaussian_blur, image_scores, match_layers, score_layers
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -174,3 +174,23 @@ def test_score_layers_rejects_unknown_modes_and_ragged_settings():
         _score(feats, temps, "nearest")
     with pytest.raises(ValueError, match="each of the 2 layers"):
         _score(feats, temps, alphas=[0.5])
+
+
+@pytest.mark.parametrize("mode", ["mutual", "forward", "backward", "pixel", "patch"])
+def test_matches_against_two_sheet_sets_merge_into_the_matches_against_both(mode):
+    feats, temps = _layers(n=5)
+    s = {**SETTINGS, "weights": [1.0, 0.0]} if mode == "pixel" else SETTINGS  # a skipped layer stays skipped
+    args = (s["forward_windows"], s["backward_windows"], s["alphas"], s["weights"], mode)
+    whole = match_layers(feats, temps, *args)
+    merged = match_layers(feats, [t[:2] for t in temps], *args).merged(match_layers(feats, [t[2:] for t in temps], *args))
+    assert merged.plan == whole.plan and len(whole.plan) == (1 if mode == "pixel" else 2)
+    for got, want in zip([*merged.forward, *merged.backward], [*whole.forward, *whole.backward]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(fuse_matches(merged, (24, 20)), _score(feats, temps, mode, weights=s["weights"]), atol=1e-6)
+    # the first sheet set alone is a different (higher-distance) answer: the merge is not a no-op
+    assert not torch.allclose(fuse_matches(match_layers(feats, [t[:2] for t in temps], *args), (24, 20)),
+                              fuse_matches(whole, (24, 20)), atol=1e-3)
+    with pytest.raises(ValueError, match="different plans"):
+        whole.merged(match_layers(feats, temps, [3, 3], [3, 3], s["alphas"], s["weights"], "mutual" if mode != "mutual" else "pixel"))
