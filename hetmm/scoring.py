@@ -1,7 +1,7 @@
 """Layer fusion, Gaussian blur and image-score rules (official semantics), and the scoring entry.
 
-:func:`score_layers` is the one piece of model maths that inference calls: per layer it matches
-the query features against the templates (:mod:`hetmm.matching`) and fuses the distance maps::
+:func:`match_layers` and :func:`fuse_matches` are the model maths that inference calls: per layer the
+query features are matched against the templates (:mod:`hetmm.matching`), then the distance maps are fused::
 
     S = Σ_j λ_j · Up(α_j · F_j + (1 - α_j) · B_j)      Up = bilinear, align_corners=True
 
@@ -237,33 +237,3 @@ def fuse_matches(matches: LayerMatches, out_size: tuple[int, int] | int) -> torc
         size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
         return torch.zeros(matches.batch, *size)
     return fuse_layers(matches.forward, matches.backward, matches.alphas, matches.weights, out_size)
-
-
-def score_layers(
-    features: Sequence[torch.Tensor],
-    templates: Sequence[torch.Tensor],
-    forward_windows: Sequence[int],
-    backward_windows: Sequence[int],
-    alphas: Sequence[float],
-    weights: Sequence[float],
-    out_size: tuple[int, int] | int,
-    mode: str = "mutual",
-    chunk: int | None = None,
-) -> torch.Tensor:
-    """Anomaly maps of a query batch: :func:`match_layers`, then :func:`fuse_layers`.
-
-    A direction whose alpha gives it no weight, and a layer of weight 0, are not computed.
-
-    Args:
-        features: per layer [B, C_j, h_j, w_j], L2-normalised over C.
-        templates: per layer [N_j, C_j, h_j, w_j], L2-normalised over C.
-        forward_windows, backward_windows, alphas, weights: per layer settings.
-        out_size: (H, W) of the maps, or one int for a square.
-        mode: see :func:`match_plan`.
-        chunk: template pixels per matmul step (see :func:`hetmm.matching.match_layer`).
-
-    Returns:
-        [B, H, W] float32 anomaly maps.
-    """
-    matches = match_layers(features, templates, forward_windows, backward_windows, alphas, weights, mode, chunk)
-    return fuse_matches(matches, out_size).to(features[0].device)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hetmm.matching import match_layer, nearest_patch
-from hetmm.scoring import fuse_layers, fuse_matches, gaussian_blur, image_scores, match_layers, score_layers
+from hetmm.scoring import fuse_layers, fuse_matches, gaussian_blur, image_scores, match_layers
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -106,8 +106,8 @@ SETTINGS = dict(forward_windows=[5, 3], backward_windows=[3, 5], alphas=[0.3, 0.
 
 def _score(feats, temps, mode="mutual", **changes):
     s = {**SETTINGS, **changes}
-    return score_layers(feats, temps, s["forward_windows"], s["backward_windows"], s["alphas"],
-                        s["weights"], (24, 20), mode=mode)
+    matches = match_layers(feats, temps, s["forward_windows"], s["backward_windows"], s["alphas"], s["weights"], mode)
+    return fuse_matches(matches, (24, 20))
 
 
 def test_mutual_mode_is_match_then_fuse():
@@ -168,7 +168,7 @@ def test_zero_weight_layers_are_skipped_without_changing_the_result():
     assert torch.equal(_score(feats, temps, weights=[0.0, 0.0]), torch.zeros(2, 24, 20))
 
 
-def test_score_layers_rejects_unknown_modes_and_ragged_settings():
+def test_matching_rejects_unknown_modes_and_ragged_settings():
     feats, temps = _layers()
     with pytest.raises(ValueError, match="mode"):
         _score(feats, temps, "nearest")
