@@ -55,7 +55,7 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
              test: pd.DataFrame, masks: np.ndarray, build_template, progress: bool = True) -> list[dict]:
     """The paper's Table 8 for this line: matching variants on the line's template, then template sizes.
 
-    ``build_template(line, layers, sources, size)`` builds a template of the line's kind (injected to keep
+    ``build_template(line, layers, sources, size, progress)`` builds a template of the line's kind (injected to keep
     this module free of I/O). Every row is scored on the same cached test features.
     """
     from hetmm.pipeline import score_cached
@@ -83,9 +83,9 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
     train_layers, _ = cache.load(train_shas)
     all_line = replace(line, templates=replace(line.templates, kind="ALL"))
     rows.append(row("template=ALL", inspector.with_settings(
-        template=build_template(all_line, train_layers, train_shas))))
+        template=build_template(all_line, train_layers, train_shas, progress=progress))))
     pts_line = replace(line, templates=replace(line.templates, kind="PTS"))
     for size in line.report.ablation_sizes:
-        tset = build_template(pts_line, train_layers, train_shas, size)
+        tset = build_template(pts_line, train_layers, train_shas, size, progress=progress)
         rows.append(row(f"template=PTS-{size}", inspector.with_settings(template=tset)))
     return rows
