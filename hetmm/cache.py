@@ -45,19 +45,22 @@ class FeatureCache:
             raise DataError(f"{path}: unreadable feature cache entry ({exc}); delete it and re-run extract") from exc
         return item["layers"], tuple(item["box"])
 
-    def load(self, shas: Sequence[str]) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
+    def load(self, shas: Sequence[str], pixel_major: bool = False
+             ) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
         """Stack cached features: per layer ``[N, C_j, H_j, W_j]``, plus the content boxes.
 
         Entries are copied one by one into tensors allocated up front, so the peak is the stacked size plus
         one entry (collecting every entry and then ``torch.stack`` held both: twice the ALL template's size
-        when a template is built; see benchmarks/bench_memory.py).
+        when a template is built; see benchmarks/bench_memory.py). ``pixel_major`` allocates them in the
+        layout templates are matched and stored in (:func:`hetmm.matching.to_pixel_major`), so building and
+        saving a template never re-lays a whole layer out.
         """
         stacked: list[torch.Tensor] = []
         boxes = []
         for i, sha in enumerate(shas):
             layers, box = self.load_one(sha)
             if not stacked:
-                stacked = [torch.empty((len(shas), *t.shape), dtype=t.dtype) for t in layers]
+                stacked = [_allocate(len(shas), t, pixel_major) for t in layers]
             if len(layers) != len(stacked) or any(
                     t.shape != s.shape[1:] or t.dtype != s.dtype for t, s in zip(layers, stacked)):
                 raise DataError(f"{self.path(sha)}: cached features {[tuple(t.shape) for t in layers]} do not match "
@@ -83,6 +86,14 @@ class FeatureCache:
                     entry.unlink()
                     removed += 1
         return removed
+
+
+def _allocate(n: int, entry: torch.Tensor, pixel_major: bool) -> torch.Tensor:
+    """Uninitialised ``[n, C, H, W]`` for entries like ``entry`` ``[C, H, W]``, NCHW or pixel-major."""
+    c, h, w = entry.shape
+    if pixel_major:
+        return torch.empty((h, w, n, c), dtype=entry.dtype).permute(2, 3, 0, 1)
+    return torch.empty((n, c, h, w), dtype=entry.dtype)
 
 
 def extract_to_cache(extractor: FeatureExtractor, cache: FeatureCache, items: Sequence[tuple[Path, str]],

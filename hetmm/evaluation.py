@@ -80,7 +80,7 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
 
     rows = [row(f"mode={mode}", inspector.with_settings(matching=replace(line.matching, mode=mode)))
             for mode in ABLATION_MODES]
-    train_layers, _ = cache.load(train_shas)
+    train_layers, _ = cache.load(train_shas, pixel_major=True)
     all_line = replace(line, templates=replace(line.templates, kind="ALL"))
     rows.append(row("template=ALL", inspector.with_settings(
         template=build_template(all_line, train_layers, train_shas, progress=progress))))

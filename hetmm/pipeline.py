@@ -175,7 +175,7 @@ def template(line: ProductLine, paths: LinePaths, progress: bool = True) -> dict
             layers, _ = cache.load(new)
             action, tset = "hot_update", hot_update(old, layers, new)
     else:
-        layers, _ = cache.load(sources)
+        layers, _ = cache.load(sources, pixel_major=True)
         action, tset, new = "rebuild", build_template(line, layers, sources, progress=progress), sources
         del layers
     if action != "unchanged":

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from hetmm.errors import HetmmError, TemplateMismatchError
 from hetmm.io import atomic_path, sha256_json
+from hetmm.matching import to_pixel_major
 
 _FORMAT = "hetmm.template"
 _VERSION = 1
@@ -112,8 +113,16 @@ def _n_chunks(pixels: int, n: int, chunk: int | None, device: torch.device) -> i
 
 
 def _pixel_block(features: Tensor, lo: int, hi: int) -> Tensor:
-    """``[N, C, H, W]`` -> the float64 vectors of flat pixels ``lo..hi-1`` as ``[P, N, C]``."""
-    return features.flatten(2)[:, :, lo:hi].permute(2, 0, 1).to(torch.float64, memory_format=torch.contiguous_format)
+    """``[N, C, H, W]`` -> the float64 vectors of flat pixels ``lo..hi-1`` as ``[P, N, C]``.
+
+    ``_pixel_rows`` is a view for both NCHW and pixel-major layouts, so only the block is copied.
+    """
+    return _pixel_rows(features)[lo:hi].to(torch.float64, memory_format=torch.contiguous_format)
+
+
+def _pixel_rows(features: Tensor) -> Tensor:
+    """``[N, C, H, W]`` -> ``[H*W, N, C]``, a view when ``features`` is NCHW-contiguous or pixel-major."""
+    return features.permute(2, 3, 0, 1).flatten(0, 1)
 
 
 def _first_copies(x: Tensor) -> Tensor | None:
@@ -331,8 +340,9 @@ def _gather_sheets(vectors: Tensor, index: Tensor) -> Tensor:
     """Sheet k at pixel p = ``vectors[index[k, p], :, p]``: ``[M, C, H, W]``, ``[S, H, W]`` -> ``[S, C, H, W]``."""
     _, c, h, w = vectors.shape
     s = index.shape[0]
-    flat_index = index.reshape(s, 1, h * w).expand(s, c, h * w)
-    return vectors.flatten(2).gather(0, flat_index).reshape(s, c, h, w)
+    pixels = torch.arange(h * w, device=vectors.device)
+    picked = _pixel_rows(vectors)[pixels, index.reshape(s, h * w)]  # [S, HW, C]; no copy of all vectors
+    return picked.permute(0, 2, 1).reshape(s, c, h, w)
 
 
 def select_prototypes(features: Tensor, labels: Tensor, size: int, *, chunk: int | None = None) -> Tensor:
@@ -401,9 +411,12 @@ def _content_hash(layers: Sequence[Tensor], easy: Sequence[Tensor], meta: dict[s
     digest = hashlib.sha256()
     for name, tensors in (("layers", layers), ("easy", easy)):
         for t in tensors:
-            t = t.detach().cpu().contiguous()
+            t = t.detach().cpu()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            digest.update(t.view(torch.uint8).numpy())
+            # the values in logical (row-major) order, one sheet at a time: any memory layout gives the same
+            # hash, and a pixel-major layer is never copied whole
+            for part in t if t.dim() > 1 else [t]:
+                digest.update(part.contiguous().view(torch.uint8).numpy())
     digest.update(sha256_json({k: v for k, v in meta.items() if k not in _VOLATILE_META}).encode())
     return digest.hexdigest()
 
@@ -437,7 +450,7 @@ def build_all(
     n = _check_layers(layers, sources)
     if n == 0:
         raise ValueError("an ALL template needs at least one training image")
-    out = [layer.to(dtype or layer.dtype).contiguous() for layer in layers]
+    out = [to_pixel_major(layer.to(dtype or layer.dtype)) for layer in layers]  # no copy if already pixel-major
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -629,12 +642,16 @@ def hot_update(
 
 
 def save_template(path: str | Path, tset: TemplateSet) -> None:
-    """Atomically write ``tset`` as a plain dict of CPU tensors and meta (``weights_only`` safe)."""
+    """Atomically write ``tset`` as a plain dict of CPU tensors and meta (``weights_only`` safe).
+
+    Layers are stored pixel-major (:func:`hetmm.matching.to_pixel_major`), the layout matching reads, and
+    ``torch.load`` keeps it: inference then needs no re-layout copy (a transient of the largest layer).
+    """
     payload = {
         "format": _FORMAT,
         "version": _VERSION,
         "meta": tset.meta,
-        "layers": [t.detach().cpu().contiguous() for t in tset.layers],
+        "layers": [to_pixel_major(t.detach().cpu()) for t in tset.layers],
         "easy": [t.detach().cpu().contiguous() for t in tset.easy],
     }
     with atomic_path(path) as tmp:

@@ -10,9 +10,13 @@ import torch
 from sklearn.cluster import OPTICS
 
 from hetmm.errors import HetmmError, TemplateMismatchError
+from hetmm.inspector import is_pixel_major
+from hetmm.matching import to_pixel_major
 from hetmm.templates import (
     TemplateSet,
+    _content_hash,
     _gram,
+    _pixel_rows,
     _optics_graph,
     _select_indices,
     build_all,
@@ -306,7 +310,22 @@ def test_save_load_round_trip(tmp_path, device: str, kind: str) -> None:
     assert loaded.device.type == device and loaded.meta == tset.meta
     for a, b in zip(loaded.layers + loaded.easy, tset.layers + tset.easy):
         assert a.dtype == b.dtype and torch.equal(a.cpu(), b)
+    # stored in the layout matching reads, so inference needs no re-layout copy
+    assert all(is_pixel_major(layer) for layer in loaded.layers)
     assert [p.name for p in path.parent.iterdir()] == ["template.pt"]
+
+
+def test_content_hash_does_not_depend_on_the_memory_layout() -> None:
+    tset = build_all(two_layers(6), ids("a", 6), FEATURE)
+    nchw = [layer.contiguous() for layer in tset.layers]
+    assert all(map(is_pixel_major, tset.layers)) and not any(map(is_pixel_major, nchw))
+    assert _content_hash(nchw, tset.easy, tset.meta) == tset.meta["content_hash"]
+    changed = [layer.clone() for layer in nchw]
+    changed[1][5, 0, 1, 1] += 1e-3
+    assert _content_hash(changed, tset.easy, tset.meta) != tset.meta["content_hash"]
+    # per-pixel rows are views in both layouts: PTS reads blocks of pixels without copying a whole layer
+    for layer in (nchw[0], to_pixel_major(nchw[0])):
+        assert _pixel_rows(layer).data_ptr() == layer.data_ptr() and _pixel_rows(layer)._base is not None
 
 
 def test_load_refuses_tampered_truncated_and_foreign_files(tmp_path) -> None:
@@ -467,3 +486,11 @@ def test_identical_inputs_give_identical_content_hash() -> None:
     assert a.meta["content_hash"] == b.meta["content_hash"]
     c = build_pts(layers, 5, sources, {"backbone": "x"}, progress=False)
     assert c.meta["content_hash"] != a.meta["content_hash"]
+
+
+def test_pts_from_pixel_major_features_equals_pts_from_nchw() -> None:
+    layers = two_layers(12)
+    a = build_pts(layers, 4, ids("a", 12), FEATURE, progress=False)
+    b = build_pts([to_pixel_major(layer) for layer in layers], 4, ids("a", 12), FEATURE, progress=False)
+    assert a.meta["content_hash"] == b.meta["content_hash"]
+    assert all(torch.equal(x, y) for x, y in zip(a.layers + a.easy, b.layers + b.easy))
