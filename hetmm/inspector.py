@@ -62,10 +62,11 @@ def is_pixel_major(layer: torch.Tensor) -> bool:
 def pixel_major_(template: TemplateSet) -> TemplateSet:
     """Re-lay ``template``'s layers out pixel-major in place, one layer at a time, and return it.
 
-    Matching reads templates as per-pixel ``[N, C]`` rows; with the NCHW layout that :func:`load_template`
-    returns, every matching call re-gathers the whole template chunk by chunk, which cost 3-5x the matching
-    time on CPU (benchmarks/bench_inference.py). Converting in place keeps the peak at the template plus its
-    largest layer, instead of two templates.
+    Matching reads templates as per-pixel ``[N, C]`` rows; with an NCHW layout every matching call re-gathers
+    the whole template chunk by chunk, which cost 3-5x the matching time on CPU (benchmarks/bench_inference.py).
+    Saved templates are already pixel-major (:func:`hetmm.templates.save_template`), so this is a no-op for
+    them; for others (files from before that, templates built in memory from NCHW features) converting in place
+    keeps the peak at the template plus its largest layer, instead of two templates.
     """
     for j, layer in enumerate(template.layers):
         if not is_pixel_major(layer):

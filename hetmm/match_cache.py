@@ -26,14 +26,15 @@ from hetmm.io import atomic_path
 from hetmm.scoring import LayerMatches
 from hetmm.templates import TemplateSet
 
-_MODULES = ("matching.py", "scoring.py")
+_MODULES = ("matching.py", "scoring.py", "inspector.py")
 
 # per image: (forward, backward) distances [h_j, w_j] of each planned layer, None for a direction not computed
 Entry = tuple[list[torch.Tensor | None], list[torch.Tensor | None]]
 
 
 def code_digest() -> str:
-    """sha256 of the modules that compute the distances: a changed kernel must not reuse old distances."""
+    """sha256 of the modules that compute the distances (kernels, plan, query casting): any change to them,
+    even one that cannot alter a distance, means a full re-match rather than a stale reuse."""
     digest = hashlib.sha256()
     for name in _MODULES:
         digest.update((Path(__file__).parent / name).read_bytes())
@@ -83,7 +84,9 @@ class MatchCache:
             self.reason = "the template is not the stored matches' template plus new sheets"
         else:
             self.previous, self.reuse = previous, len(sources)
-            self.reason = f"matched the {self.sheets - self.reuse} new sheet(s) only"
+            added = self.sheets - self.reuse
+            self.reason = (f"matched the {added} new sheet(s) only" if added else
+                           "template unchanged: distances reused, fusion and post-processing recomputed")
 
     def lookup(self, shas: Sequence[str], device: torch.device) -> LayerMatches | None:
         """Stored distances of ``shas`` to the first :attr:`reuse` sheets, or None unless all are stored."""

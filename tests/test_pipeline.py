@@ -213,7 +213,8 @@ def test_grown_all_template_rematches_only_new_sheets_and_equals_a_full_rematch(
 
     # fusion settings only: nothing is matched, and the result equals a fresh run with those settings
     params = write_params(root, {"line": folder_line(folder_src, kind="ALL", matching={"alphas": [0.2, 0.7, 0.9]})})
-    assert pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]["sheets_matched"] == 0
+    reused = pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]
+    assert reused["sheets_matched"] == 0 and reused["reason"].startswith("template unchanged")
     reweighted = _scores_and_maps(paths)
     (paths.outputs / "matches.pt").unlink()
     pipeline.infer(params.line("line"), paths, "cpu", progress=False)
