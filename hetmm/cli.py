@@ -41,7 +41,7 @@ def _friendly(fn: Callable) -> Callable:
 
 def _context(params_path: Path, root: Path, line_name: str):
     from hetmm.config import load_params
-    from hetmm.pipeline import LinePaths
+    from hetmm.pipeline.line import LinePaths
 
     params = load_params(params_path)
     return params, params.line(line_name), LinePaths.for_line(line_name, root)
@@ -51,70 +51,41 @@ def _show(result: dict) -> None:
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
-@app.command()
-@_friendly
-def download(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Fetch the line's images (demo, folder, mvtec or mtd source) into data/<line>/ with a manifest."""
-    from hetmm import pipeline
-
-    _, cfg, paths = _context(params, root, line)
-    _show(pipeline.download(cfg, paths))
-
-
-@app.command()
-@_friendly
-def validate(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")):
-    """Check the manifest and every image and mask (great-expectations); fails naming the bad files."""
-    from hetmm import pipeline
-
-    _, cfg, paths = _context(params, root, line)
-    pipeline.validate(cfg, paths)
-    typer.echo(f"validation passed: {paths.reports / 'validation.html'}")
+STAGE_HELP = {
+    "download": "Fetch the line's images (demo, folder, mvtec or mtd source) into data/<line>/ with a manifest.",
+    "validate": "Check the manifest and every image and mask (great-expectations); fails naming the bad files.",
+    "extract": "Compute features for images not yet in the per-image feature cache.",
+    "template": "Build the ALL or PTS template, or hot-update the previous one with new good images.",
+    "infer": "Score the test split: image scores and anomaly maps.",
+    "report": "Metrics, threshold, curves, overlays, per-defect table and model card.",
+}
 
 
-@app.command()
-@_friendly
-def extract(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-            device: DeviceOpt = None, quiet: QuietOpt = False):
-    """Compute features for images not yet in the per-image feature cache."""
-    from hetmm import pipeline
+def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, device: str | None,
+                quiet: bool) -> dict:
+    from hetmm.config import load_params
+    from hetmm.pipeline import stage
+    from hetmm.pipeline.line import StageRun
 
-    p, cfg, paths = _context(params, root, line)
-    _show(pipeline.extract(cfg, paths, device or p.device, progress=not quiet))
-
-
-@app.command()
-@_friendly
-def template(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-             quiet: QuietOpt = False):
-    """Build the ALL or PTS template, or hot-update the previous one with new good images."""
-    from hetmm import pipeline
-
-    _, cfg, paths = _context(params, root, line)
-    _show(pipeline.template(cfg, paths, progress=not quiet))
+    ctx = StageRun.for_line(load_params(params), line, root, device, progress=not quiet)
+    result: dict = {}
+    for name in names:
+        result = stage(name)(ctx)
+    return {k: v for k, v in result.items() if k != "subsets"}
 
 
-@app.command()
-@_friendly
-def infer(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-          device: DeviceOpt = None, quiet: QuietOpt = False):
-    """Score the test split: image scores and anomaly maps."""
-    from hetmm import pipeline
+def _stage_command(name: str) -> None:
+    def command(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
+                device: DeviceOpt = None, quiet: QuietOpt = False):
+        _show(_run_stages((name,), line, params, root, device, quiet))
 
-    p, cfg, paths = _context(params, root, line)
-    _show(pipeline.infer(cfg, paths, device or p.device, progress=not quiet))
+    command.__doc__ = STAGE_HELP[name]
+    command.__name__ = name
+    app.command(name)(_friendly(command))
 
 
-@app.command()
-@_friendly
-def report(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-           device: DeviceOpt = None, quiet: QuietOpt = False):
-    """Metrics, threshold, curves, overlays, per-defect table and model card."""
-    from hetmm import pipeline
-
-    p, cfg, paths = _context(params, root, line)
-    metrics = pipeline.report(p, cfg, paths, device or p.device, progress=not quiet)
-    _show({k: v for k, v in metrics.items() if k != "subsets"})
+for _name in STAGE_HELP:
+    _stage_command(_name)
 
 
 @app.command()
@@ -122,17 +93,7 @@ def report(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt
 def run(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
         device: DeviceOpt = None, quiet: QuietOpt = False):
     """All stages in order without DVC (DVC users run `dvc repro`)."""
-    from hetmm import pipeline
-
-    p, cfg, paths = _context(params, root, line)
-    dev = device or p.device
-    pipeline.download(cfg, paths)
-    pipeline.validate(cfg, paths)
-    pipeline.extract(cfg, paths, dev, progress=not quiet)
-    pipeline.template(cfg, paths, progress=not quiet)
-    pipeline.infer(cfg, paths, dev, progress=not quiet)
-    metrics = pipeline.report(p, cfg, paths, dev, progress=not quiet)
-    _show({k: v for k, v in metrics.items() if k != "subsets"})
+    _show(_run_stages(tuple(STAGE_HELP), line, params, root, device, quiet))
 
 
 @app.command()
@@ -149,7 +110,7 @@ def predict(
     quiet: QuietOpt = False,
 ):
     """Inspect new images with a saved template and threshold: scores, verdicts, masks and overlays."""
-    from hetmm.predict import predict_images
+    from hetmm.pipeline.predict import predict_images
 
     p, cfg, paths = _context(params, root, line)
     summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
@@ -168,7 +129,7 @@ def update(
     quiet: QuietOpt = False,
 ):
     """Hot-update a saved template with new good images (no rebuild; the file is replaced atomically)."""
-    from hetmm.predict import update_template
+    from hetmm.pipeline.predict import update_template
 
     p, cfg, paths = _context(params, root, line)
     _show(update_template(cfg, paths, images, template_path=template_path, device=device or p.device,
@@ -183,7 +144,7 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ):
     """Every template version in git history per product line, with data hash, params and metrics."""
-    from hetmm.audit import audit_history, format_table
+    from hetmm.report.audit import audit_history, format_table
 
     rows = audit_history(root, line)
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))

@@ -7,6 +7,7 @@ so a typo in a DVC experiment (``dvc exp run -S ...``) fails before any work is 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hetmm.core.modes import MatchMode, TemplateKind
 from hetmm.errors import ConfigError
 
 Source = Literal["demo", "folder", "mvtec", "mtd"]
@@ -64,7 +66,7 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class TemplateConfig:
-    kind: Literal["ALL", "PTS"] = "PTS"
+    kind: TemplateKind = TemplateKind.PTS
     size: int = 60  # K sheets for PTS
     hot_update: bool = True  # insert new good images incrementally when the settings allow it
 
@@ -73,7 +75,7 @@ class TemplateConfig:
 class MatchingConfig:
     """Per-layer windows, forward/backward mix (alpha weights forward) and layer weights."""
 
-    mode: Literal["mutual", "forward", "backward", "pixel", "patch"] = "mutual"
+    mode: MatchMode = MatchMode.MUTUAL
     forward_windows: tuple[int, ...] = (5, 5, 3)
     backward_windows: tuple[int, ...] = (3, 3, 3)
     alphas: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -149,6 +151,11 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(m.value) for m in hint)}") from None
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -75,25 +75,17 @@ def write_params(root: Path, lines: dict[str, dict], device: str = "cpu"):
 
 def run_stages(params, name: str, root: Path, stages=STAGES) -> dict[str, Any]:
     """Run pipeline stages of one line in ``root`` (no progress bars); returns each stage's result."""
-    from hetmm import pipeline
-    from hetmm.pipeline import LinePaths
+    from hetmm.pipeline import stage
+    from hetmm.pipeline.line import StageRun
 
-    line, paths = params.line(name), LinePaths.for_line(name, root)
-    calls = {
-        "download": lambda: pipeline.download(line, paths),
-        "validate": lambda: pipeline.validate(line, paths),
-        "extract": lambda: pipeline.extract(line, paths, "cpu", progress=False),
-        "template": lambda: pipeline.template(line, paths, progress=False),
-        "infer": lambda: pipeline.infer(line, paths, "cpu", progress=False),
-        "report": lambda: pipeline.report(params, line, paths, "cpu", progress=False),
-    }
-    return {stage: calls[stage]() for stage in stages}
+    ctx = StageRun.for_line(params, name, root, "cpu", progress=False)
+    return {name: stage(name)(ctx) for name in stages}
 
 
 @pytest.fixture(scope="session")
 def demo_tree(tmp_path_factory) -> Path:
     """The embedded demo images as a plain MVTec-layout folder (24 train/good, 10 test/good, 16 defects)."""
-    from hetmm.sources import fetch
+    from hetmm.data.sources import fetch
 
     tree = tmp_path_factory.mktemp("demo_tree") / "src"
     fetch("demo", tree)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from hetmm.backbones import REGISTRY, ResNetFeatures, build_backbone, hub_weights_path
+from hetmm.core.backbones import REGISTRY, ResNetFeatures, build_backbone, hub_weights_path
 from hetmm.errors import ConfigError, WeightsNotFoundError
 
 

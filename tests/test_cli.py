@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import DEMO_LINE, SUBPROCESS_ENV, copy_run, folder_line, write_params
 from hetmm.cli import app
-from hetmm.templates import load_template
+from hetmm.core.templates import load_template
 
 runner = CliRunner()
 

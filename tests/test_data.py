@@ -9,10 +9,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from _data_helpers import make_mvtec_tree, noise_rgb, square_mask, write_image
-from hetmm.data import (
-    MANIFEST_COLUMNS, build_manifest, discover_mvtec, load_image, load_mask, manifest_hash, read_manifest,
-    read_mask_levels, write_manifest,
-)
+from hetmm.data.images import load_image, load_mask, read_mask_levels
+from hetmm.data.manifest import MANIFEST_COLUMNS, build_manifest, discover_mvtec, manifest_hash, read_manifest, write_manifest
 from hetmm.errors import DataError
 
 # ----------------------------------------------------------------------------- load_image

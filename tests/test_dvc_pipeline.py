@@ -1,7 +1,8 @@
 """The DVC pipeline itself (``dvc.yaml`` + ``params.yaml``), run offline in a throwaway copy of the repository.
 
 One test walks the whole life cycle on the embedded demo line, because every step depends on the previous
-one's workspace: repro, no-op repro, a per-line parameter change, metrics, offline plots, an experiment.
+one's workspace: repro, no-op repro, a per-line parameter change, metrics, offline plots, an experiment, and edits
+of the feature code (a comment only, then a statement) that must recompute exactly what depends on it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DVC_TIMEOUT_S = 400
 def _env(root: Path) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     return {**os.environ, **SUBPROCESS_ENV, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(root),  # the stage scripts import the copy's hetmm, not the editable install's
+            "PYTHONPATH": str(root),  # the stage commands import the copy's hetmm, not the editable install's
             "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
             "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com", "CI": "true"}
 
@@ -113,10 +114,11 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
     assert _ran(second.stdout) == downloads
     _commit(root, "first reproduction")
 
-    # 3. a matching parameter of the line: only its infer and report stages are stale and rerun
+    # 3. a matching parameter of the line: only its infer and report stages are stale and rerun (report declares
+    # the matching settings because its ablation uses them)
     _set_param(root, "product_lines.demo.matching.alphas", [0.7, 0.5, 0.5])
     status = json.loads(_run(root, dvc, "status", "--json").stdout)
-    assert set(status) == {"infer@demo"} | downloads
+    assert set(status) == {"infer@demo", "report@demo"} | downloads
     third = _run(root, dvc, "repro")
     assert _ran(third.stdout) == {"infer@demo", "report@demo"} | downloads
     assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "rebuild"  # not rerun
@@ -146,3 +148,24 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
     assert after["image_auroc"] >= 95.0 and after != before
     listed = _run(root, dvc, "exp", "show", "--json").stdout
     assert "blur_sigma" in listed
+
+    # 6. code-keyed artifacts: a comment-only edit of the feature code reruns the stages that depend on the file
+    # (DVC hashes files) but recomputes nothing; a behaviour-preserving statement edit recomputes every feature and
+    # rebuilds the template, saying why
+    _commit(root, "experiment applied")
+    features_py = root / "hetmm" / "core" / "features.py"
+    source = features_py.read_text()
+    body = "    return F.normalize(features, p=2, dim=1)\n"
+    assert body in source
+    features_py.write_text(source.replace(body, "    # unit length: dot products are cosines\n" + body))
+    _run(root, dvc, "repro", "report@demo")
+    extract = json.loads((root / "reports/demo/extract.json").read_text())
+    assert (extract["computed"], extract["reason"]) == (0, "feature settings and code unchanged")
+    assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "unchanged"
+    features_py.write_text(source.replace(body, "    normalised = F.normalize(features, p=2, dim=1)\n"
+                                                "    return normalised\n"))
+    _run(root, dvc, "repro", "report@demo")
+    extract = json.loads((root / "reports/demo/extract.json").read_text())
+    assert extract["computed"] == 50 and extract["reused"] == 0 and extract["reason"] == "feature code changed"
+    template = json.loads((root / "reports/demo/template.json").read_text())
+    assert template["action"] == "rebuild" and template["reason"].startswith("feature code changed")

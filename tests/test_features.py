@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from hetmm.config import FeatureConfig
-from hetmm.features import FeatureExtractor, content_box, resize_image, to_tensor
+from hetmm.core.features import FeatureExtractor, content_box, resize_image, to_tensor
 
 
 def _image(w=120, h=80, value=(200, 100, 50)):
@@ -37,8 +37,11 @@ def test_pad_resize_keeps_aspect_and_reports_the_content_box():
     assert content_box(img.size, (64, 64), "squash") == (0, 0, 64, 64)
 
 
-def test_digest_changes_with_feature_settings_only():
-    a = FeatureExtractor(FeatureConfig(backbone="random_resnet18", batch_size=2))
-    b = FeatureExtractor(FeatureConfig(backbone="random_resnet18", batch_size=16))
-    c = FeatureExtractor(FeatureConfig(backbone="random_resnet18", image_size=(128, 128)))
+def test_feature_key_changes_with_feature_settings_only():
+    from hetmm.pipeline.provenance import FeatureKey
+
+    a = FeatureKey.of(FeatureConfig(backbone="random_resnet18", batch_size=2))
+    b = FeatureKey.of(FeatureConfig(backbone="random_resnet18", batch_size=16))
+    c = FeatureKey.of(FeatureConfig(backbone="random_resnet18", image_size=(128, 128)))
     assert a.digest == b.digest != c.digest
+    assert c.differences(a.record()) == "feature settings changed (image_size)"

@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from hetmm.config import FeatureConfig, parse_params
 from hetmm.errors import ConfigError
-from hetmm.features import FeatureExtractor, content_box, local_average, standardise_per_image, to_tensor
+from hetmm.core.features import FeatureExtractor, content_box, local_average, standardise_per_image, to_tensor
 from hetmm.io import sha256_json
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hetmm.matching import match_layer, nearest_patch, to_pixel_major
+from hetmm.core.layout import to_pixel_major
+from hetmm.core.matching import match_layer, nearest_patch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: 1e-6, torch.float32: 1e-5}
@@ -56,6 +57,9 @@ CASES = {
     "B2N3": dict(b=2, n=3, c=5, h=5, w=7),
     "B1N1": dict(b=1, n=1, c=4, h=6, w=4),
     "B4N40": dict(b=4, n=40, c=3, h=4, w=5),
+    "B2N2small": dict(b=2, n=2, c=6, h=5, w=6),  # windows wider than the map (the crash)
+    "B1N2row": dict(b=1, n=2, c=3, h=1, w=4),  # a single row
+    "B1N1pixel": dict(b=1, n=1, c=3, h=1, w=1),  # a single pixel
 }
 
 
@@ -96,6 +100,17 @@ def test_match_layer_equals_official_kernels(device, dtype, windows, chunk):
 @pytest.mark.parametrize("windows", [(5, 3), (3, 5), (1, 1)])
 @pytest.mark.parametrize("chunk", [None, 2, 5])
 def test_match_layer_single_sheet_and_wide_batches(device, case, windows, chunk):
+    query, templates, (want_f, want_b) = _case(case, *windows)
+    forward, backward = match_layer(query.to(device), templates.to(device), *windows, chunk=chunk)
+    _assert_close(forward, want_f, 1e-6)
+    _assert_close(backward, want_b, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["B2N2small", "B1N2row", "B1N1pixel"])
+@pytest.mark.parametrize("windows", [(13, 7), (7, 13), (9, 0), (0, 11), (13, 13)])
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_windows_wider_than_the_map_truncate_at_the_border(device, case, windows, chunk):
     query, templates, (want_f, want_b) = _case(case, *windows)
     forward, backward = match_layer(query.to(device), templates.to(device), *windows, chunk=chunk)
     _assert_close(forward, want_f, 1e-6)

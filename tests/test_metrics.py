@@ -10,8 +10,8 @@ import torch
 from skimage.measure import label
 from sklearn.metrics import roc_auc_score
 
-from hetmm import metrics
-from hetmm.metrics import UndefinedMetricError
+from hetmm.core import metrics
+from hetmm.core.metrics import UndefinedMetricError
 
 # ----------------------------------------------------------------------------- slow references
 

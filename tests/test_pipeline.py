@@ -19,11 +19,11 @@ import yaml
 from PIL import Image
 
 from conftest import DEMO_LINE, copy_run, folder_line, run_stages, write_params
-from hetmm import pipeline
 from hetmm.config import load_params
 from hetmm.errors import ConfigError, DataError, HetmmError
-from hetmm.pipeline import LinePaths
-from hetmm.templates import load_template
+from hetmm.pipeline import stage
+from hetmm.pipeline.line import LinePaths, StageRun
+from hetmm.core.templates import load_template
 
 # Measured on the demo line (efficientnet_lite0, 128 px, PTS K=10), percent: image AUROC 99.38 / 98.75, pixel AUROC
 # 99.05 / 99.26, AU-PRO 94.9 / 95.7 with 1 / 2 torch threads (float summation order shifts a few PTS choices).
@@ -206,28 +206,28 @@ def test_grown_all_template_rematches_only_new_sheets_and_equals_a_full_rematch(
                                  "reason": "matched the 3 new sheet(s) only"}
     incremental = _scores_and_maps(paths)
     (paths.outputs / "matches.pt").unlink()
-    assert pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]["sheets_matched"] == 24
+    assert stage("infer")(StageRun(params, params.line("line"), paths, "cpu", False))["matching"]["sheets_matched"] == 24
     full = _scores_and_maps(paths)
     assert np.allclose(incremental[0], full[0], atol=1e-6)
     assert np.allclose(incremental[1].astype(np.float32), full[1].astype(np.float32), atol=2e-3)  # float16 maps
 
     # fusion settings only: nothing is matched, and the result equals a fresh run with those settings
     params = write_params(root, {"line": folder_line(folder_src, kind="ALL", matching={"alphas": [0.2, 0.7, 0.9]})})
-    reused = pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]
+    reused = stage("infer")(StageRun(params, params.line("line"), paths, "cpu", False))["matching"]
     assert reused["sheets_matched"] == 0 and reused["reason"].startswith("template unchanged")
     reweighted = _scores_and_maps(paths)
     (paths.outputs / "matches.pt").unlink()
-    pipeline.infer(params.line("line"), paths, "cpu", progress=False)
+    stage("infer")(StageRun(params, params.line("line"), paths, "cpu", False))
     assert np.allclose(reweighted[0], _scores_and_maps(paths)[0], atol=1e-6)
     assert not np.allclose(reweighted[0], full[0], atol=1e-4)
 
     # a window change or a torn file: full re-match, saying why
     params = write_params(root, {"line": folder_line(folder_src, kind="ALL", matching={"forward_windows": [3, 3, 3]})})
-    changed = pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]
+    changed = stage("infer")(StageRun(params, params.line("line"), paths, "cpu", False))["matching"]
     assert changed["sheets_matched"] == 24 and changed["reason"] == "changed since the stored matches: plan"
     data = (paths.outputs / "matches.pt").read_bytes()
     (paths.outputs / "matches.pt").write_bytes(data[: len(data) // 2])
-    torn = pipeline.infer(params.line("line"), paths, "cpu", progress=False)["matching"]
+    torn = stage("infer")(StageRun(params, params.line("line"), paths, "cpu", False))["matching"]
     assert torn["sheets_matched"] == 24 and "unreadable" in torn["reason"]
 
     # a training image disappears: the rebuilt template is no longer the stored one plus new sheets
@@ -342,6 +342,6 @@ def test_report_before_infer_is_a_data_error(tmp_path):
     params = write_params(tmp_path, {"demo": DEMO_LINE})
     paths = LinePaths.for_line("demo", tmp_path)
     with pytest.raises(DataError, match="run the infer stage first"):
-        pipeline.report(params, params.line("demo"), paths, "cpu", progress=False)
+        stage("report")(StageRun(params, params.line("demo"), paths, "cpu", False))
     with pytest.raises(DataError, match="manifest"):
-        pipeline.extract(params.line("demo"), paths, "cpu", progress=False)
+        stage("extract")(StageRun(params, params.line("demo"), paths, "cpu", False))

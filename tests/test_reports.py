@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hetmm import reports
-from hetmm.reports import GT_COLOUR, PRED_COLOUR, OverlayCase
+from hetmm.pipeline import evaluation
+from hetmm.report import model_card, overlays, plots
+from hetmm.report.overlays import GT_COLOUR, PRED_COLOUR, OverlayCase
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -30,19 +31,19 @@ def _square(shape: tuple[int, int], rows: slice, cols: slice) -> np.ndarray:
 
 
 def test_colormap_shapes_and_ends() -> None:
-    rgb = reports.colormap(np.linspace(0, 1, 12).reshape(3, 4))
+    rgb = overlays.colormap(np.linspace(0, 1, 12).reshape(3, 4))
     assert rgb.shape == (3, 4, 3) and rgb.dtype == np.uint8
     assert tuple(rgb[0, 0]) == (0, 0, 128) and tuple(rgb[-1, -1]) == (128, 0, 0)  # jet: dark blue .. dark red
-    assert tuple(reports.colormap(np.array([2.0, -1.0]), "inferno")[0]) == (252, 255, 164)  # clipped to 1
+    assert tuple(overlays.colormap(np.array([2.0, -1.0]), "inferno")[0]) == (252, 255, 164)  # clipped to 1
     with pytest.raises(ValueError, match="unknown colormap"):
-        reports.colormap(np.zeros(2), "viridis")
+        overlays.colormap(np.zeros(2), "viridis")
 
 
 def test_overlay_blends_and_outlines_mask_borders() -> None:
     image = np.full((32, 40, 3), 100, dtype=np.uint8)
     gt = _square((32, 40), slice(8, 20), slice(10, 30))
     pred = _square((32, 40), slice(24, 30), slice(2, 8))
-    out = reports.overlay(image, np.zeros((32, 40), np.float32), gt, pred)
+    out = overlays.overlay(image, np.zeros((32, 40), np.float32), gt, pred)
     assert isinstance(out, Image.Image) and out.mode == "RGB" and out.size == (40, 32)
     arr = np.asarray(out)
     border = gt & ~_square((32, 40), slice(9, 19), slice(11, 29))
@@ -58,17 +59,17 @@ def test_overlay_resizes_map_and_mask_and_closes_regions_at_the_border() -> None
     image = Image.new("L", (64, 48), 30)  # any PIL mode is accepted
     amap = torch.linspace(0, 1, 12 * 16).reshape(12, 16)  # coarser than the image
     mask = _square((12, 16), slice(0, 6), slice(0, 8))  # touches the top-left corner
-    arr = np.asarray(reports.overlay(image, amap, mask))
+    arr = np.asarray(overlays.overlay(image, amap, mask))
     assert arr.shape == (48, 64, 3)
     assert (arr[0, :32] == GT_COLOUR).all() and (arr[:24, 0] == GT_COLOUR).all()
     assert (arr[24:, 40:] != GT_COLOUR).any(axis=-1).all()
     with pytest.raises(ValueError, match="uint8"):
-        reports.overlay(np.zeros((4, 4, 3), np.float32), np.zeros((4, 4)))
+        overlays.overlay(np.zeros((4, 4, 3), np.float32), np.zeros((4, 4)))
 
 
 def test_panel_layout() -> None:
     image = np.zeros((32, 40, 3), dtype=np.uint8)
-    out = reports.panel(image, np.random.default_rng(0).random((32, 40)), None, 0.75, "crack/003", tile=64)
+    out = overlays.panel(image, np.random.default_rng(0).random((32, 40)), None, 0.75, "crack/003", tile=64)
     assert out.size == (3 * 80, 64 + 40)
 
 
@@ -79,7 +80,7 @@ def test_save_overlays_writes_pngs_atomically(tmp_path: Path) -> None:
         OverlayCase("crack/001", image, rng.random((16, 16)), _square((16, 16), slice(4, 9), slice(4, 9)), score=0.9),
         OverlayCase("good 002", image, np.zeros((16, 16))),
     ]
-    paths = reports.save_overlays(tmp_path / "overlays", cases, threshold=0.5)
+    paths = overlays.save_overlays(tmp_path / "overlays", cases, threshold=0.5)
     assert [p.name for p in paths] == ["crack_001.png", "good_002.png"]
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["crack_001.png", "good_002.png"]
     # the shared colour scale makes the all-zero map the bottom colour, not a stretched one
@@ -87,10 +88,10 @@ def test_save_overlays_writes_pngs_atomically(tmp_path: Path) -> None:
     assert (good == good[0, 0]).all()
     # threshold 0.5 outlines the predicted region in the first case
     assert (_pixels(paths[0]) == PRED_COLOUR).all(axis=-1).any()
-    panels = reports.save_overlays(tmp_path / "panels", cases[:1], kind="panel")
+    panels = overlays.save_overlays(tmp_path / "panels", cases[:1], kind="panel")
     assert _pixels(panels[0]).shape[1] == 3 * 256
     with pytest.raises(ValueError, match="unique"):
-        reports.save_overlays(tmp_path / "dup", [cases[0], OverlayCase("crack:001", image, np.zeros((16, 16)))])
+        overlays.save_overlays(tmp_path / "dup", [cases[0], OverlayCase("crack:001", image, np.zeros((16, 16)))])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -98,29 +99,29 @@ def test_save_overlays_writes_pngs_atomically(tmp_path: Path) -> None:
 
 def test_curve_png_is_a_png_of_the_requested_size(tmp_path: Path) -> None:
     curves = {"HETMM": ([0, 0.1, 0.5, 1], [0, 0.7, 0.95, 1]), "single point": ([0.5], [0.5])}
-    path = reports.curve_png(tmp_path / "roc.png", curves, "FPR", "TPR", "ROC", xlim=(0, 1), diagonal=True)
+    path = plots.curve_png(tmp_path / "roc.png", curves, "FPR", "TPR", "ROC", xlim=(0, 1), diagonal=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as img:
         assert img.size == (640, 480) and img.mode == "RGB"
     assert (_pixels(path) == (31, 119, 180)).all(axis=-1).any()  # the first curve's colour is drawn
-    small = reports.curve_png(tmp_path / "t.png", {"t": ([1, 2, 4], [3, 9, 30])}, "n", "ms", "t", size=(300, 200))
+    small = plots.curve_png(tmp_path / "t.png", {"t": ([1, 2, 4], [3, 9, 30])}, "n", "ms", "t", size=(300, 200))
     assert _pixels(small).shape == (200, 300, 3)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
     with pytest.raises(ValueError, match="equal length"):
-        reports.curve_png(tmp_path / "bad.png", {"a": ([0, 1], [0])}, "x", "y", "t")
+        plots.curve_png(tmp_path / "bad.png", {"a": ([0, 1], [0])}, "x", "y", "t")
 
 
 def test_nice_ticks() -> None:
-    assert reports._nice_ticks(0.0, 1.0) == ([0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0], 1)
-    ticks, decimals = reports._nice_ticks(120.0, 3100.0)
+    assert plots._nice_ticks(0.0, 1.0) == ([0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0], 1)
+    ticks, decimals = plots._nice_ticks(120.0, 3100.0)
     assert ticks[0] == 500 and ticks[-1] == 3000 and decimals == 0
 
 
 def test_write_plot_csv(tmp_path: Path) -> None:
-    path = reports.write_plot_csv(tmp_path / "roc.csv", {"fpr": [0.0, 0.5], "tpr": np.array([0.25, float("nan")])})
+    path = plots.write_plot_csv(tmp_path / "roc.csv", {"fpr": [0.0, 0.5], "tpr": np.array([0.25, float("nan")])})
     assert path.read_text() == "fpr,tpr\n0.0,0.25\n0.5,\n"
     with pytest.raises(ValueError, match="equal length"):
-        reports.write_plot_csv(tmp_path / "bad.csv", {"a": [1], "b": [1, 2]})
+        plots.write_plot_csv(tmp_path / "bad.csv", {"a": [1], "b": [1, 2]})
 
 
 # ----------------------------------------------------------------------------- tables and cards
@@ -128,17 +129,17 @@ def test_write_plot_csv(tmp_path: Path) -> None:
 
 def test_markdown_table() -> None:
     rows = [{"type": "crack", "auroc": 98.5, "n": 3}, {"type": "a|b", "auroc": None}]
-    assert reports.markdown_table(rows) == (
+    assert model_card.markdown_table(rows) == (
         "| type | auroc | n |\n| --- | ---: | ---: |\n| crack | 98.5 | 3 |\n| a\\|b | n/a |  |\n"
     )
-    assert reports.markdown_table(rows, columns=["n"]) == "| n |\n| ---: |\n| 3 |\n|  |\n"
+    assert model_card.markdown_table(rows, columns=["n"]) == "| n |\n| ---: |\n| 3 |\n|  |\n"
 
 
 def test_per_group_metrics_against_all_good_images() -> None:
     scores = [0.1, 0.2, 0.3, 0.9, 0.25, 0.15]
     labels = [0, 0, 0, 1, 1, 1]
     groups = ["good", "good", "good", "crack", "crack", "hole"]
-    rows = reports.per_group_metrics(scores, labels, groups)
+    rows = evaluation.per_group_metrics(scores, labels, groups)
     assert [r["group"] for r in rows] == ["crack", "hole"]
     # crack {0.9, 0.25} vs good {0.1, 0.2, 0.3}: 5 of 6 pairs; hole {0.15}: 1 of 3
     assert rows[0]["image_auroc"] == pytest.approx(500 / 6) and rows[0]["n_images"] == 2
@@ -148,11 +149,11 @@ def test_per_group_metrics_against_all_good_images() -> None:
     masks = np.zeros((6, 8, 8), bool)
     masks[3:, 2:4, 2:4] = True
     maps[3:5][masks[3:5]] = 1.0  # crack pixels found, hole pixels missed
-    rows = reports.per_group_metrics(scores, labels, groups, maps, masks)
+    rows = evaluation.per_group_metrics(scores, labels, groups, maps, masks)
     assert rows[0]["pixel_auroc"] == 100.0 and rows[1]["pixel_auroc"] == pytest.approx(50.0)
     assert rows[0]["aupro"] == pytest.approx(100.0)
     # no good images: AUROC is undefined, not an error
-    assert reports.per_group_metrics([0.5], [1], ["crack"])[0]["image_auroc"] is None
+    assert evaluation.per_group_metrics([0.5], [1], ["crack"])[0]["image_auroc"] is None
 
 
 def test_model_card_renders_hashes_tables_and_strict_json(tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_model_card_renders_hashes_tables_and_strict_json(tmp_path: Path) -> Non
         "ablation": [],
     }
     md, js = tmp_path / "card.md", tmp_path / "card.json"
-    reports.model_card(md, js, info)
+    model_card.model_card(md, js, info)
     text = md.read_text()
     assert text.startswith("# HETMM on MVTec bottle\n")
     assert "a" * 64 in text and "b" * 64 in text and "| threshold | 0.625 |" in text
@@ -182,12 +183,12 @@ def test_model_card_renders_hashes_tables_and_strict_json(tmp_path: Path) -> Non
     assert card["template_sha256"] == "b" * 64 and card["metrics"]["aupro"] is None
     assert card["code_version"] and card["title"] == "HETMM on MVTec bottle"
     first = md.read_bytes()
-    reports.model_card(md, js, info)
+    model_card.model_card(md, js, info)
     assert md.read_bytes() == first  # no timestamps: reproducible for DVC
 
 
 def test_code_version_is_a_string() -> None:
-    assert isinstance(reports.code_version(), str) and reports.code_version()
+    assert isinstance(model_card.code_version(), str) and model_card.code_version()
 
 
 # ----------------------------------------------------------------------------- vega template

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hetmm.matching import match_layer, nearest_patch
-from hetmm.scoring import fuse_layers, fuse_matches, gaussian_blur, image_scores, match_layers
+from hetmm.core.matching import match_layer, nearest_patch
+from hetmm.core.scoring import fuse_layers, fuse_matches, gaussian_blur, image_scores, match_layers
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from _data_helpers import make_mvtec_tree
-from hetmm import sources
-from hetmm.data import discover_mvtec, load_image, load_mask, read_manifest
+from hetmm.data import sources
+from hetmm.data.images import load_image, load_mask
+from hetmm.data.manifest import discover_mvtec, read_manifest
 from hetmm.errors import ConfigError, DataError
 from hetmm.io import sha256_file
-from hetmm.sources import fetch
-from hetmm.splits import MTD_CLASSES, load_mtd_split, make_mtd_split
+from hetmm.data.sources import fetch
+from hetmm.data.splits import MTD_CLASSES, load_mtd_split, make_mtd_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # CI clones the repo with shared/ beside it
 HAZELNUT = SHARED / "data" / "hazelnut_toy"

@@ -10,23 +10,12 @@ import torch
 from sklearn.cluster import OPTICS
 
 from hetmm.errors import HetmmError, TemplateMismatchError
-from hetmm.inspector import is_pixel_major
-from hetmm.matching import to_pixel_major
-from hetmm.templates import (
-    TemplateSet,
-    _content_hash,
-    _gram,
-    _pixel_rows,
-    _optics_graph,
-    _select_indices,
-    build_all,
-    build_pts,
-    hot_update,
-    load_template,
-    optics_labels,
-    save_template,
-    select_prototypes,
-)
+from hetmm.core.layout import is_pixel_major
+from hetmm.core.layout import to_pixel_major
+from hetmm.core.templates import TemplateSet, build_all, build_pts, hot_update, load_template, optics_labels, save_template, select_prototypes
+from hetmm.core.templates.optics import gram as _gram, pixel_rows as _pixel_rows, optics_graph as _optics_graph
+from hetmm.core.templates.selection import select_indices as _select_indices
+from hetmm.core.templates.store import _content_hash
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FEATURE = {"backbone": "efficientnet_lite0", "layers": [1, 2, 3], "image_size": 256}

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from _data_helpers import write_image
-from hetmm.data import build_manifest, discover_mvtec, read_manifest
-from hetmm.sources import fetch
-from hetmm.validation import validate
+from hetmm.data.manifest import build_manifest, discover_mvtec, read_manifest
+from hetmm.data.sources import fetch
+from hetmm.data.validation import validate
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Layer fusion, Gaussian blur and image-score rules (official semantics), and the scoring entry.
 
 :func:`match_layers` and :func:`fuse_matches` are the model maths that inference calls: per layer the
-query features are matched against the templates (:mod:`hetmm.matching`), then the distance maps are fused::
+query features are matched against the templates (:mod:`hetmm.core.matching`), then the distance maps are fused::
 
     S = Σ_j λ_j · Up(α_j · F_j + (1 - α_j) · B_j)      Up = bilinear, align_corners=True
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from hetmm.matching import match_layer, nearest_patch
+from hetmm.core.matching import match_layer, nearest_patch
+from hetmm.core.modes import MatchMode
 
-MODES = ("mutual", "forward", "backward", "pixel", "patch")
 RULES = ("max", "block_mean")
 
 
@@ -127,14 +128,28 @@ def image_scores(maps: torch.Tensor, rule: str, block: int | None = None) -> tor
     raise ValueError(f"unknown image score rule {rule!r}; use one of {RULES}")
 
 
+class LayerPlan(NamedTuple):
+    """What :func:`match_layers` computes for one layer of non-zero weight; a window of 0 = direction not computed."""
+
+    layer: int  # index j into the feature layers
+    forward_window: int
+    backward_window: int
+    patch: bool  # nearest template vector anywhere instead of windows
+    alpha: float  # weight of the forward map
+    weight: float  # layer weight in the fused sum
+
+    @property
+    def geometry(self) -> tuple[int, int, int, bool]:
+        """What the distances depend on (alpha and weight only enter the fusion)."""
+        return self.layer, self.forward_window, self.backward_window, self.patch
+
+
 @dataclass
 class LayerMatches:
-    """Matching distances of a query batch, per computed layer, before fusion.
+    """Matching distances of a query batch, per planned layer, before fusion.
 
-    ``forward[i]`` / ``backward[i]``: [B, h_j, w_j] float32 distances (None for a direction with no weight);
-    ``alphas[i]`` / ``weights[i]``: the mix and layer weight they are fused with; ``plan``: one
-    ``(layer j, forward window, backward window, patch)`` per computed layer, 0 for a skipped direction;
-    ``batch``: B (the maps' batch size even when no layer is computed).
+    ``forward[i]`` / ``backward[i]``: [B, h_j, w_j] float32 distances of ``plan[i]`` (None for a direction not
+    computed); ``batch``: B (the maps' batch size even when no layer is computed).
 
     Every distance is a minimum over the template sheets, so the matches of one batch against two disjoint
     sheet sets combine exactly by :meth:`merged` (what lets an ALL template grow without re-matching).
@@ -142,22 +157,19 @@ class LayerMatches:
 
     forward: list[torch.Tensor | None]
     backward: list[torch.Tensor | None]
-    alphas: list[float]
-    weights: list[float]
-    plan: list[tuple[int, int, int, bool]]
+    plan: list[LayerPlan]
     batch: int
 
     def merged(self, other: "LayerMatches") -> "LayerMatches":
         """Elementwise minimum with ``other``, matched with the same plan against other sheets."""
-        if other.plan != self.plan:
+        if [p.geometry for p in other.plan] != [p.geometry for p in self.plan]:
             raise ValueError(f"cannot merge matches of different plans: {self.plan} and {other.plan}")
 
         def low(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
             return None if a is None else torch.minimum(a, b.to(a.device))
 
         return LayerMatches([low(a, b) for a, b in zip(self.forward, other.forward)],
-                            [low(a, b) for a, b in zip(self.backward, other.backward)],
-                            list(self.alphas), list(self.weights), list(self.plan), self.batch)
+                            [low(a, b) for a, b in zip(self.backward, other.backward)], list(self.plan), self.batch)
 
 
 def match_plan(
@@ -165,31 +177,34 @@ def match_plan(
     backward_windows: Sequence[int],
     alphas: Sequence[float],
     weights: Sequence[float],
-    mode: str = "mutual",
-) -> list[tuple[int, int, int, bool, float, float]]:
-    """What :func:`match_layers` computes: per layer of non-zero weight
-    ``(layer j, forward window, backward window, patch, alpha, weight)``, a window of 0 = not computed.
+    mode: MatchMode | str = MatchMode.MUTUAL,
+) -> list[LayerPlan]:
+    """What :func:`match_layers` computes: one :class:`LayerPlan` per layer of non-zero weight.
 
-    Modes (the paper's Table 8 ablation):
-        ``"mutual"``: forward and backward windows as given, mixed by alpha.
-        ``"forward"``: forward only (alpha 1; the backward window is ignored).
-        ``"backward"``: backward only (alpha 0; the forward window is ignored).
-        ``"pixel"``: both windows 1 (position-aligned), mixed by the given alphas.
-        ``"patch"``: PatchCore-like nearest template vector anywhere, as the forward map (alpha 1).
+    Modes (:class:`~hetmm.core.modes.MatchMode`, the paper's Table 8 ablation):
+        ``mutual``: forward and backward windows as given, mixed by alpha.
+        ``forward``: forward only (alpha 1; the backward window is ignored).
+        ``backward``: backward only (alpha 0; the forward window is ignored).
+        ``pixel``: both windows 1 (position-aligned), mixed by the given alphas.
+        ``patch``: PatchCore-like nearest template vector anywhere, as the forward map (alpha 1).
     """
     n = len(weights)
     lengths = (len(forward_windows), len(backward_windows), len(alphas))
     if n == 0 or any(length != n for length in lengths):
         raise ValueError(f"need windows, alphas and weights for each of the {n} layers, got {lengths}")
-    if mode not in MODES:
-        raise ValueError(f"unknown matching mode {mode!r}; use one of {MODES}")
+    try:
+        mode = MatchMode(mode)
+    except ValueError:
+        raise ValueError(f"unknown matching mode {mode!r}; use one of {', '.join(MatchMode)}") from None
+    fixed_alpha = {MatchMode.FORWARD: 1.0, MatchMode.BACKWARD: 0.0, MatchMode.PATCH: 1.0}
     plan = []
     for j in range(n):
         if weights[j] == 0:
             continue
-        alpha = {"forward": 1.0, "backward": 0.0, "patch": 1.0}.get(mode, alphas[j])
-        k_f, k_b = (1, 1) if mode in ("pixel", "patch") else (forward_windows[j], backward_windows[j])
-        plan.append((j, k_f if alpha != 0 else 0, k_b if alpha != 1 else 0, mode == "patch", alpha, weights[j]))
+        alpha = fixed_alpha.get(mode, alphas[j])
+        k_f, k_b = (1, 1) if mode in (MatchMode.PIXEL, MatchMode.PATCH) else (forward_windows[j], backward_windows[j])
+        plan.append(LayerPlan(j, k_f if alpha != 0 else 0, k_b if alpha != 1 else 0, mode == MatchMode.PATCH,
+                              float(alpha), float(weights[j])))
     return plan
 
 
@@ -200,7 +215,7 @@ def match_layers(
     backward_windows: Sequence[int],
     alphas: Sequence[float],
     weights: Sequence[float],
-    mode: str = "mutual",
+    mode: MatchMode | str = MatchMode.MUTUAL,
     chunk: int | None = None,
 ) -> LayerMatches:
     """Match every layer of non-zero weight (see :func:`match_plan` for the modes).
@@ -209,7 +224,7 @@ def match_layers(
         features: per layer [B, C_j, h_j, w_j], L2-normalised over C.
         templates: per layer [N_j, C_j, h_j, w_j], L2-normalised over C.
         forward_windows, backward_windows, alphas, weights: per layer settings.
-        chunk: template pixels per matmul step (see :func:`hetmm.matching.match_layer`).
+        chunk: template pixels per matmul step (see :func:`hetmm.core.matching.match_layer`).
 
     Returns:
         :class:`LayerMatches` with [B, h_j, w_j] distances.
@@ -217,17 +232,16 @@ def match_layers(
     if not (len(features) == len(templates) == len(weights)):
         raise ValueError(f"need templates and settings for each of the {len(features)} layers, got "
                          f"{len(templates)} templates and {len(weights)} weights")
-    out = LayerMatches([], [], [], [], [], features[0].shape[0])
-    for j, k_f, k_b, patch, alpha, weight in match_plan(forward_windows, backward_windows, alphas, weights, mode):
-        if patch:
+    out = LayerMatches([], [], [], features[0].shape[0])
+    for step in match_plan(forward_windows, backward_windows, alphas, weights, mode):
+        j = step.layer
+        if step.patch:
             fwd, bwd = nearest_patch(features[j], templates[j], chunk=chunk), None
         else:
-            fwd, bwd = match_layer(features[j], templates[j], k_f, k_b, chunk=chunk)
+            fwd, bwd = match_layer(features[j], templates[j], step.forward_window, step.backward_window, chunk=chunk)
         out.forward.append(fwd)
         out.backward.append(bwd)
-        out.alphas.append(alpha)
-        out.weights.append(weight)
-        out.plan.append((j, k_f, k_b, patch))
+        out.plan.append(step)
     return out
 
 
@@ -236,4 +250,5 @@ def fuse_matches(matches: LayerMatches, out_size: tuple[int, int] | int) -> torc
     if not matches.plan:
         size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
         return torch.zeros(matches.batch, *size)
-    return fuse_layers(matches.forward, matches.backward, matches.alphas, matches.weights, out_size)
+    return fuse_layers(matches.forward, matches.backward, [p.alpha for p in matches.plan],
+                       [p.weight for p in matches.plan], out_size)

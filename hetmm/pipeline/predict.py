@@ -1,8 +1,13 @@
-"""Inspection of new images with a saved template, and hot update of a saved template (CLI side)."""
+"""``hetmm predict`` and ``hetmm update``: new images against a line's saved template, outside the DVC stages.
+
+Both refuse a template whose feature settings or feature code differ from the installed ones
+(:func:`hetmm.pipeline.template.load_current`), naming what differs and the command that rebuilds it.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -10,16 +15,19 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from hetmm.config import ProductLine
-from hetmm.data import IMAGE_EXTENSIONS, load_image
+from hetmm.core.features import FeatureExtractor
+from hetmm.core.inspector import resolve_device
+from hetmm.core.templates import hot_update, save_template
+from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import DataError
-from hetmm.features import FeatureExtractor
-from hetmm.inspector import resolve_device
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
-from hetmm.pipeline import LinePaths, load_inspector
-from hetmm.templates import hot_update, load_template, save_template
+from hetmm.pipeline.feature_cache import extract_images
+from hetmm.pipeline.infer import load_inspector
+from hetmm.pipeline.line import LinePaths
+from hetmm.pipeline.template import load_current, record
+from hetmm.report.overlays import overlay
 
 
 def collect_images(inputs: Sequence[Path]) -> list[Path]:
@@ -39,27 +47,24 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def saved_threshold(paths: LinePaths) -> float:
-    path = paths.models / "threshold.json"
-    if not path.is_file():
-        raise DataError(f"{path}: no saved threshold; run the report stage or pass --threshold")
-    return float(json.loads(path.read_text())["threshold"])
+    if not paths.threshold.is_file():
+        raise DataError(f"{paths.threshold}: no saved threshold; run the report stage or pass --threshold")
+    return float(json.loads(paths.threshold.read_text())["threshold"])
 
 
 def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], out: Path, *,
                    template_path: Path | None = None, threshold: float | None = None, device: str = "auto",
                    progress: bool = True) -> dict:
     """Score images; write predictions.csv/json, binary masks and overlays under ``out``."""
-    from hetmm.reports import overlay
-
     files = collect_images(inputs)
     threshold = saved_threshold(paths) if threshold is None else threshold
-    inspector = load_inspector(line, paths, device, template_path)
+    inspector = load_inspector(line, template_path or paths.template, device)
     rows = []
-    batch = line.features.batch_size
-    for start in tqdm(range(0, len(files), batch), desc="predict", unit="batch", disable=not progress):
-        chunk = files[start : start + batch]
-        images = [load_image(p) for p in chunk]
-        scored = inspector.predict(images)
+    done = 0
+    for images, layers in extract_images(inspector.extractor, files, line.features.batch_size, progress, "predict"):
+        scored = inspector.score_features(layers, inspector.boxes(images))
+        chunk = files[done : done + len(images)]
+        done += len(images)
         for path, image, amap, score in zip(chunk, images, scored.maps.numpy(), scored.scores.numpy()):
             # back to the image's own geometry so masks line up with the file the user gave us
             full = np.asarray(Image.fromarray(amap).resize(image.size, Image.BILINEAR), dtype=np.float64)
@@ -88,28 +93,24 @@ def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path],
     """Insert new good images into a saved template without rebuilding it (atomic replace)."""
     files = collect_images(inputs)
     target = Path(template_path or paths.template)
-    tset = load_template(target, expect=line.features.fingerprint())
+    tset = load_current(line, target)
     known = set(tset.meta.get("sources", []))
     by_sha = {sha256_file(p): p for p in files}  # duplicates among the inputs count once
     fresh = [(sha, path) for sha, path in by_sha.items() if sha not in known]
     if not fresh:
         return {"template": str(target), "inserted": 0, "skipped_known": len(files)}
+    start = time.perf_counter()
     extractor = FeatureExtractor(line.features, resolve_device(device))
-    per_batch = []
-    batch = line.features.batch_size
-    for start in tqdm(range(0, len(fresh), batch), desc="update", unit="batch", disable=not progress):
-        per_batch.append(extractor([load_image(p) for _, p in fresh[start : start + batch]]))
-    layers = [torch.cat([b[j] for b in per_batch]).cpu() for j in range(len(per_batch[0]))]
+    batches = [layers for _, layers in extract_images(extractor, [p for _, p in fresh], line.features.batch_size,
+                                                      progress, "update")]
+    layers = [torch.cat([b[j] for b in batches]).cpu() for j in range(len(batches[0]))]
     updated = hot_update(tset, layers, [sha for sha, _ in fresh])
     save_template(target, updated)
     if target.resolve() == paths.template.resolve():
         # the line's template changed outside the template stage: keep its record (read by the report and the
         # model card) describing the template that infer will now use
-        write_json_atomic(paths.reports / "template.json", {
-            "action": "hot_update", "reason": "hetmm update: new good images given on the command line",
-            "kind": updated.meta["kind"], "sheets": int(updated.layers[0].shape[0]),
-            "train_images": int(updated.meta["n_images"]), "new_images": len(fresh),
-            "content_hash": updated.meta["content_hash"], "bytes": int(updated.nbytes),
-            "seconds": updated.meta["history"][-1].get("seconds")})
+        write_json_atomic(paths.reports / "template.json", record(
+            updated, "hot_update", "hetmm update: new good images given on the command line", len(fresh),
+            round(time.perf_counter() - start, 2)))
     return {"template": str(target), "inserted": len(fresh), "skipped_known": len(files) - len(fresh),
             "sheets": int(updated.layers[0].shape[0]), "content_hash": updated.meta["content_hash"]}

@@ -2,56 +2,49 @@
 new sheets.
 
 Every forward, backward and nearest-patch distance is a minimum over the template sheets, and an ALL template
-grows by appending sheets (:func:`hetmm.templates.hot_update`). So the distances to the grown template are the
+grows by appending sheets (:func:`hetmm.core.templates.hot_update`). So the distances to the grown template are the
 elementwise minimum of the stored distances to the old sheets and fresh distances to the appended ones
-(:meth:`hetmm.scoring.LayerMatches.merged`), equal to a full re-match up to float rounding. Fusion, blur and image
+(:meth:`hetmm.core.scoring.LayerMatches.merged`), equal to a full re-match up to float rounding. Fusion, blur and image
 scores are recomputed from the distances, so a change of alphas, layer weights or post-processing re-matches
 nothing at all.
 
-Stored distances are trusted only when everything they depend on is unchanged: the feature settings digest, the
-match plan (layers, windows, mode), the template dtype, the source of the matching code, and the template's
-sheets, which for ALL are the cached features of its ``sources`` in order. Anything else, a torn file included,
-means a full re-match.
+Stored distances are trusted only when everything they depend on is unchanged: the feature key (settings and
+code), the match plan (layers, windows, mode), the template dtype, the matching and template code
+(:mod:`hetmm.pipeline.provenance`), and the template's sheets, which for ALL are the cached features of its
+``sources`` in order. Anything else, a torn file included, means a full re-match.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from hetmm.core.modes import TemplateKind
+from hetmm.core.scoring import LayerMatches, LayerPlan
+from hetmm.core.templates import TemplateSet
 from hetmm.io import atomic_path
-from hetmm.scoring import LayerMatches
-from hetmm.templates import TemplateSet
-
-_MODULES = ("matching.py", "scoring.py", "inspector.py")
+from hetmm.pipeline import provenance
+from hetmm.pipeline.provenance import FeatureKey
 
 # per image: (forward, backward) distances [h_j, w_j] of each planned layer, None for a direction not computed
 Entry = tuple[list[torch.Tensor | None], list[torch.Tensor | None]]
-
-
-def code_digest() -> str:
-    """sha256 of the modules that compute the distances (kernels, plan, query casting): any change to them,
-    even one that cannot alter a distance, means a full re-match rather than a stale reuse."""
-    digest = hashlib.sha256()
-    for name in _MODULES:
-        digest.update((Path(__file__).parent / name).read_bytes())
-    return digest.hexdigest()
+_KEY_NAMES = {"feature": "features (settings or code)", "code": "matching code", "template_code": "template code"}
 
 
 class MatchCache:
     """This run's distances per test image (sha256), plus the reusable part of an earlier run's.
 
-    ``plan``: :func:`hetmm.scoring.match_plan` of the current settings; ``key``: what the distances depend on
-    besides the template (feature digest, plan, dtype, code).
+    ``plan``: :func:`hetmm.core.scoring.match_plan` of the current settings; ``key``: what the distances depend on
+    besides the template's sheets (feature key, plan geometry, dtype, code).
     """
 
-    def __init__(self, template: TemplateSet, plan: Sequence[tuple], feature_digest: str):
+    def __init__(self, template: TemplateSet, plan: Sequence[LayerPlan], features: FeatureKey):
         self.plan = list(plan)
-        self.key: dict[str, Any] = {"feature": feature_digest, "plan": [list(p[:4]) for p in plan],
-                                    "dtype": str(template.layers[0].dtype), "code": code_digest()}
+        self.key: dict[str, Any] = {"feature": features.digest, "plan": [list(p.geometry) for p in plan],
+                                    "dtype": str(template.layers[0].dtype), "code": provenance.match_code(),
+                                    "template_code": provenance.template_code()}
         self.kind = template.meta.get("kind")
         self.sources = list(template.meta.get("sources", []))
         self.sheets = int(template.layers[0].shape[0])
@@ -75,10 +68,10 @@ class MatchCache:
         except Exception as exc:  # a torn or foreign file is re-computed, never trusted
             self.reason = f"stored matches unreadable ({type(exc).__name__})"
             return
-        if self.kind != "ALL":
+        if self.kind != TemplateKind.ALL:
             self.reason = "a PTS template changes its sheets on every update"
         elif key != self.key:
-            changed = sorted(k for k in {*key, *self.key} if key.get(k) != self.key.get(k))
+            changed = sorted(_KEY_NAMES.get(k, k) for k in {*key, *self.key} if key.get(k) != self.key.get(k))
             self.reason = f"changed since the stored matches: {', '.join(changed)}"
         elif not sources or self.sources[: len(sources)] != sources:
             self.reason = "the template is not the stored matches' template plus new sheets"
@@ -99,12 +92,11 @@ class MatchCache:
             return None if rows[0] is None else torch.stack(rows).to(device)
 
         n = len(self.plan)
-        return LayerMatches([stack(0, i) for i in range(n)], [stack(1, i) for i in range(n)],
-                            [p[4] for p in self.plan], [p[5] for p in self.plan],
-                            [tuple(p[:4]) for p in self.plan], len(shas))
+        return LayerMatches([stack(0, i) for i in range(n)], [stack(1, i) for i in range(n)], list(self.plan),
+                            len(shas))
 
     def add(self, shas: Sequence[str], matches: LayerMatches) -> None:
-        if self.kind != "ALL":  # never reused, so not kept
+        if self.kind != TemplateKind.ALL:  # never reused, so not kept
             return
         for i, sha in enumerate(shas):
             self.entries[sha] = ([None if t is None else t[i].float().cpu() for t in matches.forward],

@@ -18,10 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hetmm.data import (
-    MANIFEST_COLUMNS, MASK_THRESHOLD, MAX_SIDE, MIN_SIDE, SUPPORTED_MODES, load_image, manifest_hash,
-    read_mask_levels,
-)
+from hetmm.data.images import MASK_THRESHOLD, MAX_SIDE, MIN_SIDE, SUPPORTED_MODES, load_image, read_mask_levels
+from hetmm.data.manifest import MANIFEST_COLUMNS, manifest_hash
 from hetmm.errors import DataError
 from hetmm.io import sha256_file, write_json_atomic, write_text_atomic
 

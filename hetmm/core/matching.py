@@ -24,7 +24,7 @@ milliseconds, and 4 MiB steps measured no faster on a quiet one.
 
 Products are computed in the templates' dtype, except that float16/bfloat16 use float32 on CPU
 (no fast reduced-precision CPU matmul). Templates are read per pixel as ``[N, C]`` rows. Pass them in pixel-major memory
-(:func:`to_pixel_major`, done once when a template set is loaded) to make that a view; any other
+(:func:`hetmm.core.layout.to_pixel_major`, as saved template files are) to make that a view; any other
 layout works but is re-laid out chunk by chunk on every call.
 """
 
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from hetmm.core.layout import pixel_rows
 
 # Automatic chunking, in bytes of intermediates: (CPU, accelerator).
 _STEP_BYTES = (16 << 20, 256 << 20)  # one matmul step: query windows + template rows + product
@@ -43,18 +45,6 @@ _PATCH_COLUMNS = 512
 _TALL_WINDOW = 96
 # torch's CPU max-reduction vectorises the innermost dim in blocks of 32; fold to a multiple of it.
 _REDUCE_BLOCK = 32
-
-
-def to_pixel_major(templates: torch.Tensor) -> torch.Tensor:
-    """Same values and shape, memory ordered (H, W, N, C) so that per-pixel rows are views.
-
-    Args:
-        templates: [N, C, H, W].
-
-    Returns:
-        [N, C, H, W] whose ``permute(2, 3, 0, 1)`` is contiguous.
-    """
-    return templates.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
 
 
 def match_layer(
@@ -96,7 +86,7 @@ def match_layer(
     itemsize = torch.finfo(dtype).bits // 8
     group = max(1, _bytes(query.device, _BAND_BYTES) // ((2 * d + 1) ** 2 * h * w * itemsize))
 
-    rows = _template_rows(templates.to(dtype))
+    rows = pixel_rows(templates.to(dtype))
     forward_maps, backward_maps = [], []
     for start in range(0, b, group):
         band = _band(query[start : start + group].to(dtype), rows, h, w, d, chunk)
@@ -135,7 +125,7 @@ def nearest_patch(
     itemsize = torch.finfo(dtype).bits // 8
 
     q = query.to(dtype).permute(0, 2, 3, 1).reshape(b * h * w, c)
-    rows = _template_rows(templates.to(dtype))
+    rows = pixel_rows(templates.to(dtype))
     pixels = rows.shape[0]
     step = chunk or max(1, min(pixels, -(-_PATCH_COLUMNS // n)))
     row_block = max(1, _bytes(query.device, _STEP_BYTES) // (step * n * itemsize))
@@ -173,11 +163,6 @@ def _distance(similarity: torch.Tensor) -> torch.Tensor:
     """1 - similarity as float32, subtracting in at least float32 (half loses 1 - s near s = 1)."""
     wide = torch.promote_types(similarity.dtype, torch.float32)
     return (1.0 - similarity.to(wide)).float()
-
-
-def _template_rows(templates: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [H·W, N, C]; a view for pixel-major or channels-last memory."""
-    return templates.permute(2, 3, 0, 1).flatten(0, 1)
 
 
 def _row_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,5 +284,7 @@ def _forward_from_band(band: torch.Tensor, h: int, w: int, d: int, d_f: int) -> 
             plane = band[(d - dy) * k + (d - dx)]
             shift = dy * w + dx
             lo, hi = max(0, -shift), min(h * w, h * w - shift)
+            if hi <= lo:  # the offset leaves the grid for every pixel (window wider than the map)
+                continue
             torch.maximum(out[:, lo:hi], plane[:, lo + shift : hi + shift], out=out[:, lo:hi])
     return out

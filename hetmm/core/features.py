@@ -1,4 +1,9 @@
-"""Image preprocessing and per-pixel L2-normalised multi-layer features."""
+"""Image preprocessing and per-pixel L2-normalised multi-layer features: RGB images in, feature tensors out.
+
+:class:`FeatureExtractor` is the one way features are computed (extract stage, predict, update, tuning); its output
+depends on the :class:`~hetmm.config.FeatureConfig` and on this module's and the backbones' code, which is why the
+feature cache and templates are keyed on both (:mod:`hetmm.pipeline.provenance`).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hetmm.backbones import Backbone, build_backbone
 from hetmm.config import FeatureConfig
-from hetmm.io import sha256_json
+from hetmm.core.backbones import Backbone, build_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,11 +94,6 @@ class FeatureExtractor:
         self.backbone = (backbone or build_backbone(config.backbone, weights=config.weights,
                                                     preact=config.preact, blocks=config.blocks)).to(self.device)
         self.dtype = torch.float16 if config.dtype == "float16" else torch.float32
-
-    @property
-    def digest(self) -> str:
-        """Short hash of the feature settings; keys the per-image feature cache."""
-        return sha256_json(self.config.fingerprint())[:16]
 
     @property
     def channels(self) -> list[int]:

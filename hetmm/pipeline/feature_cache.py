@@ -1,29 +1,38 @@
-"""Per-image feature cache keyed by image sha256 and a digest of the feature settings.
+"""Per-image feature cache, keyed by image sha256 and by the feature key (settings + feature code).
 
-Layout: ``<root>/<settings digest>/<image sha256>.pt`` holding ``{"layers": [[C_j,H_j,W_j], ...], "box": [...]}``.
-Adding new good images to a product line therefore computes features for those images only; changing a
-feature setting starts a new digest folder, and :meth:`FeatureCache.prune` drops what is no longer used.
+Layout: ``<root>/<key digest>/<image sha256>.pt`` holding ``{"layers": [[C_j,H_j,W_j], ...], "box": [...]}``, plus
+``key.json`` saying which settings and code made them. Adding good images computes features for those images only;
+a change of a feature setting or of the feature code starts a new key folder (every image is recomputed), and
+:meth:`FeatureCache.prune` drops what is no longer used. :func:`extract_images` is the one batched extraction loop
+(cache filling, ``hetmm predict``, ``hetmm update``).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from hetmm.data import load_image
+from hetmm.core.features import FeatureExtractor, content_box
+from hetmm.core.layout import empty_stack
+from hetmm.data.images import load_image
 from hetmm.errors import DataError
-from hetmm.features import FeatureExtractor, content_box
-from hetmm.io import atomic_path
+from hetmm.io import atomic_path, write_json_atomic
+from hetmm.pipeline.provenance import FeatureKey
+
+KEY_FILE = "key.json"
 
 
 class FeatureCache:
-    def __init__(self, root: str | Path, digest: str):
+    def __init__(self, root: str | Path, key: FeatureKey):
         self.root = Path(root)
-        self.dir = self.root / digest
+        self.key = key
+        self.dir = self.root / key.digest
 
     def path(self, sha: str) -> Path:
         return self.dir / f"{sha}.pt"
@@ -31,7 +40,19 @@ class FeatureCache:
     def missing(self, shas: Iterable[str]) -> list[str]:
         return [sha for sha in dict.fromkeys(shas) if not self.path(sha).is_file()]
 
+    def reason(self) -> str:
+        """Why this run's key folder holds what it holds: reused, or what changed since the previous folder."""
+        if self.dir.is_dir():
+            return "feature settings and code unchanged"
+        previous = [_read_key(d) for d in sorted(self.root.glob("*/")) if (d / KEY_FILE).is_file()]
+        for record in previous:
+            if (why := self.key.differences(record)) == "feature code changed":
+                return why
+        return self.key.differences(previous[0]) if previous else "no cached features"
+
     def save(self, sha: str, layers: Sequence[torch.Tensor], box: tuple[int, int, int, int]) -> None:
+        if not (self.dir / KEY_FILE).is_file():
+            write_json_atomic(self.dir / KEY_FILE, self.key.record())
         with atomic_path(self.path(sha)) as tmp:
             torch.save({"layers": [t.cpu().contiguous() for t in layers], "box": list(box)}, tmp)
 
@@ -49,18 +70,17 @@ class FeatureCache:
              ) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
         """Stack cached features: per layer ``[N, C_j, H_j, W_j]``, plus the content boxes.
 
-        Entries are copied one by one into tensors allocated up front, so the peak is the stacked size plus
-        one entry (collecting every entry and then ``torch.stack`` held both: twice the ALL template's size
-        when a template is built; see benchmarks/bench_memory.py). ``pixel_major`` allocates them in the
-        layout templates are matched and stored in (:func:`hetmm.matching.to_pixel_major`), so building and
-        saving a template never re-lays a whole layer out.
+        Entries are copied one by one into tensors allocated up front, so the peak is the stacked size plus one
+        entry (collecting every entry and then ``torch.stack`` held both). ``pixel_major`` allocates them in the
+        layout templates are matched and stored in (:mod:`hetmm.core.layout`), so building and saving a template
+        never re-lays a whole layer out.
         """
         stacked: list[torch.Tensor] = []
         boxes = []
         for i, sha in enumerate(shas):
             layers, box = self.load_one(sha)
             if not stacked:
-                stacked = [_allocate(len(shas), t, pixel_major) for t in layers]
+                stacked = [empty_stack(len(shas), t, pixel_major) for t in layers]
             if len(layers) != len(stacked) or any(
                     t.shape != s.shape[1:] or t.dtype != s.dtype for t, s in zip(layers, stacked)):
                 raise DataError(f"{self.path(sha)}: cached features {[tuple(t.shape) for t in layers]} do not match "
@@ -72,7 +92,7 @@ class FeatureCache:
         return stacked, boxes
 
     def prune(self, keep: Iterable[str]) -> int:
-        """Delete entries of images no longer in the data and folders of other settings."""
+        """Delete entries of images no longer in the data and folders of other keys."""
         keep = set(keep)
         removed = 0
         if self.root.is_dir():
@@ -88,12 +108,21 @@ class FeatureCache:
         return removed
 
 
-def _allocate(n: int, entry: torch.Tensor, pixel_major: bool) -> torch.Tensor:
-    """Uninitialised ``[n, C, H, W]`` for entries like ``entry`` ``[C, H, W]``, NCHW or pixel-major."""
-    c, h, w = entry.shape
-    if pixel_major:
-        return torch.empty((h, w, n, c), dtype=entry.dtype).permute(2, 3, 0, 1)
-    return torch.empty((n, c, h, w), dtype=entry.dtype)
+def _read_key(folder: Path) -> dict:
+    try:
+        return json.loads((folder / KEY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def extract_images(extractor: FeatureExtractor, files: Sequence[Path], batch_size: int, progress: bool = True,
+                   desc: str = "features") -> Iterator[tuple[list[Image.Image], list[torch.Tensor]]]:
+    """Decode and extract ``files`` batch by batch: yields (images, per-layer features ``[B, C_j, H_j, W_j]``)."""
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(files), batch_size):
+            images = [load_image(path) for path in files[start : start + batch_size]]
+            yield images, extractor(images)
+            bar.update(len(images))
 
 
 def extract_to_cache(extractor: FeatureExtractor, cache: FeatureCache, items: Sequence[tuple[Path, str]],
@@ -102,13 +131,8 @@ def extract_to_cache(extractor: FeatureExtractor, cache: FeatureCache, items: Se
     todo_shas = set(cache.missing(sha for _, sha in items))
     todo = list({sha: path for path, sha in items if sha in todo_shas}.items())
     size, mode = extractor.config.image_size, extractor.config.resize
-    bar = tqdm(total=len(todo), desc="features", unit="img", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        images = [load_image(path) for _, path in chunk]
-        layers = extractor(images)
-        for i, (sha, _) in enumerate(chunk):
-            cache.save(sha, [t[i] for t in layers], content_box(images[i].size, size, mode))
-        bar.update(len(chunk))
-    bar.close()
+    shas = iter(sha for sha, _ in todo)
+    for images, layers in extract_images(extractor, [path for _, path in todo], batch_size, progress):
+        for i, image in enumerate(images):
+            cache.save(next(shas), [t[i] for t in layers], content_box(image.size, size, mode))
     return len(todo), len({sha for _, sha in items}) - len(todo)

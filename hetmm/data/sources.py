@@ -42,9 +42,10 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from hetmm.data import SampleRef, Subset, build_manifest, discover_mvtec, image_facts, write_manifest
+from hetmm.data.images import image_facts
+from hetmm.data.manifest import SampleRef, Subset, build_manifest, discover_mvtec, write_manifest
 from hetmm.errors import ConfigError, DataError
-from hetmm.splits import MTD_CLASSES, load_mtd_split
+from hetmm.data.splits import MTD_CLASSES, load_mtd_split
 
 MANIFEST_NAME = "manifest.csv"
 MIRROR_ENV = "HETMM_MIRROR"

@@ -1,7 +1,8 @@
 """The one inference path: features + template + settings -> anomaly maps and image scores.
 
-The CLI's ``predict``, the DVC ``infer`` stage, the ablation report and the tests all call
-:meth:`Inspector.score_features` (cached features) or :meth:`Inspector.predict` (images).
+The CLI's ``predict``, the DVC ``infer`` stage, the ablation report and the tests all call :meth:`Inspector.match`
+and :meth:`Inspector.finish` (cached features, optionally with stored distances), :meth:`Inspector.score_features`
+or :meth:`Inspector.predict` (images).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hetmm.config import MatchingConfig, PostConfig, ProductLine
-from hetmm.features import FeatureExtractor, content_box
-from hetmm.matching import to_pixel_major
-from hetmm.scoring import LayerMatches, fuse_matches, gaussian_blur, image_scores, match_layers
-from hetmm.templates import TemplateSet
+from hetmm.core.features import FeatureExtractor, content_box
+from hetmm.core.layout import pixel_major_
+from hetmm.core.scoring import LayerMatches, fuse_matches, gaussian_blur, image_scores, match_layers
+from hetmm.core.templates import TemplateSet
+from hetmm.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -25,8 +27,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from hetmm.errors import ConfigError
-
         raise ConfigError("device: cuda was requested but torch sees no CUDA device; use auto or cpu")
     return torch.device(name)
 
@@ -54,26 +54,6 @@ def restore_geometry(maps: torch.Tensor, boxes: Sequence[tuple[int, int, int, in
     return out
 
 
-def is_pixel_major(layer: torch.Tensor) -> bool:
-    """True when a template layer ``[N, C, H, W]`` is held so that per-pixel ``[N, C]`` rows are views."""
-    return layer.permute(2, 3, 0, 1).is_contiguous()
-
-
-def pixel_major_(template: TemplateSet) -> TemplateSet:
-    """Re-lay ``template``'s layers out pixel-major in place, one layer at a time, and return it.
-
-    Matching reads templates as per-pixel ``[N, C]`` rows; with an NCHW layout every matching call re-gathers
-    the whole template chunk by chunk, which cost 3-5x the matching time on CPU (benchmarks/bench_inference.py).
-    Saved templates are already pixel-major (:func:`hetmm.templates.save_template`), so this is a no-op for
-    them; for others (files from before that, templates built in memory from NCHW features) converting in place
-    keeps the peak at the template plus its largest layer, instead of two templates.
-    """
-    for j, layer in enumerate(template.layers):
-        if not is_pixel_major(layer):
-            template.layers[j] = to_pixel_major(layer)
-    return template
-
-
 class Inspector:
     """A product line's template and settings, ready to score images on one device."""
 
@@ -81,9 +61,11 @@ class Inspector:
                  extractor: FeatureExtractor | None = None):
         self.line = line
         self.device = torch.device(device)
-        # Pixel-major layers (see pixel_major_); ``to`` returns a new set, so the caller's is not changed, and
-        # only layers not already pixel-major are copied.
-        self.template = pixel_major_(template.to(self.device))
+        # Matching reads per-pixel rows: pixel-major layers make them views (with NCHW, every call re-gathered the
+        # template, 3-5x the matching time on CPU). ``to`` returns a new set, so the caller's is not changed, and
+        # saved templates are pixel-major already, so nothing is copied for them.
+        self.template = template.to(self.device)
+        pixel_major_(self.template.layers)
         self._extractor = extractor
 
     @property

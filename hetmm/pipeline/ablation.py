@@ -1,0 +1,56 @@
+"""The paper's Table 8 for a line, run by the report stage when ``report.ablation`` is on.
+
+Every matching mode (:class:`~hetmm.core.modes.MatchMode`) on the line's template, then an ALL template and PTS
+templates of each ``report.ablation_sizes``, all scored on the same cached test features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from hetmm.config import ProductLine
+from hetmm.core.inspector import Inspector
+from hetmm.core.metrics import summarise
+from hetmm.core.modes import MatchMode, TemplateKind
+from hetmm.errors import ConfigError
+from hetmm.pipeline.feature_cache import FeatureCache
+from hetmm.pipeline.infer import score_cached
+from hetmm.pipeline.template import build_template
+
+def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train_shas: list[str],
+             test: pd.DataFrame, masks: np.ndarray, progress: bool = True) -> list[dict]:
+    """Rows (:data:`hetmm.pipeline.report.ABLATION_COLUMNS`), one per variant, on ``report.ablation_subset`` of the test images."""
+    subset = line.report.ablation_subset
+    if subset != "all":
+        keep = (test["subset"] == subset).to_numpy()
+        if not keep.any():
+            raise ConfigError(f"product_lines.{line.name}.report.ablation_subset: no test images in subset {subset!r}")
+        test, masks = test[keep].reset_index(drop=True), masks[keep]
+    labels = (test["label"] == "defect").to_numpy()
+    shas = list(test["sha256"])
+
+    def row(name: str, variant: Inspector) -> dict:
+        start = time.perf_counter()
+        scores, maps = score_cached(variant, cache, shas, line.features.batch_size, progress, desc=name)
+        metrics = summarise(scores, labels, maps.astype(np.float32), masks)
+        return {"variant": name, "subset": subset, "sheets": int(variant.template.layers[0].shape[0]),
+                "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
+                "aupro": metrics["aupro"], "seconds": round(time.perf_counter() - start, 1)}
+
+    rows = [row(f"mode={mode}", inspector.with_settings(matching=replace(line.matching, mode=mode)))
+            for mode in MatchMode]
+    train_layers, _ = cache.load(train_shas, pixel_major=True)
+
+    def of_kind(kind: TemplateKind) -> ProductLine:
+        return replace(line, templates=replace(line.templates, kind=kind))
+
+    rows.append(row("template=ALL", inspector.with_settings(
+        template=build_template(of_kind(TemplateKind.ALL), train_layers, train_shas, progress=progress))))
+    for size in line.report.ablation_sizes:
+        tset = build_template(of_kind(TemplateKind.PTS), train_layers, train_shas, size, progress=progress)
+        rows.append(row(f"template=PTS-{size}", inspector.with_settings(template=tset)))
+    return rows

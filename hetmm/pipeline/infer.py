@@ -1,0 +1,87 @@
+"""Stage ``infer``: score the line's test images with its template.
+
+Reads the template, the feature cache and the ``matching`` / ``post`` settings; writes ``outputs/<line>/scores.csv``,
+``outputs/<line>/maps.npy``, ``outputs/<line>/matches.pt`` (persisted, ALL templates only) and
+``reports/<line>/infer.json``. Stored distances are reused only under the rules of :mod:`hetmm.pipeline.match_cache`
+(same feature key, plan, dtype, code and old sheets); the record's ``matching.reason`` says what was reused and why.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hetmm.config import ProductLine
+from hetmm.core.inspector import Inspector, resolve_device
+from hetmm.core.scoring import match_plan
+from hetmm.io import atomic_path, write_json_atomic
+from hetmm.pipeline.feature_cache import FeatureCache
+from hetmm.pipeline.line import StageRun, manifest, split
+from hetmm.pipeline.match_cache import MatchCache
+from hetmm.pipeline.provenance import FeatureKey
+from hetmm.pipeline.template import load_current
+
+
+def load_inspector(line: ProductLine, template: str | Path, device: str = "auto") -> Inspector:
+    """The line's template (checked against the installed feature code) and settings, on ``device``."""
+    return Inspector(line, load_current(line, template), resolve_device(device))
+
+
+def score_cached(inspector: Inspector, cache: FeatureCache, shas: list[str], batch_size: int,
+                 progress: bool = True, desc: str = "infer",
+                 matches: MatchCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores ``[M]`` and float16 maps ``[M, H, W]`` for cached test images, batch by batch.
+
+    With ``matches``, images whose earlier distances it holds are matched against the template's new sheets
+    only, and this run's distances are added to it.
+    """
+    maps, scores = [], []
+    for start in tqdm(range(0, len(shas), batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = shas[start : start + batch_size]
+        layers, boxes = cache.load(batch)
+        found = matches.lookup(batch, inspector.device) if matches is not None else None
+        if found is None:
+            found = inspector.match(layers)
+        elif matches.reuse < matches.sheets:
+            found = found.merged(inspector.match(layers, first_sheet=matches.reuse))
+        if matches is not None:
+            matches.add(batch, found)
+        out = inspector.finish(found, boxes)
+        maps.append(out.maps.half().numpy())
+        scores.append(out.scores.numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def run(ctx: StageRun) -> dict:
+    line, paths = ctx.line, ctx.paths
+    test = split(manifest(paths), "test")
+    inspector = load_inspector(line, paths.template, ctx.device)
+    m = line.matching
+    key = FeatureKey.of(line.features)
+    matches = MatchCache(inspector.template, match_plan(m.forward_windows, m.backward_windows, m.alphas, m.weights,
+                                                        m.mode), key)
+    matches.resume(paths.outputs / "matches.pt")
+    start = time.perf_counter()
+    scores, maps = score_cached(inspector, FeatureCache(paths.features, key), list(test["sha256"]),
+                                line.features.batch_size, ctx.progress, matches=matches)
+    seconds = time.perf_counter() - start
+    out = test[["path", "sha256", "label", "defect_type", "mask_path", "subset"]].copy()
+    # float64 so the CSV holds each float32 score exactly: the threshold chosen from these values is then a score
+    # the model can produce, and `score >= threshold` gives the same verdict in float32 (predict) and float64
+    out["score"] = scores.astype(np.float64)
+    paths.outputs.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths.outputs / "scores.csv") as tmp:
+        out.to_csv(tmp, index=False)
+    with atomic_path(paths.outputs / "maps.npy") as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, maps)
+    matches.save(paths.outputs / "matches.pt")
+    stats = {"images": len(test), "seconds": round(seconds, 2),
+             "images_per_second": round(len(test) / max(seconds, 1e-9), 2),
+             "device": str(inspector.device), "template_hash": inspector.template.meta["content_hash"],
+             "matching": matches.summary()}
+    write_json_atomic(paths.reports / "infer.json", stats)
+    return stats

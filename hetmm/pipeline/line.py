@@ -1,0 +1,78 @@
+"""A product line's folders and the context every stage runs in; manifest access shared by the stages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from hetmm.config import Params, ProductLine
+from hetmm.data.manifest import read_manifest
+from hetmm.errors import DataError
+
+
+@dataclass(frozen=True)
+class LinePaths:
+    """Where a product line's artifacts live (relative to the repository root)."""
+
+    data: Path
+    features: Path
+    models: Path
+    outputs: Path
+    reports: Path
+
+    @classmethod
+    def for_line(cls, name: str, root: str | Path = ".") -> "LinePaths":
+        root = Path(root)
+        return cls(root / "data" / name, root / "features" / name, root / "models" / name,
+                   root / "outputs" / name, root / "reports" / name)
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.csv"
+
+    @property
+    def template(self) -> Path:
+        return self.models / "template.pt"
+
+    @property
+    def threshold(self) -> Path:
+        return self.models / "threshold.json"
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Everything a stage needs: the parsed params, the line, its folders, the device and whether to show progress."""
+
+    params: Params
+    line: ProductLine
+    paths: LinePaths
+    device: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def for_line(cls, params: Params, name: str, root: str | Path = ".", device: str | None = None,
+                 progress: bool = True) -> "StageRun":
+        return cls(params, params.line(name), LinePaths.for_line(name, root), device or params.device, progress)
+
+
+def manifest(paths: LinePaths) -> pd.DataFrame:
+    if not paths.manifest.is_file():
+        raise DataError(f"{paths.manifest}: no manifest; run the download stage first (`hetmm download <line>`)")
+    return read_manifest(paths.manifest)
+
+
+def split(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Rows of one split (``train`` / ``test``), renumbered from 0."""
+    return df[df["split"] == name].reset_index(drop=True)
+
+
+def items(df: pd.DataFrame, paths: LinePaths) -> list[tuple[Path, str]]:
+    """``(image file, sha256)`` per manifest row."""
+    return [(paths.data / p, sha) for p, sha in zip(df["path"], df["sha256"])]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,143 @@
+"""Stage ``report``: metrics, the deployed threshold, curves, overlays, per-defect table, ablation and model card.
+
+Reads ``outputs/<line>/`` (scores and maps), the test masks, the stage records and the ``threshold`` / ``report``
+settings; writes ``reports/<line>/`` (``metrics.json``, ``plots/*.csv``, ``roc.png``, ``pro.png``, ``overlays/``,
+``per_defect.csv``, ``ablation.csv``, ``model_card.{md,json}``) and ``models/<line>/threshold.json``. Recomputes
+everything on every run (cheap); the ablation is the only part that reads the template and features again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hetmm.core.metrics import pro_points, roc_points
+from hetmm.data.images import load_image
+from hetmm.data.manifest import manifest_hash
+from hetmm.errors import DataError
+from hetmm.io import atomic_path, write_json_atomic
+from hetmm.pipeline import evaluation
+from hetmm.pipeline.line import StageRun, manifest, read_json, split
+from hetmm.report import model_card, overlays, plots
+
+OVERLAY_GROUPS = ("worst_defect", "worst_good", "best_defect")
+ABLATION_COLUMNS = ["variant", "subset", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds"]
+
+
+def run(ctx: StageRun) -> dict:
+    line, paths = ctx.line, ctx.paths
+    scores_path, maps_path = paths.outputs / "scores.csv", paths.outputs / "maps.npy"
+    if not scores_path.is_file() or not maps_path.is_file():
+        raise DataError(f"{paths.outputs}: no inference outputs; run the infer stage first")
+    test = pd.read_csv(scores_path, keep_default_na=False)
+    scores = test["score"].to_numpy(dtype=np.float64)
+    maps = np.load(maps_path).astype(np.float32)
+    labels = (test["label"] == "defect").to_numpy()
+    masks = evaluation.gt_masks(test, paths.data, line.features.image_size)
+    start = time.perf_counter()
+
+    by_subset = evaluation.metrics_by_subset(test, scores, maps, masks)
+    threshold = evaluation.choose_threshold(line.threshold, scores, labels)
+    threshold["confusion"] = evaluation.confusion(scores, labels, threshold["threshold"])
+    threshold["template_hash"] = read_json(paths.reports / "template.json").get("content_hash")
+    metrics = {**by_subset["all"], "threshold": threshold["threshold"], "subsets": by_subset}
+    write_json_atomic(paths.reports / "metrics.json", metrics)
+    write_json_atomic(paths.threshold, threshold)
+
+    per_type = evaluation.per_group_metrics(scores, labels, test["defect_type"].to_numpy(), maps, masks)
+    with atomic_path(paths.reports / "per_defect.csv") as tmp:
+        pd.DataFrame(per_type).to_csv(tmp, index=False)
+    _curves(ctx, scores, labels, maps, masks)
+    written = _overlays(ctx, test, scores, maps, masks, threshold["threshold"])
+    ablation_rows = _ablation(ctx, test, masks)
+
+    timings = {stage: read_json(paths.reports / f"{stage}.json").get("seconds")
+               for stage in ("extract", "template", "infer")}
+    timings["report"] = round(time.perf_counter() - start, 2)
+    df = manifest(paths)
+    card = {
+        "product_line": line.name,
+        "code_version": model_card.code_version(),
+        "data": {"manifest_sha256": manifest_hash(df), "images": int(len(df)), "test_images": int(len(test)),
+                 "defective": int(labels.sum())},
+        "template": read_json(paths.reports / "template.json"),
+        "threshold": threshold,
+        "metrics": by_subset,
+        "per_defect_type": per_type,
+        "ablation": ablation_rows,
+        "timings_seconds": timings,
+        "inference": read_json(paths.reports / "infer.json"),
+        "environment": _environment(),
+        "params": {"device": ctx.params.device, **json.loads(json.dumps(asdict(line), default=list))},
+        "overlays": [str(p.relative_to(paths.reports)) for p in written],
+    }
+    model_card.model_card(paths.reports / "model_card.md", paths.reports / "model_card.json", card)
+    return metrics
+
+
+def _curves(ctx: StageRun, scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> None:
+    reports, name = ctx.paths.reports, ctx.line.name
+    roc = roc_points(scores, labels) if 0 < labels.sum() < len(labels) else {"fpr": [], "tpr": []}
+    plots.write_plot_csv(reports / "plots" / "roc.csv", {"fpr": roc["fpr"], "tpr": roc["tpr"]})
+    plots.curve_png(reports / "roc.png", {"image ROC": (roc["fpr"], roc["tpr"])},
+                    "false positive rate", "true positive rate", f"{name}: image ROC")
+    pro = pro_points(maps, masks) if masks.any() else {"fpr": [], "pro": []}  # no defect masks: empty curve
+    plots.write_plot_csv(reports / "plots" / "pro.csv", {"fpr": pro["fpr"], "pro": pro["pro"]})
+    plots.curve_png(reports / "pro.png", {"PRO": (pro["fpr"], pro["pro"])},
+                    "false positive rate", "per-region overlap", f"{name}: PRO (FPR <= 0.3)")
+
+
+def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
+              threshold: float) -> list[Path]:
+    """Panels of the worst cases (missed defects, false alarms) and the best (clearest) ones, replacing the old."""
+    out_dir = ctx.paths.reports / "overlays"
+    for old in out_dir.glob("*.png") if out_dir.is_dir() else []:
+        old.unlink()
+    count = ctx.line.report.overlays
+    if count <= 0:
+        return []
+    labels = (test["label"] == "defect").to_numpy()
+    lowest_defects = [i for i in np.argsort(scores) if labels[i]]
+    highest_good = [i for i in np.argsort(-scores) if not labels[i]]
+    half = max(1, count // 2)
+    picks = dict(zip(OVERLAY_GROUPS, (lowest_defects[:half], highest_good[:half], lowest_defects[::-1][:half])))
+    height, width = ctx.line.features.image_size
+    cases = [overlays.OverlayCase(
+        name=f"{group}_{rank + 1}", image=load_image(ctx.paths.data / test["path"][i]).resize((width, height)),
+        amap=maps[i], mask=masks[i], score=None, pred_mask=maps[i] >= threshold,
+        title=f"{group} #{rank + 1}: {test['defect_type'][i]} score {scores[i]:.3f}")
+        for group, indices in picks.items() for rank, i in enumerate(indices)]
+    # one colour scale for every panel, robust to a few extreme pixels
+    return overlays.save_overlays(out_dir, cases, vmin=float(np.percentile(maps, 1)),
+                                  vmax=float(np.percentile(maps, 99.9)), kind="panel")
+
+
+def _ablation(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:
+    """The ablation table (header only when ``report.ablation`` is off)."""
+    rows = []
+    if ctx.line.report.ablation:  # imported here: the rest of the report stage needs no torch
+        from hetmm.pipeline.ablation import ablation
+        from hetmm.pipeline.feature_cache import FeatureCache
+        from hetmm.pipeline.infer import load_inspector
+        from hetmm.pipeline.provenance import FeatureKey
+
+        inspector = load_inspector(ctx.line, ctx.paths.template, ctx.device)
+        cache = FeatureCache(ctx.paths.features, FeatureKey.of(ctx.line.features))
+        train = list(split(manifest(ctx.paths), "train")["sha256"])
+        rows = ablation(ctx.line, inspector, cache, train, test, masks, ctx.progress)
+    with atomic_path(ctx.paths.reports / "ablation.csv") as tmp:
+        pd.DataFrame(rows, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
+    return rows
+
+
+def _environment() -> dict:
+    # versions from package metadata: importing torch here would cost seconds (the device is in ``inference``)
+    return {"python": platform.python_version(), "torch": metadata.version("torch"), "host_cpus": os.cpu_count()}

@@ -1,0 +1,124 @@
+"""Stage ``template``: build the line's template set, hot-update the previous one, or keep it.
+
+Reads the feature cache, ``data/<line>/manifest.csv`` and the ``features`` / ``templates`` settings; writes
+``models/<line>/template.pt`` (persisted) and ``reports/<line>/template.json`` (``action``: ``rebuild``,
+``hot_update`` or ``unchanged``, and the ``reason``). The previous template is kept or hot-updated only when its
+feature settings, feature code and template code (:mod:`hetmm.pipeline.provenance`) equal the current ones, its kind
+and size are unchanged and no training image was removed; otherwise it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from hetmm.config import ProductLine
+from hetmm.core.modes import TemplateKind
+from hetmm.core.templates import TemplateSet, build, hot_update, load_template, save_template
+from hetmm.errors import DataError, HetmmError, TemplateMismatchError
+from hetmm.io import write_json_atomic
+from hetmm.pipeline.feature_cache import FeatureCache
+from hetmm.pipeline.line import LinePaths, StageRun, manifest, split
+from hetmm.pipeline.provenance import FeatureKey, template_code_record
+
+_CODE_PARTS = {"features": "feature code", "templates": "template code"}  # meta["code"] keys -> words
+
+def build_template(line: ProductLine, layers: Sequence[torch.Tensor], sources: Sequence[str],
+                   size: int | None = None, progress: bool = True) -> TemplateSet:
+    """The line's kind of template from per-layer train features ``[N, C_j, H_j, W_j]`` (``size`` overrides K)."""
+    key = FeatureKey.of(line.features)
+    return build(line.templates.kind, layers, sources, size=size or line.templates.size, feature=key.settings,
+                 code=template_code_record(key), progress=progress)
+
+
+def code_change(tset: TemplateSet, key: FeatureKey) -> str | None:
+    """Which code changed since ``tset`` was built ("feature code" or "template code"), or None."""
+    recorded, now = tset.meta.get("code") or {}, template_code_record(key)
+    changed = [name for part, name in _CODE_PARTS.items() if recorded.get(part) != now[part]]
+    return " and ".join(changed) or None
+
+
+def record(tset: TemplateSet, action: str, reason: str, new_images: int, seconds: float | None) -> dict:
+    """``reports/<line>/template.json``: what the template stage (or ``hetmm update``) did and why."""
+    requested = int(tset.meta["size"])
+    sheets = int(tset.layers[0].shape[0])
+    out = {"action": action, "reason": reason, "kind": tset.meta["kind"], "sheets": sheets,
+           "train_images": int(tset.meta["n_images"]), "new_images": new_images,
+           "content_hash": tset.meta["content_hash"], "bytes": int(tset.nbytes), "seconds": seconds}
+    if tset.meta["kind"] == TemplateKind.PTS and sheets < requested:
+        out["note"] = f"PTS asked for K={requested} sheets but the line has {sheets} training images: kept them all"
+    return out
+
+
+def _plan(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureKey) -> tuple[TemplateSet | None, str]:
+    """Decide between reuse, hot update and rebuild; returns (existing template or None, reason)."""
+    if not paths.template.is_file():
+        return None, "no previous template"
+    try:
+        old = load_template(paths.template, expect=key.settings)
+    except TemplateMismatchError as exc:
+        # the same error type covers torn files; say which it is in the recorded reason
+        try:
+            load_template(paths.template)
+        except HetmmError:
+            return None, f"previous template unusable ({exc})"
+        return None, f"previous template does not match the settings ({exc})"
+    except HetmmError as exc:
+        return None, f"previous template unusable ({exc})"
+    if changed := code_change(old, key):
+        return None, f"{changed} changed since the previous template was built"
+    if not line.templates.hot_update:
+        return None, "templates.hot_update is off"
+    if old.meta.get("kind") != line.templates.kind or (
+            line.templates.kind == TemplateKind.PTS and old.meta.get("size") != line.templates.size):
+        return None, "template kind or size changed"
+    removed = set(old.meta.get("sources", [])) - set(sources)
+    if removed:
+        return None, f"{len(removed)} training image(s) were removed"
+    return old, "previous template is a subset of the training images"
+
+
+def run(ctx: StageRun) -> dict:
+    line, paths = ctx.line, ctx.paths
+    sources = list(split(manifest(paths), "train")["sha256"])
+    if not sources:
+        raise DataError(f"{paths.manifest}: line {line.name!r} has no training (good) images")
+    key = FeatureKey.of(line.features)
+    cache = FeatureCache(paths.features, key)
+    start = time.perf_counter()
+    old, reason = _plan(line, paths, sources, key)
+    new: list[str] = []
+    if old is None:
+        layers, _ = cache.load(sources, pixel_major=True)
+        action, tset, new = "rebuild", build_template(line, layers, sources, progress=ctx.progress), sources
+        del layers
+    elif new := [s for s in sources if s not in set(old.meta.get("sources", []))]:
+        layers, _ = cache.load(new)
+        action, tset = "hot_update", hot_update(old, layers, new)
+    else:
+        action, tset = "unchanged", old
+    if action != "unchanged":
+        save_template(paths.template, tset)
+    info = record(tset, action, reason, len(new), round(time.perf_counter() - start, 2))
+    write_json_atomic(paths.reports / "template.json", info)
+    if "note" in info:  # also under DVC, where progress is off
+        print(f"note: {info['note']}", file=sys.stderr)
+    return info
+
+
+def load_current(line: ProductLine, path: str | Path) -> TemplateSet:
+    """Load ``path`` for inspection; refuse a template whose feature settings or feature code differ from the
+    installed ones (its sheets would not be comparable with features computed now)."""
+    key = FeatureKey.of(line.features)
+    tset = load_template(path, expect=key.settings)
+    recorded = (tset.meta.get("code") or {}).get("features")
+    if recorded != key.code:
+        built = f"feature code {recorded[:12]}" if recorded else "code from before templates recorded their code"
+        raise TemplateMismatchError(
+            f"template {path} was built from features of other code ({built}; installed feature code "
+            f"{key.code[:12]}); rebuild it with `dvc repro template@{line.name}` (or `hetmm template {line.name}`)")
+    return tset

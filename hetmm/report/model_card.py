@@ -1,0 +1,131 @@
+"""Model cards: a report's facts (data and template hashes, settings, metrics, code version) as JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hetmm import __version__
+from hetmm.io import json_safe, write_json_atomic, write_text_atomic
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _is_cell(value: Any) -> bool:
+    """Fits in one table cell: a scalar, a flat list (a shape) or a flat dict (a confusion matrix)."""
+    if isinstance(value, Mapping):
+        return all(_is_scalar(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_is_scalar(v) for v in value)
+    return _is_scalar(value)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "; ".join(f"{_cell(k)}: {_cell(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """GitHub markdown table of dict rows; columns default to every key, in first-seen order.
+
+    Numeric columns are right-aligned; None / NaN print as ``n/a``, a missing key as an empty cell.
+    """
+    rows = [json_safe(r) for r in rows]
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    if not columns:
+        return ""
+    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |"]
+    aligns = []
+    for c in columns:
+        present = [r[c] for r in rows if r.get(c) is not None]
+        numeric = bool(present) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
+        aligns.append("---:" if numeric else "---")
+    lines.append("| " + " | ".join(aligns) + " |")
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r[c]) if c in r else "" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def code_version() -> str:
+    """``git describe --always --dirty --tags`` of the source checkout, else ``hetmm <version>``."""
+    root = Path(__file__).resolve().parents[2]
+    # only ask git when hetmm itself is a checkout; an installed copy could sit inside another repo
+    if (root / ".git").exists():
+        try:
+            done = subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--tags"],
+                cwd=root, capture_output=True, text=True, timeout=10, check=True,
+            )  # fmt: skip
+            if done.stdout.strip():
+                return done.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"hetmm {__version__}"
+
+
+def _title(key: str) -> str:
+    text = str(key).replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def _render(value: Any, level: int) -> list[str]:
+    """Markdown lines for one card value; nesting that does not fit a table becomes sub-headings."""
+    if isinstance(value, (Mapping, list)) and not value:
+        return ["(none)", ""]
+    if _is_scalar(value):
+        return [_cell(value), ""]
+    if isinstance(value, Mapping):
+        if all(isinstance(v, Mapping) and all(_is_cell(x) for x in v.values()) for v in value.values()):
+            return [markdown_table([{"name": k, **v} for k, v in value.items()])]
+        lines: list[str] = []
+        cells = {k: v for k, v in value.items() if _is_cell(v)}
+        if cells:
+            lines.append(markdown_table([{"key": k, "value": v} for k, v in cells.items()]))
+        for k, v in value.items():
+            if k not in cells:
+                lines += ["#" * min(level, 6) + " " + _title(k), "", *_render(v, level + 1)]
+        return lines
+    if all(isinstance(v, Mapping) for v in value):
+        return [markdown_table(value)]
+    if all(_is_scalar(v) for v in value):
+        return [*(f"- {_cell(v)}" for v in value), ""]
+    return ["```json", json.dumps(value, indent=2), "```", ""]
+
+
+def model_card(path_md: str | Path, path_json: str | Path, info: Mapping[str, Any]) -> None:
+    """Write ``info`` as a JSON model card and as markdown, both atomically.
+
+    The markdown is generic: top-level scalars (hashes, threshold, code version, ...) form the
+    first table, then one section per remaining key, with key / value tables for dicts, row
+    tables for dicts of dicts and lists of dicts, and sub-headings for deeper nesting; flat lists
+    and dicts inside a table are written inline. ``code_version`` is filled in when missing.
+    ``title`` (optional) becomes the heading. No timestamp is added, so that an unchanged run
+    reproduces byte-identical files (DVC would otherwise see a new output every time).
+    """
+    card = json_safe(info)
+    if "code_version" not in card:
+        card["code_version"] = code_version()
+    title = card.pop("title", "HETMM model card")
+    lines = [f"# {title}", ""]
+    scalars = {k: v for k, v in card.items() if _is_scalar(v)}
+    if scalars:
+        lines.append(markdown_table([{"field": k, "value": v} for k, v in scalars.items()]))
+    for key, value in card.items():
+        if not _is_scalar(value):
+            lines += [f"## {_title(key)}", "", *_render(value, 3)]
+    write_text_atomic(path_md, "\n".join(lines).rstrip() + "\n")
+    write_json_atomic(path_json, {"title": title, **card})
