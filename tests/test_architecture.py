@@ -4,7 +4,6 @@ dependencies that cover every module a stage runs."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from hetmm.pipeline.provenance import imported_modules
 
 PACKAGE = REPO / "hetmm"
 # what each layer may import from hetmm (prefixes); the pipeline and the CLI may import everything below them
@@ -52,17 +52,9 @@ def _imports(name: str, skip_commands: bool = False, parents: bool = True) -> se
     if skip_commands:
         tree.body = [node for node in tree.body if not _is_command(node)]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
-                else node.module
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES}
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
-            found |= {m for m in MODULES if m.startswith("hetmm.pipeline.")}  # stage(): any stage module
+    found = imported_modules(tree, package)
+    if any(isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "import_module" for n in ast.walk(tree)):
+        found |= {m for m in MODULES if m.startswith("hetmm.pipeline.")}  # stage(): any stage module
     out = found & set(MODULES)
     for module in list(out) if parents else []:
         parts = module.split(".")

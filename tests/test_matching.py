@@ -95,22 +95,15 @@ def test_match_layer_equals_official_kernels(device, dtype, windows, chunk):
     _assert_close(backward, want_b, TOL[dtype])
 
 
+# Windows wider than the map (the case, a single row, a single pixel) must truncate at the border like the kernels.
+WIDE = [("B2N2small", w) for w in [(13, 7), (7, 13), (9, 0), (0, 11), (13, 13)]] + \
+    [(case, (13, 7)) for case in ("B1N2row", "B1N1pixel")]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["B1N1", "B4N40"])
-@pytest.mark.parametrize("windows", [(5, 3), (3, 5), (1, 1)])
+@pytest.mark.parametrize("case,windows", [(c, w) for c in ("B1N1", "B4N40") for w in [(5, 3), (3, 5), (1, 1)]] + WIDE)
 @pytest.mark.parametrize("chunk", [None, 2, 5])
-def test_match_layer_single_sheet_and_wide_batches(device, case, windows, chunk):
-    query, templates, (want_f, want_b) = _case(case, *windows)
-    forward, backward = match_layer(query.to(device), templates.to(device), *windows, chunk=chunk)
-    _assert_close(forward, want_f, 1e-6)
-    _assert_close(backward, want_b, 1e-6)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["B2N2small", "B1N2row", "B1N1pixel"])
-@pytest.mark.parametrize("windows", [(13, 7), (7, 13), (9, 0), (0, 11), (13, 13)])
-@pytest.mark.parametrize("chunk", [None, 1, 4])
-def test_windows_wider_than_the_map_truncate_at_the_border(device, case, windows, chunk):
+def test_match_layer_single_sheet_wide_batches_and_wide_windows(device, case, windows, chunk):
     query, templates, (want_f, want_b) = _case(case, *windows)
     forward, backward = match_layer(query.to(device), templates.to(device), *windows, chunk=chunk)
     _assert_close(forward, want_f, 1e-6)

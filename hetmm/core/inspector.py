@@ -19,16 +19,6 @@ from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.layout import pixel_major_
 from hetmm.core.scoring import LayerMatches, fuse_matches, gaussian_blur, image_scores, match_layers
 from hetmm.core.templates import TemplateSet
-from hetmm.errors import ConfigError
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA on a machine without it is an error, not a fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was requested but torch sees no CUDA device; use auto or cpu")
-    return torch.device(name)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from hetmm.core.features import FeatureExtractor
-from hetmm.core.inspector import resolve_device
+from hetmm.core.device import resolve_device
 from hetmm.io import write_json_atomic
 from hetmm.pipeline.feature_cache import FeatureCache, extract_to_cache
 from hetmm.pipeline.line import StageRun, items, manifest

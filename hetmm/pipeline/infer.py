@@ -15,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from hetmm.config import ProductLine
-from hetmm.core.inspector import Inspector, resolve_device
+from hetmm.core.device import resolve_device
+from hetmm.core.inspector import Inspector
 from hetmm.core.scoring import match_plan
 from hetmm.io import atomic_path, write_json_atomic
 from hetmm.pipeline.feature_cache import FeatureCache

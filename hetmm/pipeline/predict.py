@@ -18,7 +18,7 @@ from PIL import Image
 
 from hetmm.config import ProductLine
 from hetmm.core.features import FeatureExtractor
-from hetmm.core.inspector import resolve_device
+from hetmm.core.device import resolve_device
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import DataError

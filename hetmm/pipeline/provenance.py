@@ -37,8 +37,11 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-def _imported(tree: ast.AST, package: str) -> set[str]:
-    """Names of the ``hetmm.core`` modules a module's source imports (``from x import submodule`` resolved)."""
+def imported_modules(tree: ast.AST, package: str) -> set[str]:
+    """Every module a parsed source imports, anywhere in it (``from x import submodule`` gives ``x.submodule``).
+
+    ``package`` resolves relative imports.
+    """
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -47,16 +50,14 @@ def _imported(tree: ast.AST, package: str) -> set[str]:
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
                 else node.module
             found.add(base)
-            for a in node.names:
-                if importlib.util.find_spec(base) is not None and _is_module(f"{base}.{a.name}"):
-                    found.add(f"{base}.{a.name}")
-    return {name for name in found if name == _FOLLOW or name.startswith(_FOLLOW + ".")}
+            found |= {f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}")}
+    return found
 
 
 def _is_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, ValueError):
         return False
 
 
@@ -66,7 +67,7 @@ def _module_digest(name: str) -> tuple[str, frozenset[str]]:
     spec = importlib.util.find_spec(name)  # source read without importing (a digest must not cost a torch import)
     tree = ast.parse(Path(spec.origin).read_text())
     package = name if spec.submodule_search_locations is not None else name.rpartition(".")[0]
-    imports = _imported(tree, package)
+    imports = {m for m in imported_modules(tree, package) if m == _FOLLOW or m.startswith(_FOLLOW + ".")}
     return hashlib.sha256(ast.dump(_strip_docstrings(tree)).encode()).hexdigest(), frozenset(imports)
 
 

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from sklearn.cluster import cluster_optics_xi
 from torch import Tensor
 
 from hetmm.core.layout import pixel_rows
@@ -150,6 +149,8 @@ def optics_graph(gram: Tensor, min_samples: int) -> tuple[Tensor, Tensor, Tensor
 
 def optics_block(gram: Tensor, min_samples: int) -> Tensor:
     """``[P, N, N]`` float64 Gram -> ``[P, N]`` OPTICS xi labels (CPU LongTensor, -1 = noise)."""
+    from sklearn.cluster import cluster_optics_xi  # here: importing scikit-learn costs ~2 s that inference never needs
+
     ordering, reach, pred = (t.cpu().numpy() for t in optics_graph(gram, min_samples))
     labels = np.empty(ordering.shape, dtype=np.int64)
     with np.errstate(divide="ignore"):  # zero reachabilities (copies) make sklearn divide by zero, harmlessly
