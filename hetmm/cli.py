@@ -67,10 +67,13 @@ def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, dev
     from hetmm.pipeline import stage
     from hetmm.pipeline.line import StageRun
 
+    from hetmm.pipeline.lock import line_lock
+
     ctx = StageRun.for_line(load_params(params), line, root, device, progress=not quiet)
     result: dict = {}
-    for name in names:
-        result = stage(name)(ctx)
+    with line_lock(root, line):
+        for name in names:
+            result = stage(name)(ctx)
     return {k: v for k, v in result.items() if k != "subsets"}
 
 
@@ -110,11 +113,13 @@ def predict(
     quiet: QuietOpt = False,
 ):
     """Inspect new images with a saved template and threshold: scores, verdicts, masks and overlays."""
+    from hetmm.pipeline.lock import line_lock
     from hetmm.pipeline.predict import predict_images
 
     p, cfg, paths = _context(params, root, line)
-    summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
-                             device=device or p.device, progress=not quiet)
+    with line_lock(root, line):
+        summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
+                                 device=device or p.device, progress=not quiet)
     _show(summary)
 
 
@@ -129,11 +134,48 @@ def update(
     quiet: QuietOpt = False,
 ):
     """Hot-update a saved template with new good images (no rebuild; the file is replaced atomically)."""
+    from hetmm.pipeline.lock import line_lock
     from hetmm.pipeline.predict import update_template
 
     p, cfg, paths = _context(params, root, line)
-    _show(update_template(cfg, paths, images, template_path=template_path, device=device or p.device,
-                          progress=not quiet))
+    with line_lock(root, line):
+        _show(update_template(cfg, paths, images, template_path=template_path, device=device or p.device,
+                              progress=not quiet))
+
+
+line_app = typer.Typer(help="Add product lines and check that params.yaml and dvc.yaml agree.", no_args_is_help=True)
+app.add_typer(line_app, name="line")
+DvcOpt = Annotated[Path, typer.Option("--dvc", help="dvc.yaml to update")]
+
+
+@line_app.command("add")
+@_friendly
+def line_add(
+    name: Annotated[str, typer.Argument(help="New line name: letters, digits, '-' and '_'")],
+    source: Annotated[str, typer.Option(help="demo | folder | mvtec | mtd")] = "folder",
+    path: Annotated[Optional[str], typer.Option(help="folder source: an MVTec-layout tree")] = None,
+    category: Annotated[Optional[str], typer.Option(help="mvtec source: the category")] = None,
+    mirror: Annotated[Optional[str], typer.Option(help="mtd/mvtec: a local copy")] = None,
+    params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"),
+):
+    """Add a line: its complete params entry (every key at its default) and its name in dvc.yaml's line list."""
+    from hetmm.pipeline.lines import add_line
+
+    data = {k: v for k, v in {"source": source, "path": path, "category": category, "mirror": mirror}.items()
+            if v is not None}
+    _show(add_line(name, data, params, dvc))
+
+
+@line_app.command("check")
+@_friendly
+def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml")):
+    """Compare the lines of params.yaml with the list dvc.yaml runs; exit 1 if they differ or a name is unsafe."""
+    from hetmm.pipeline.lines import check_lines
+
+    found = check_lines(params, dvc)
+    _show(found)
+    if any(found.values()):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,12 +119,30 @@ class ProductLine:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
+# A product-line name becomes a folder name, a DVC stage suffix and a command argument: letters, digits, '-' and
+# '_' only, never starting with '-' (an option) and never '.' or '..' (a path).
+LINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_line_name(name: object) -> str:
+    if not isinstance(name, str) or not LINE_NAME.fullmatch(name):
+        raise ConfigError(f"product_lines.{name}: a line name is 1-64 letters, digits, '-' and '_', starting with "
+                          "a letter or digit; rename the line")
+    return name
+
+
 @dataclass(frozen=True)
 class Params:
+    """Parsed ``params.yaml``. A line whose entry is broken is kept in ``broken`` with its error, so that it fails
+    alone (when it is asked for) and never blocks the other lines."""
+
     product_lines: dict[str, ProductLine]
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    broken: dict[str, ConfigError] = field(default_factory=dict)
 
     def line(self, name: str) -> ProductLine:
+        if name in self.broken:
+            raise self.broken[name]
         if name not in self.product_lines:
             known = ", ".join(sorted(self.product_lines)) or "none"
             raise ConfigError(f"unknown product line {name!r}; params.yaml defines: {known}")
@@ -181,11 +200,11 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return build_config(hint, value, key)
     raise ConfigError(f"{key}: unsupported type {hint!r}")  # pragma: no cover - programming error
 
 
-def _build(cls: type, raw: Any, key: str, **fixed: Any) -> Any:
+def build_config(cls: type, raw: Any, key: str, **fixed: Any) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -199,7 +218,7 @@ def _build(cls: type, raw: Any, key: str, **fixed: Any) -> Any:
     return cls(**kwargs, **fixed)
 
 
-def _validate_line(line: ProductLine, key: str) -> None:
+def validate_line(line: ProductLine, key: str) -> None:
     f, m, t, p, d = line.features, line.matching, line.templates, line.post, line.data
     if not f.layers or any(layer not in (1, 2, 3) for layer in f.layers) or len(set(f.layers)) != len(f.layers):
         raise ConfigError(f"{key}.features.layers: use distinct layers among 1, 2, 3 (got {list(f.layers)})")
@@ -231,6 +250,8 @@ def _validate_line(line: ProductLine, key: str) -> None:
         raise ConfigError(f"{key}.post.blur_kernel: must be an odd size >= 1")
     if p.image_score == "block_mean" and not p.block:
         raise ConfigError(f"{key}.post.block: image_score block_mean needs a block size")
+    if p.block is not None and not 1 <= p.block <= min(f.image_size):
+        raise ConfigError(f"{key}.post.block: the block must fit the map ({min(f.image_size)} px), got {p.block}")
     rule, value = line.threshold.rule, line.threshold.value
     if rule == "normal_quantile" and (value is None or not 0.0 < value <= 1.0):
         raise ConfigError(f"{key}.threshold.value: normal_quantile needs a quantile in (0, 1]")
@@ -252,16 +273,17 @@ def parse_params(raw: Any) -> Params:
     lines_raw = raw.get("product_lines")
     if not isinstance(lines_raw, dict) or not lines_raw:
         raise ConfigError("product_lines: define at least one product line")
-    lines = {}
+    lines, broken = {}, {}
     for name, body in lines_raw.items():
-        key = f"product_lines.{name}"
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"{key}: line names use letters, digits, '-' and '_' only")
-        line = _build(ProductLine, body, key, name=name)
-        _validate_line(line, key)
-        lines[name] = line
+        try:
+            key = f"product_lines.{check_line_name(name)}"
+            line = build_config(ProductLine, body, key, name=name)
+            validate_line(line, key)
+            lines[name] = line
+        except ConfigError as exc:
+            broken[str(name)] = exc
     device = _check_value(raw.get("device", "auto"), Literal["auto", "cpu", "cuda"], "device")
-    return Params(product_lines=lines, device=device)
+    return Params(product_lines=lines, device=device, broken=broken)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -120,7 +120,7 @@ DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 @pytest.mark.parametrize("stage", sorted(DVC))
 def test_dvc_stage_dependencies_cover_every_module_the_stage_runs(stage):
     body = DVC[stage]["do"]
-    assert body["cmd"].split()[:3] == ["hetmm", stage, "${key}"]
+    assert body["cmd"].split()[:3] == ["hetmm", stage, "${item}"]
     deps = [Path(d) for d in body["deps"]]
     code = [d for d in deps if d.parts[0] == "hetmm"]
     for dep in code:

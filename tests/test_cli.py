@@ -113,7 +113,7 @@ def test_stages_out_of_order_name_what_is_missing(tmp_path):
     image = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(image)
     assert_one_line_error(invoke("predict", "demo", image, "--out", tmp_path / "p", *at(tmp_path)),
-                          "threshold.json")
+                          "models/demo/template.pt")
     assert_one_line_error(invoke("predict", "demo", image, "--threshold", "0.5", "--out", tmp_path / "p",
                                  *at(tmp_path)), "models/demo/template.pt")
     assert_one_line_error(invoke("update", "demo", image, *at(tmp_path)), "models/demo/template.pt")

@@ -1,3 +1,4 @@
+import copy
 import re
 from pathlib import Path
 
@@ -42,7 +43,28 @@ def test_bad_params_name_the_key(mutate, key):
     raw = _raw()
     mutate(raw)
     with pytest.raises(ConfigError, match=re.escape(key)):
-        parse_params(raw)
+        parse_params(raw).line("demo")  # a broken line fails when it is used (top-level keys at once)
+
+
+def test_a_broken_line_fails_alone():
+    raw = _raw()
+    raw["product_lines"]["other"] = copy.deepcopy(raw["product_lines"]["demo"])
+    raw["product_lines"]["demo"]["matching"]["alpahs"] = [0.5]
+    params = parse_params(raw)
+    assert params.line("other").matching.alphas == params.product_lines["other"].matching.alphas
+    with pytest.raises(ConfigError, match=r"product_lines\.demo\.matching: unknown key\(s\) alpahs"):
+        params.line("demo")
+
+
+@pytest.mark.parametrize("name", ["inj;touch M", "inj$(touch M)", "inj`touch M`", "..", "a/../../b", "../../etc",
+                                  "--help", "-x", "", "a b", "x" * 65, "line.v2", "ünï"])
+def test_unsafe_line_names_are_refused_by_rule(name):
+    raw = _raw()
+    raw["product_lines"][name] = copy.deepcopy(raw["product_lines"]["demo"])
+    params = parse_params(raw)
+    assert params.line("demo")
+    with pytest.raises(ConfigError, match="a line name is 1-64 letters, digits"):
+        params.line(name)
 
 
 def test_unknown_line_lists_known_ones():

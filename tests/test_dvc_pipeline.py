@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import MTD, REPO, SUBPROCESS_ENV
+from hetmm.pipeline.lines import set_dvc_lines
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,7 @@ def repo_copy(tmp_path) -> Path:
         lines["mtd"] = mtd
     params["product_lines"] = lines
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_dvc_lines(list(lines), root / "dvc.yaml")
     (root / "dvc.lock").unlink(missing_ok=True)
     _run(root, "git", "init", "-q")
     _commit(root, "copy of the repository, demo line only")
@@ -169,3 +171,53 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
     assert extract["computed"] == 50 and extract["reused"] == 0 and extract["reason"] == "feature code changed"
     template = json.loads((root / "reports/demo/template.json").read_text())
     assert template["action"] == "rebuild" and template["reason"].startswith("feature code changed")
+
+
+HOSTILE = ["inj;touch M1", "inj$(touch M2)", "inj`touch M3`", "..", "a/../../b", "--help"]
+
+
+def test_hostile_line_names_never_reach_a_shell_and_a_missing_source_keeps_the_data(repo_copy, tmp_path):
+    root = repo_copy
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    hetmm = [sys.executable, "-m", "hetmm.cli"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    demo = params["product_lines"]["demo"]
+    src = tmp_path / "src"
+    _run(root, *hetmm, "download", "demo", "-q")  # the demo images as a folder source
+    shutil.copytree(root / "data" / "demo", src)
+    (src / "manifest.csv").unlink()
+    shutil.rmtree(root / "data" / "demo")
+    params["product_lines"] = {"line": {**demo, "data": {"source": "folder", "path": str(src)}}}
+    for name in HOSTILE:  # keys anyone could add to params.yaml (a pull request, `dvc exp run -S`)
+        params["product_lines"][name] = {**demo, "data": {"source": "folder", "path": str(src)}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_dvc_lines(["line"], root / "dvc.yaml")
+    _commit(root, "one folder line and hostile keys")
+
+    # the hostile keys have no stages: DVC never builds a command from them
+    listed = _run(root, dvc, "stage", "list").stdout
+    assert "@line" in listed and not any(name in listed for name in HOSTILE)
+    assert _run(root, dvc, "status").returncode == 0
+    _run(root, dvc, "repro", "validate@line")
+    for name in HOSTILE:
+        refused = _run(root, *hetmm, "line", "add", "--path", str(src), "--", name, check=False)
+        assert refused.returncode == 1 and "a line name is" in refused.stderr
+    check = _run(root, *hetmm, "line", "check", check=False)
+    assert check.returncode == 1 and sorted(json.loads(check.stdout)["unsafe_names"]) == sorted(HOSTILE)
+    exp = _run(root, dvc, "exp", "run", "-S", "product_lines.inj;touch M4.data.seed=1", check=False)
+    assert exp.returncode != 0 or "M4" not in exp.stdout
+    assert not [p.name for p in root.rglob("M[0-9]")], "a line name ran as a shell command"
+
+    # the folder source disappears (a teammate's machine): DVC keeps data/line, the stage says why
+    before = (root / "data" / "line" / "manifest.csv").read_bytes()
+    shutil.move(src, tmp_path / "elsewhere")
+    kept = _run(root, dvc, "repro", "download@line")
+    assert "keeping the earlier copy" in kept.stderr + kept.stdout
+    assert (root / "data" / "line" / "manifest.csv").read_bytes() == before
+    # a source that is there but broken fails the stage, and still leaves the copy as it was
+    shutil.move(tmp_path / "elsewhere", src)
+    next((src / "train" / "good").iterdir()).write_bytes(b"")
+    broken = _run(root, dvc, "repro", "download@line", check=False)
+    assert broken.returncode != 0 and "empty" in broken.stderr
+    assert (root / "data" / "line" / "manifest.csv").read_bytes() == before
+    assert _run(root, dvc, "status", "download@line", check=False).returncode == 0

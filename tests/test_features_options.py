@@ -95,6 +95,6 @@ def test_params_accept_the_options_and_reject_bad_pools():
     assert (line.features.normalisation, line.features.pool, line.features.flip_average) == ("image", 3, True)
     for bad in (0, 2):
         with pytest.raises(ConfigError, match="features.pool"):
-            parse_params(_raw_params(pool=bad))
+            parse_params(_raw_params(pool=bad)).line("mtd")
     with pytest.raises(ConfigError, match="normalisation"):
-        parse_params(_raw_params(normalisation="per_image"))
+        parse_params(_raw_params(normalisation="per_image")).line("mtd")

@@ -126,7 +126,7 @@ def test_new_good_images_are_extracted_alone_and_hot_update_the_template(folder_
         shutil.move(image, held / image.name)
     params = write_params(root, {"line": folder_line(folder_src, kind=kind, k=10)})
     paths = LinePaths.for_line("line", root)
-    stages = ("download", "extract", "template")
+    stages = ("download", "validate", "extract", "template")
 
     first = run_stages(params, "line", root, stages)
     assert (first["extract"]["computed"], first["extract"]["reused"]) == (47, 0)
@@ -194,7 +194,7 @@ def test_grown_all_template_rematches_only_new_sheets_and_equals_a_full_rematch(
         shutil.move(image, held / image.name)
     params = write_params(root, {"line": folder_line(folder_src, kind="ALL")})
     paths = LinePaths.for_line("line", root)
-    stages = ("download", "extract", "template", "infer")
+    stages = ("download", "validate", "extract", "template", "infer")
     first = run_stages(params, "line", root, stages)["infer"]
     n_test = first["images"]
     assert first["matching"] == {"images_reused": 0, "sheets_matched": 21, "reason": "no stored matches"}
@@ -308,7 +308,7 @@ def test_fewer_training_images_than_k_gives_n_sheets(folder_src, tmp_path):
         image.unlink()
     root = tmp_path / "repo"
     params = write_params(root, {"line": folder_line(folder_src, kind="PTS", k=10)})
-    out = run_stages(params, "line", root, ("download", "extract", "template", "infer", "report"))
+    out = run_stages(params, "line", root, ("download", "validate", "extract", "template", "infer", "report"))
     assert out["template"]["sheets"] == 4 and out["template"]["train_images"] == 4
     tset = load_template(LinePaths.for_line("line", root).template)
     assert all(layer.shape[0] == 4 for layer in tset.layers)
@@ -335,7 +335,7 @@ def test_unknown_param_key_is_a_config_error_naming_it(tmp_path):
     raw = {"product_lines": {"demo": {**DEMO_LINE, "features": {**DEMO_LINE["features"], "backbon": "resnet18"}}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"product_lines\.demo\.features: unknown key\(s\) backbon"):
-        load_params(tmp_path / "params.yaml")
+        load_params(tmp_path / "params.yaml").line("demo")
 
 
 def test_report_before_infer_is_a_data_error(tmp_path):

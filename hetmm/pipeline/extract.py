@@ -1,8 +1,9 @@
 """Stage ``extract``: fill the per-image feature cache for every image of the line.
 
 Reads ``data/<line>/`` and the ``features`` settings; writes ``features/<line>/<key>/`` (persisted) and
-``reports/<line>/extract.json``. Only images missing from the cache are computed; a change of the feature settings
-or of the feature code (:mod:`hetmm.pipeline.provenance`) recomputes every image, and the record says why.
+``reports/<line>/extract.json``. Only images missing from the cache, or whose entry fails its checksum, are computed; a change of the
+feature settings or of the feature code (:mod:`hetmm.pipeline.provenance`) recomputes every image, and the record
+says why.
 """
 
 from __future__ import annotations
@@ -13,21 +14,21 @@ from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
 from hetmm.io import write_json_atomic
 from hetmm.pipeline.feature_cache import FeatureCache, extract_to_cache
-from hetmm.pipeline.line import StageRun, items, manifest
+from hetmm.pipeline.line import StageRun, items, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey
 
 
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
-    df = manifest(paths)
+    df = validated_manifest(paths, line.name)
     extractor = FeatureExtractor(line.features, resolve_device(ctx.device))
     cache = FeatureCache(paths.features, FeatureKey.of(line.features))
     reason = cache.reason()
     start = time.perf_counter()
     todo = items(df, paths)
-    computed, reused = extract_to_cache(extractor, cache, todo, line.features.batch_size, ctx.progress)
+    computed, reused, repaired = extract_to_cache(extractor, cache, todo, line.features.batch_size, ctx.progress)
     pruned = cache.prune(sha for _, sha in todo)
-    stats = {"computed": computed, "reused": reused, "pruned": pruned, "reason": reason,
+    stats = {"computed": computed, "reused": reused, "repaired": repaired, "pruned": pruned, "reason": reason,
              "digest": cache.key.digest, "code": cache.key.code,
              "seconds": round(time.perf_counter() - start, 2)}
     write_json_atomic(paths.reports / "extract.json", stats)

@@ -9,6 +9,7 @@ a change of a feature setting or of the feature code starts a new key folder (ev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,18 +54,37 @@ class FeatureCache:
     def save(self, sha: str, layers: Sequence[torch.Tensor], box: tuple[int, int, int, int]) -> None:
         if not (self.dir / KEY_FILE).is_file():
             write_json_atomic(self.dir / KEY_FILE, self.key.record())
+        layers = [t.cpu().contiguous() for t in layers]
         with atomic_path(self.path(sha)) as tmp:
-            torch.save({"layers": [t.cpu().contiguous() for t in layers], "box": list(box)}, tmp)
+            torch.save({"layers": layers, "box": list(box), "checksum": _checksum(layers, box)}, tmp)
 
     def load_one(self, sha: str) -> tuple[list[torch.Tensor], tuple[int, int, int, int]]:
+        """One entry, verified: a missing, torn, altered (bit rot) or non-finite entry is a DataError naming it."""
         path = self.path(sha)
         try:
             item = torch.load(path, map_location="cpu", weights_only=True)
+            layers, box = list(item["layers"]), tuple(item["box"])
+            intact = item.get("checksum") == _checksum(layers, box)
         except FileNotFoundError:
             raise DataError(f"{path}: cached features missing; run the extract stage (`hetmm extract`)") from None
         except Exception as exc:  # a torn or foreign file must not be trusted
-            raise DataError(f"{path}: unreadable feature cache entry ({exc}); delete it and re-run extract") from exc
-        return item["layers"], tuple(item["box"])
+            raise DataError(f"{path}: unreadable feature cache entry ({type(exc).__name__}); run the extract stage, "
+                            "which recomputes it") from exc
+        if not intact:
+            raise DataError(f"{path}: feature cache entry fails its checksum (altered on disk); run the extract "
+                            "stage, which recomputes it")
+        return layers, box
+
+    def damaged(self, shas: Iterable[str]) -> list[str]:
+        """Entries present on disk that do not load and verify (they are recomputed by :func:`extract_to_cache`)."""
+        bad = []
+        for sha in dict.fromkeys(shas):
+            if self.path(sha).is_file():
+                try:
+                    self.load_one(sha)
+                except DataError:
+                    bad.append(sha)
+        return bad
 
     def load(self, shas: Sequence[str], pixel_major: bool = False
              ) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
@@ -108,6 +128,13 @@ class FeatureCache:
         return removed
 
 
+def _checksum(layers: Sequence[torch.Tensor], box: Sequence[int]) -> str:
+    digest = hashlib.sha256(repr((list(box), [(str(t.dtype), tuple(t.shape)) for t in layers])).encode())
+    for t in layers:
+        digest.update(t.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _read_key(folder: Path) -> dict:
     try:
         return json.loads((folder / KEY_FILE).read_text())
@@ -126,13 +153,20 @@ def extract_images(extractor: FeatureExtractor, files: Sequence[Path], batch_siz
 
 
 def extract_to_cache(extractor: FeatureExtractor, cache: FeatureCache, items: Sequence[tuple[Path, str]],
-                     batch_size: int, progress: bool = True) -> tuple[int, int]:
-    """Compute features for ``(image path, sha256)`` items not yet cached; returns (computed, reused)."""
-    todo_shas = set(cache.missing(sha for _, sha in items))
+                     batch_size: int, progress: bool = True) -> tuple[int, int, int]:
+    """Compute features for ``(image path, sha256)`` items not cached or cached but damaged; returns
+    (computed, reused, repaired). Non-finite features are refused naming the image."""
+    shas = [sha for _, sha in items]
+    damaged = cache.damaged(shas)
+    todo_shas = set(cache.missing(shas)) | set(damaged)
     todo = list({sha: path for path, sha in items if sha in todo_shas}.items())
     size, mode = extractor.config.image_size, extractor.config.resize
-    shas = iter(sha for sha, _ in todo)
+    pending = iter(todo)
     for images, layers in extract_images(extractor, [path for _, path in todo], batch_size, progress):
         for i, image in enumerate(images):
-            cache.save(next(shas), [t[i] for t in layers], content_box(image.size, size, mode))
-    return len(todo), len({sha for _, sha in items}) - len(todo)
+            sha, path = next(pending)
+            if not all(bool(t[i].isfinite().all()) for t in layers):
+                raise DataError(f"{path}: the backbone gives non-finite features for this image; check the file "
+                                "(or the backbone weights) and remove it from the line if it is not a real image")
+            cache.save(sha, [t[i] for t in layers], content_box(image.size, size, mode))
+    return len(todo), len(set(shas)) - len(todo), len(damaged)

@@ -18,9 +18,10 @@ from hetmm.config import ProductLine
 from hetmm.core.device import resolve_device
 from hetmm.core.inspector import Inspector
 from hetmm.core.scoring import match_plan
+from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
 from hetmm.pipeline.feature_cache import FeatureCache
-from hetmm.pipeline.line import StageRun, manifest, split
+from hetmm.pipeline.line import StageRun, split, validated_manifest
 from hetmm.pipeline.match_cache import MatchCache
 from hetmm.pipeline.provenance import FeatureKey
 from hetmm.pipeline.template import load_current
@@ -58,7 +59,7 @@ def score_cached(inspector: Inspector, cache: FeatureCache, shas: list[str], bat
 
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
-    test = split(manifest(paths), "test")
+    test = split(validated_manifest(paths, line.name), "test")
     inspector = load_inspector(line, paths.template, ctx.device)
     m = line.matching
     key = FeatureKey.of(line.features)
@@ -69,6 +70,10 @@ def run(ctx: StageRun) -> dict:
     scores, maps = score_cached(inspector, FeatureCache(paths.features, key), list(test["sha256"]),
                                 line.features.batch_size, ctx.progress, matches=matches)
     seconds = time.perf_counter() - start
+    bad = np.flatnonzero(~np.isfinite(maps).all(axis=(1, 2)) | ~np.isfinite(scores))
+    if len(bad):  # refused before anything is written: the previous outputs stay as they were
+        raise DataError(f"{paths.data / test['path'][bad[0]]}: non-finite anomaly map ({len(bad)} test image(s)); "
+                        f"re-run `hetmm extract {line.name}` (it re-checks the feature cache) and check the image")
     out = test[["path", "sha256", "label", "defect_type", "mask_path", "subset"]].copy()
     # float64 so the CSV holds each float32 score exactly: the threshold chosen from these values is then a score
     # the model can produce, and `score >= threshold` gives the same verdict in float32 (predict) and float64

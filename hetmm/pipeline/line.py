@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from hetmm.config import Params, ProductLine
-from hetmm.data.manifest import read_manifest
+from hetmm.data.manifest import manifest_hash, read_manifest
 from hetmm.errors import DataError
 
 
@@ -62,6 +62,23 @@ def manifest(paths: LinePaths) -> pd.DataFrame:
     if not paths.manifest.is_file():
         raise DataError(f"{paths.manifest}: no manifest; run the download stage first (`hetmm download <line>`)")
     return read_manifest(paths.manifest)
+
+
+def validated_manifest(paths: LinePaths, line: str) -> pd.DataFrame:
+    """The manifest, refused unless the validate stage passed on exactly this manifest (same hash): no stage
+    after it trusts files that were never checked (a path outside the data folder, a corrupt image)."""
+    df = manifest(paths)
+    record = read_json(paths.reports / "validation.json")
+    if not record:
+        why = "it was never validated"
+    elif record.get("stats", {}).get("manifest_hash") != manifest_hash(df):
+        why = "the data changed since the last validation"
+    elif not record.get("success"):
+        why = "the last validation failed"
+    else:
+        return df
+    raise DataError(f"{paths.manifest}: {why}; run `hetmm validate {line}` (or `dvc repro validate@{line}`) and fix "
+                    f"what {paths.reports / 'validation.html'} lists")
 
 
 def split(df: pd.DataFrame, name: str) -> pd.DataFrame:

@@ -46,10 +46,17 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     return found
 
 
-def saved_threshold(paths: LinePaths) -> float:
+def saved_threshold(paths: LinePaths, line: str, template_hash: str) -> float:
+    """The report stage's threshold, refused unless it was chosen for this very template."""
     if not paths.threshold.is_file():
         raise DataError(f"{paths.threshold}: no saved threshold; run the report stage or pass --threshold")
-    return float(json.loads(paths.threshold.read_text())["threshold"])
+    record = json.loads(paths.threshold.read_text())
+    if record.get("template_hash") != template_hash:
+        raise DataError(f"{paths.threshold}: the threshold was chosen for template {str(record.get('template_hash'))[:12]} "
+                        f"but {paths.template} is {template_hash[:12]} (rebuilt since the last report); run "
+                        f"`dvc repro report@{line}` (or `hetmm infer {line}` and `hetmm report {line}`) or pass "
+                        "--threshold")
+    return float(record["threshold"])
 
 
 def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], out: Path, *,
@@ -57,8 +64,9 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
                    progress: bool = True) -> dict:
     """Score images; write predictions.csv/json, binary masks and overlays under ``out``."""
     files = collect_images(inputs)
-    threshold = saved_threshold(paths) if threshold is None else threshold
     inspector = load_inspector(line, template_path or paths.template, device)
+    if threshold is None:
+        threshold = saved_threshold(paths, line.name, inspector.template.meta["content_hash"])
     rows = []
     done = 0
     for images, layers in extract_images(inspector.extractor, files, line.features.batch_size, progress, "predict"):

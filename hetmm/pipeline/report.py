@@ -4,6 +4,7 @@ Reads ``outputs/<line>/`` (scores and maps), the test masks, the stage records a
 settings; writes ``reports/<line>/`` (``metrics.json``, ``plots/*.csv``, ``roc.png``, ``pro.png``, ``overlays/``,
 ``per_defect.csv``, ``ablation.csv``, ``model_card.{md,json}``) and ``models/<line>/threshold.json``. Recomputes
 everything on every run (cheap); the ablation is the only part that reads the template and features again.
+Every figure is computed before the first file is replaced, so a failing run leaves the previous report whole.
 """
 
 from __future__ import annotations
@@ -44,20 +45,28 @@ def run(ctx: StageRun) -> dict:
     masks = evaluation.gt_masks(test, paths.data, line.features.image_size)
     start = time.perf_counter()
 
+    if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
+        raise DataError(f"{maps_path}: non-finite scores or maps; re-run `hetmm infer {line.name}`")
+
+    # everything is computed before the first file is replaced, so a failure leaves the previous report whole
     by_subset = evaluation.metrics_by_subset(test, scores, maps, masks)
     threshold = evaluation.choose_threshold(line.threshold, scores, labels)
     threshold["confusion"] = evaluation.confusion(scores, labels, threshold["threshold"])
     threshold["template_hash"] = read_json(paths.reports / "template.json").get("content_hash")
     metrics = {**by_subset["all"], "threshold": threshold["threshold"], "subsets": by_subset}
+    per_type = evaluation.per_group_metrics(scores, labels, test["defect_type"].to_numpy(), maps, masks)
+    roc = roc_points(scores, labels) if 0 < labels.sum() < len(labels) else {"fpr": [], "tpr": []}
+    pro = pro_points(maps, masks) if masks.any() else {"fpr": [], "pro": []}  # no defect masks: empty curve
+    ablation_rows = _ablation(ctx, test, masks)
+
     write_json_atomic(paths.reports / "metrics.json", metrics)
     write_json_atomic(paths.threshold, threshold)
-
-    per_type = evaluation.per_group_metrics(scores, labels, test["defect_type"].to_numpy(), maps, masks)
     with atomic_path(paths.reports / "per_defect.csv") as tmp:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
-    _curves(ctx, scores, labels, maps, masks)
+    with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
+        pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
+    _curves(ctx, roc, pro)
     written = _overlays(ctx, test, scores, maps, masks, threshold["threshold"])
-    ablation_rows = _ablation(ctx, test, masks)
 
     timings = {stage: read_json(paths.reports / f"{stage}.json").get("seconds")
                for stage in ("extract", "template", "infer")}
@@ -83,13 +92,11 @@ def run(ctx: StageRun) -> dict:
     return metrics
 
 
-def _curves(ctx: StageRun, scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> None:
+def _curves(ctx: StageRun, roc: dict, pro: dict) -> None:
     reports, name = ctx.paths.reports, ctx.line.name
-    roc = roc_points(scores, labels) if 0 < labels.sum() < len(labels) else {"fpr": [], "tpr": []}
     plots.write_plot_csv(reports / "plots" / "roc.csv", {"fpr": roc["fpr"], "tpr": roc["tpr"]})
     plots.curve_png(reports / "roc.png", {"image ROC": (roc["fpr"], roc["tpr"])},
                     "false positive rate", "true positive rate", f"{name}: image ROC")
-    pro = pro_points(maps, masks) if masks.any() else {"fpr": [], "pro": []}  # no defect masks: empty curve
     plots.write_plot_csv(reports / "plots" / "pro.csv", {"fpr": pro["fpr"], "pro": pro["pro"]})
     plots.curve_png(reports / "pro.png", {"PRO": (pro["fpr"], pro["pro"])},
                     "false positive rate", "per-region overlap", f"{name}: PRO (FPR <= 0.3)")
@@ -121,21 +128,18 @@ def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.nd
 
 
 def _ablation(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:
-    """The ablation table (header only when ``report.ablation`` is off)."""
-    rows = []
-    if ctx.line.report.ablation:  # imported here: the rest of the report stage needs no torch
-        from hetmm.pipeline.ablation import ablation
-        from hetmm.pipeline.feature_cache import FeatureCache
-        from hetmm.pipeline.infer import load_inspector
-        from hetmm.pipeline.provenance import FeatureKey
+    """The ablation table's rows (none when ``report.ablation`` is off)."""
+    if not ctx.line.report.ablation:
+        return []
+    from hetmm.pipeline.ablation import ablation  # imported here: the rest of the report stage needs no torch
+    from hetmm.pipeline.feature_cache import FeatureCache
+    from hetmm.pipeline.infer import load_inspector
+    from hetmm.pipeline.provenance import FeatureKey
 
-        inspector = load_inspector(ctx.line, ctx.paths.template, ctx.device)
-        cache = FeatureCache(ctx.paths.features, FeatureKey.of(ctx.line.features))
-        train = list(split(manifest(ctx.paths), "train")["sha256"])
-        rows = ablation(ctx.line, inspector, cache, train, test, masks, ctx.progress)
-    with atomic_path(ctx.paths.reports / "ablation.csv") as tmp:
-        pd.DataFrame(rows, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
-    return rows
+    inspector = load_inspector(ctx.line, ctx.paths.template, ctx.device)
+    cache = FeatureCache(ctx.paths.features, FeatureKey.of(ctx.line.features))
+    train = list(split(manifest(ctx.paths), "train")["sha256"])
+    return ablation(ctx.line, inspector, cache, train, test, masks, ctx.progress)
 
 
 def _environment() -> dict:

@@ -22,7 +22,7 @@ from hetmm.core.templates import TemplateSet, build, hot_update, load_template, 
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.io import write_json_atomic
 from hetmm.pipeline.feature_cache import FeatureCache
-from hetmm.pipeline.line import LinePaths, StageRun, manifest, split
+from hetmm.pipeline.line import LinePaths, StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey, template_code_record
 
 _CODE_PARTS = {"features": "feature code", "templates": "template code"}  # meta["code"] keys -> words
@@ -84,7 +84,7 @@ def _plan(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureK
 
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
-    sources = list(split(manifest(paths), "train")["sha256"])
+    sources = list(split(validated_manifest(paths, line.name), "train")["sha256"])
     if not sources:
         raise DataError(f"{paths.manifest}: line {line.name!r} has no training (good) images")
     key = FeatureKey.of(line.features)
