@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from hetmm.config import FeatureConfig, MatchingConfig, PostConfig, ProductLine, TemplateConfig
-from hetmm.features import FeatureExtractor
-from hetmm.inspector import Inspector, resolve_device
-from hetmm.templates import build_all
+from hetmm.core.features import FeatureExtractor
+from hetmm.core.device import resolve_device
+from hetmm.core.inspector import Inspector
+from hetmm.core.templates import build_all
 
 ROOT = Path(__file__).resolve().parents[1]
 

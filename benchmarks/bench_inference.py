@@ -40,14 +40,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from hetmm.config import FeatureConfig, MatchingConfig, PostConfig, ProductLine, TemplateConfig  # noqa: E402
-from hetmm.data import load_image  # noqa: E402
-from hetmm.features import FeatureExtractor, to_tensor  # noqa: E402
-from hetmm.inspector import Inspector  # noqa: E402
+from hetmm.data.images import load_image  # noqa: E402
+from hetmm.core.features import FeatureExtractor, to_tensor  # noqa: E402
+from hetmm.core.inspector import Inspector  # noqa: E402
 from hetmm.io import write_json_atomic  # noqa: E402
-from hetmm.matching import match_layer  # noqa: E402
-from hetmm.scoring import fuse_layers, gaussian_blur, image_scores  # noqa: E402
-from hetmm.splits import MTD_CLASSES, load_mtd_split  # noqa: E402
-from hetmm.templates import TemplateSet, build_pts, load_template, save_template  # noqa: E402
+from hetmm.core.matching import match_layer  # noqa: E402
+from hetmm.core.scoring import fuse_layers, gaussian_blur, image_scores  # noqa: E402
+from hetmm.data.splits import MTD_CLASSES, load_mtd_split  # noqa: E402
+from hetmm.core.templates import TemplateSet, build_pts, load_template, save_template  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 TARGET_IMAGES_PER_S = 8.0

@@ -1,4 +1,4 @@
-"""Matching throughput (hetmm.matching.match_layer) against a plain float32 matmul on this machine.
+"""Matching throughput (hetmm.core.matching.match_layer) against a plain float32 matmul on this machine.
 
 Useful work per image and layer is ``2·N·H·W·C·max(k_f, k_b)²`` flops: the forward and the
 backward map both come from one pass over the larger window. The official kernels do
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from hetmm.io import write_json_atomic
-from hetmm.matching import match_layer, to_pixel_major
+from hetmm.core.layout import to_pixel_major
+from hetmm.core.matching import match_layer
 
 RESULTS = Path(__file__).parent / "results" / "matching.json"
 # (C, side) per layer at 256×256 input.
@@ -54,7 +55,7 @@ NOTES = [
     "C=24 (Lite0 layer 1) is output-bound: each product value costs only 2·C = 48 flops and the max "
     "over sheets reads it again, about a quarter of the matmul time.",
     "Templates in plain NCHW memory are re-laid out chunk by chunk inside every call "
-    "(ratio_nchw_templates): hold template sets pixel-major (hetmm.matching.to_pixel_major).",
+    "(ratio_nchw_templates): hold template sets pixel-major (hetmm.core.layout.to_pixel_major).",
     "The machine is shared: with a 1-minute load average above ~1 ratios fall far below the "
     "quiet-machine figures, because every parallel region waits for a thread wake-up.",
 ]

@@ -13,11 +13,11 @@ is reported as the lifetime peak).
 Phases:
 
 * ``baseline``     nothing more.
-* ``build_all``    ``pipeline.template`` with ``templates.kind: ALL`` (rebuild): load the N train images'
+* ``build_all``    ``hetmm.pipeline.template`` with ``templates.kind: ALL`` (rebuild): load the N train images'
                    cached features, stack them, build, save. Template = the stacked features (N sheets).
 * ``build_pts``    the same with PTS-60. Its *input* is the same stacked ALL-sized features; the template
                    written is K = 60 sheets.
-* ``infer_all``/``infer_pts``      ``pipeline.load_inspector`` + ``pipeline.score_cached`` (the DVC infer
+* ``infer_all``/``infer_pts``      ``hetmm.pipeline.infer.load_inspector`` + ``score_cached`` (the DVC infer
                    stage's path: cached query features) over ``--infer-images`` test images.
 * ``predict_all``/``predict_pts``  ``load_inspector`` + ``Inspector.predict`` on decoded test images (backbone
                    + matching) over the same images, batch ``features.batch_size``.
@@ -107,8 +107,16 @@ def _line(args: argparse.Namespace, kind: str | None = None):
     )
 
 
+def _run(line, paths):
+    """The stage context of the benchmark's line (CPU, no progress bars)."""
+    from hetmm.config import Params
+    from hetmm.pipeline.line import StageRun
+
+    return StageRun(Params(product_lines={line.name: line}, device="cpu"), line, paths, "cpu", progress=False)
+
+
 def _paths(args: argparse.Namespace, kind: str | None = None):
-    from hetmm.pipeline import LinePaths
+    from hetmm.pipeline.line import LinePaths
 
     work = Path(args.workdir) / args.blocks
     suffix = f"_{kind.lower()}" if kind else ""
@@ -117,7 +125,7 @@ def _paths(args: argparse.Namespace, kind: str | None = None):
 
 
 def _test_rows(paths, count: int):
-    from hetmm.data import read_manifest
+    from hetmm.data.manifest import read_manifest
 
     df = read_manifest(paths.manifest)
     test = df[df["split"] == "test"].reset_index(drop=True)
@@ -129,8 +137,11 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from hetmm.features import FeatureExtractor
-    from hetmm.pipeline import _cache, load_inspector, score_cached, template
+    from hetmm.core.features import FeatureExtractor
+    from hetmm.pipeline.feature_cache import FeatureCache
+    from hetmm.pipeline.infer import load_inspector, score_cached
+    from hetmm.pipeline.provenance import FeatureKey
+    from hetmm.pipeline.template import run as template
 
     phase = args.phase
     kind = {"all": "ALL", "pts": "PTS"}.get(phase.rsplit("_", 1)[-1])
@@ -145,18 +156,19 @@ def worker(args: argparse.Namespace) -> dict:
            "peak_reset": _reset_peak()}
     start = time.perf_counter()
     if phase.startswith("build"):
-        info = template(line, paths, progress=False)
+        info = template(_run(line, paths))
         out.update(template_bytes=info["bytes"], action=info["action"], train_images=info["train_images"])
     elif phase.startswith("infer"):
-        inspector = load_inspector(line, paths, "cpu")
+        inspector = load_inspector(line, paths.template, "cpu")
         out["after_load_rss"] = _rss()
         shas = list(_test_rows(paths, args.infer_images)["sha256"])
-        scores, maps = score_cached(inspector, _cache(line, paths), shas, line.features.batch_size, progress=False)
+        cache = FeatureCache(paths.features, FeatureKey.of(line.features))
+        scores, maps = score_cached(inspector, cache, shas, line.features.batch_size, progress=False)
         out.update(template_bytes=int(inspector.template.nbytes), images=len(scores), maps_bytes=int(maps.nbytes))
     elif phase.startswith("predict"):
-        from hetmm.data import load_image
+        from hetmm.data.images import load_image
 
-        inspector = load_inspector(line, paths, "cpu")
+        inspector = load_inspector(line, paths.template, "cpu")
         inspector._extractor = extractor
         out["after_load_rss"] = _rss()
         rows = _test_rows(paths, args.infer_images)
@@ -183,13 +195,13 @@ def setup(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from hetmm.pipeline import download, extract
+    from hetmm.pipeline import stage
 
     line, paths = _line(args), _paths(args)
     info = {}
     if not paths.manifest.is_file():
-        info["download"] = download(line, paths)
-    info["extract"] = extract(line, paths, "cpu", progress=False)
+        info["download"] = stage("download")(_run(line, paths))
+    info["extract"] = stage("extract")(_run(line, paths))
     for kind in ("ALL", "PTS"):  # every build phase is a full rebuild
         shutil.rmtree(_paths(args, kind).models, ignore_errors=True)
     return info

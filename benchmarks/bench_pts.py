@@ -1,4 +1,4 @@
-"""PTS speed: batched OPTICS + selection (hetmm.templates) against the official per-pixel path.
+"""PTS speed: batched OPTICS + selection (hetmm.core.templates) against the official per-pixel path.
 
 The official code runs scikit-learn OPTICS once per pixel with a Python callable metric
 (``lambda a, b: 1 - a.b``) and ``min_samples = N // K``. Both paths get the same clustered unit
@@ -22,7 +22,7 @@ import torch
 from sklearn.cluster import OPTICS
 
 from hetmm.io import write_json_atomic
-from hetmm.templates import build_pts, optics_labels, select_prototypes
+from hetmm.core.templates import build_pts, optics_labels, select_prototypes
 
 RESULTS = Path(__file__).parent / "results" / "pts.json"
 
