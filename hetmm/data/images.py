@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from hetmm.errors import DataError
 
@@ -28,6 +28,14 @@ MASK_THRESHOLD = 127  # mask pixels > 127 are defect; the rest (incl. anti-alias
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA"})
 SUPPORTED_MODES = frozenset({"1", "L", "P", "RGB", "CMYK", "YCbCr"}) | SIXTEEN_BIT_MODES | ALPHA_MODES
+# EXIF orientation -> the transposition that makes the stored pixels upright: the table of
+# PIL.ImageOps.exif_transpose, applied without its re-writing of the EXIF block (which can fail on odd tags).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the stored grid by 90 degrees
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
@@ -87,22 +95,55 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         yield img
 
 
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1..8, 1 = as stored) still to apply after decoding, from the header only.
+
+    The base :meth:`Image.Image.getexif` is called on purpose: PNG's override decodes the pixels to look for an
+    eXIf chunk after the image data. Pillow turns a TIFF upright itself while decoding (its header size is upright
+    already), so a TIFF has nothing left to apply. A corrupt EXIF block counts as no orientation.
+    """
+    if img.format == "TIFF":
+        return 1
+    try:
+        with warnings.catch_warnings():  # Pillow warns about corrupt EXIF; it then holds no orientation
+            warnings.simplefilter("ignore", UserWarning)
+            value = Image.Image.getexif(img).get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright_size(img: Image.Image, orientation: int) -> tuple[int, int]:
+    width, height = img.size
+    return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
+
+
 def _decoded(path: Path) -> Image.Image:
-    """Fully decoded image in its stored mode; truncated or corrupt data raise DataError."""
+    """Fully decoded image in its stored mode, turned upright by its EXIF orientation; truncated or corrupt data
+    raise DataError, and so does a decoded size that differs from the header's (:func:`image_facts`)."""
     with _opened(path) as img, _strict_decoding():
+        orientation = _orientation(img)
+        size = _upright_size(img, orientation)
         try:
             img.load()
         except _DECODE_ERRORS as exc:
             raise DataError(
                 f"{path}: image data is truncated or corrupt ({exc}); copy or download the file again"
             ) from None
-        return img
+        upright = img.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else img
+    if upright.size != size:  # e.g. Pillow 13 on an uncompressed TIFF turned by 90 degrees: scrambled pixels
+        raise DataError(
+            f"{path}: decodes as {upright.size[0]}x{upright.size[1]} but its header says {size[0]}x{size[1]} "
+            "(EXIF orientation not applied cleanly); save the image upright without an orientation tag, e.g. as PNG"
+        )
+    return upright
 
 
 def image_facts(path: str | Path) -> tuple[int, int, str]:
-    """``(width, height, mode)`` from the header only (no pixel decoding)."""
+    """``(width, height, mode)`` from the header only (no pixel decoding); width and height are those of the
+    upright image, after EXIF orientation, as :func:`load_image` returns it."""
     with _opened(Path(path)) as img:
-        return img.size[0], img.size[1], img.mode
+        return (*_upright_size(img, _orientation(img)), img.mode)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -147,8 +188,9 @@ def load_image(path: str | Path, *, mode: Literal["RGB", "L"] = "RGB") -> Image.
     Conversions: grayscale is replicated to three channels; 16-bit images (``I;16*``, ``I``) are
     mapped by ``v / 257`` (full 16-bit range to 0..255, values clipped to 0..65535); palette
     images are expanded; alpha (RGBA, LA, PA, palette transparency) is composited on black, so
-    fully transparent pixels become black; CMYK and YCbCr use Pillow's conversion. EXIF
-    orientation is ignored on purpose: masks are drawn on the stored pixel grid.
+    fully transparent pixels become black; CMYK and YCbCr use Pillow's conversion. The EXIF
+    orientation tag is applied (the image comes out upright, as a viewer shows it), to images and
+    masks alike, so a mask drawn on the upright image lines up with it.
 
     Raises DataError for a missing, empty, non-image, truncated or corrupt file and for absurd sizes.
     """
@@ -159,8 +201,8 @@ def load_image(path: str | Path, *, mode: Literal["RGB", "L"] = "RGB") -> Image.
 
 
 def read_mask_levels(path: str | Path) -> np.ndarray:
-    """Mask as ``uint8 [H, W]`` grey levels; a colour mask uses its brightest channel per pixel,
-    so a red or green annotation counts as foreground."""
+    """Mask as ``uint8 [H, W]`` grey levels, EXIF orientation applied; a colour mask uses its brightest
+    channel per pixel, so a red or green annotation counts as foreground."""
     levels = np.asarray(_to_8bit(_decoded(Path(path))))
     return levels.max(axis=-1) if levels.ndim == 3 else levels
 

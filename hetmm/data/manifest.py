@@ -5,6 +5,8 @@ Only image headers are read here (:func:`hetmm.data.images.image_facts`); full d
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +24,11 @@ MANIFEST_COLUMNS = (
 )
 TEXT_COLUMNS = tuple(c for c in MANIFEST_COLUMNS if c not in ("width", "height"))
 HASH_COLUMNS = ("path", "sha256", "split", "label", "subset")
+# Image formats a camera or converter may write that are not read: refused, so they never silently drop out.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({
+    ".webp", ".gif", ".jp2", ".j2k", ".jpe", ".jfif", ".heic", ".heif", ".avif",
+    ".pgm", ".ppm", ".pbm", ".pnm", ".tga", ".ico", ".exr", ".dng",
+})
 
 Split = Literal["train", "test"]
 Label = Literal["good", "defect"]
@@ -55,19 +62,56 @@ class Sample:
     subset: Subset
 
 
+def _check_link(path: Path) -> None:
+    """Refuse a symbolic link that leads nowhere: ``is_file()`` and ``is_dir()`` are False for it, so it
+    would otherwise vanish from the data set without a word."""
+    if not path.is_symlink():
+        return
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: broken symbolic link to {os.readlink(path)} (the target does not exist); "
+                        "restore the target or remove the link") from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise DataError(f"{path}: cannot follow the symbolic link to {os.readlink(path)} ({exc.strerror}); "
+                            "fix the link or replace it with the file") from None
+        raise DataError(f"{path}: symbolic link loop (it points at {os.readlink(path)}, which leads back to it); "
+                        "restore the target or remove the link") from None
+
+
+def _entries(folder: Path) -> list[Path]:
+    """Visible entries of ``folder`` (none if it is missing); ``folder`` itself may not be a broken link."""
+    _check_link(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    images = []
+    for p in _entries(folder):
+        suffix = p.suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS and suffix not in UNSUPPORTED_IMAGE_EXTENSIONS:
+            continue
+        _check_link(p)
+        if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+            raise DataError(f"{p}: {suffix} images are not read (supported: png/jpg/jpeg/bmp/tif/tiff); "
+                            "convert it to PNG or remove it")
+        if not p.is_file():
+            raise DataError(f"{p}: is a folder (or other non-file) with an image name; rename or remove it")
+        images.append(p)
+    return images
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _subfolders(folder: Path, images_go: str) -> list[Path]:
+    """Subfolders of ``train/`` or ``test/``; an image lying directly in it is refused (it would go unused)."""
+    entries = _entries(folder)
+    for entry in entries:  # a broken link here may have been a whole folder of images
+        _check_link(entry)
+        if entry.suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
+            raise DataError(f"{entry}: image directly in {folder.name}/ is not used; move it into {images_go}")
+    return [p for p in entries if p.is_dir()]
 
 
 def mask_candidates(root: Path, defect_type: str, image: Path) -> tuple[Path, Path]:
@@ -78,9 +122,14 @@ def mask_candidates(root: Path, defect_type: str, image: Path) -> tuple[Path, Pa
 
 def _find_mask(root: Path, defect_type: str, image: Path) -> Path:
     candidates = mask_candidates(root, defect_type, image)
+    _check_link(candidates[0].parent)
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+        _check_link(candidate)
+    found = [candidate for candidate in candidates if candidate.is_file()]
+    if len(found) > 1:
+        raise DataError(f"{image}: two masks, {found[0]} and {found[1].name}; keep the right one, remove the other")
+    if found:
+        return found[0]
     raise DataError(
         f"{image}: defect image has no mask; looked for {candidates[0].name} and {candidates[1].name} "
         f"in {candidates[0].parent}; add the mask (white = defect) or move the image to test/good/"
@@ -89,7 +138,7 @@ def _find_mask(root: Path, defect_type: str, image: Path) -> Path:
 
 def _train_refs(root: Path) -> list[SampleRef]:
     train = root / "train"
-    for folder in _subfolders(train):
+    for folder in _subfolders(train, "train/good/"):
         if folder.name != "good":
             raise DataError(
                 f"{folder}: the training folder may only hold good/ (templates are defect-free); "
@@ -117,14 +166,17 @@ def discover_mvtec(root: str | Path) -> list[SampleRef]:
 
     Layout: ``train/good/*``, ``test/<type>/*``, ``ground_truth/<type>/<name>_mask.png`` or
     ``<name>.png``. Image extensions png/jpg/jpeg/bmp/tif/tiff in any case; hidden and
-    other files are ignored.
+    other files are ignored. Refused with a DataError, so that no image silently drops out: a broken
+    or looping symbolic link to an image, mask or folder, a folder with an image name and an image
+    in a format that is not read (:data:`UNSUPPORTED_IMAGE_EXTENSIONS`).
     """
     root = Path(root)
+    _check_link(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; expected train/good/, test/<type>/, ground_truth/<type>/")
     refs = _train_refs(root)
     n_train = len(refs)
-    for folder in _subfolders(root / "test"):
+    for folder in _subfolders(root / "test", "test/good/ or test/<defect type>/"):
         for image in _image_files(folder):
             mask = None if folder.name == "good" else _find_mask(root, folder.name, image)
             refs.append(_ref(root, image, "test", folder.name, mask))

@@ -160,6 +160,10 @@ def _check_mask(mask_rel: str, image_file: Path, root: Path, size: tuple[int, in
             f"is {size[0]}x{size[1]}; re-export the mask at the image size"
         )
         return
+    if levels.max() == 1:  # a 0/1 label image: thresholded at > 127 it would be silently empty
+        checks.failures.append(f"{mask_file}: mask holds only the levels 0 and 1 (a label image); "
+                               "save defect pixels as 255 (white), e.g. multiply the mask by 255")
+        return
     fraction = float(np.mean((levels > 0) & (levels < 255)))
     if fraction > 0:
         checks.nonbinary[mask_rel] = round(fraction, 6)
@@ -307,7 +311,7 @@ def validate(
     """Check the manifest (great-expectations) and every image and mask under ``root``.
 
     Failures (named files): manifest rule violations, duplicates, undecodable or changed images,
-    unreadable masks, masks of the wrong size or not binary. Warnings: empty defect masks and
+    unreadable masks, masks of the wrong size, not binary or 0/1 label images. Warnings: empty defect masks and
     anti-aliased masks. Writes ``out_json`` (GX result dict plus ours) and ``out_html``.
     """
     started = time.perf_counter()
