@@ -13,6 +13,8 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from hetmm.pipeline import STAGES
+
 app = typer.Typer(help="Training-free defect inspection (HETMM) as a per-product-line pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -66,7 +68,6 @@ def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, dev
     from hetmm.config import load_params
     from hetmm.pipeline import stage
     from hetmm.pipeline.line import StageRun
-
     from hetmm.pipeline.lock import line_lock
 
     ctx = StageRun.for_line(load_params(params), line, root, device, progress=not quiet)
@@ -87,7 +88,7 @@ def _stage_command(name: str) -> None:
     app.command(name)(_friendly(command))
 
 
-for _name in STAGE_HELP:
+for _name in STAGES:
     _stage_command(_name)
 
 
@@ -96,7 +97,7 @@ for _name in STAGE_HELP:
 def run(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
         device: DeviceOpt = None, quiet: QuietOpt = False):
     """All stages in order without DVC (DVC users run `dvc repro`)."""
-    _show(_run_stages(tuple(STAGE_HELP), line, params, root, device, quiet))
+    _show(_run_stages(STAGES, line, params, root, device, quiet))
 
 
 @app.command()
