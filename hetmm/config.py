@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import types
 import typing
@@ -119,6 +120,9 @@ class ProductLine:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
+MAX_IMAGE_SIDE = 4096  # larger inputs are tiled first: one 8k x 8k feature pass would not fit in memory
+MAX_BATCH = 1024
+
 # A product-line name becomes a folder name, a DVC stage suffix and a command argument: letters, digits, '-' and
 # '_' only, never starting with '-' (an option) and never '.' or '..' (a path).
 LINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -222,10 +226,10 @@ def validate_line(line: ProductLine, key: str) -> None:
     f, m, t, p, d = line.features, line.matching, line.templates, line.post, line.data
     if not f.layers or any(layer not in (1, 2, 3) for layer in f.layers) or len(set(f.layers)) != len(f.layers):
         raise ConfigError(f"{key}.features.layers: use distinct layers among 1, 2, 3 (got {list(f.layers)})")
-    if any(s < 32 or s % 16 for s in f.image_size):
-        raise ConfigError(f"{key}.features.image_size: each side must be a multiple of 16 and >= 32")
-    if f.batch_size < 1:
-        raise ConfigError(f"{key}.features.batch_size: must be >= 1")
+    if any(s < 32 or s % 16 or s > MAX_IMAGE_SIDE for s in f.image_size):
+        raise ConfigError(f"{key}.features.image_size: each side must be a multiple of 16 in 32..{MAX_IMAGE_SIDE}")
+    if not 1 <= f.batch_size <= MAX_BATCH:
+        raise ConfigError(f"{key}.features.batch_size: must be in 1..{MAX_BATCH}")
     if f.pool < 1 or f.pool % 2 == 0:
         raise ConfigError(f"{key}.features.pool: the feature pooling window is an odd size >= 1 (1 = off), got {f.pool}")
     n = len(f.layers)
@@ -244,15 +248,20 @@ def validate_line(line: ProductLine, key: str) -> None:
             raise ConfigError(f"{key}.matching.alphas[{i}]: alpha weights the forward map and lies in [0, 1]")
     if t.size < 1:
         raise ConfigError(f"{key}.templates.size: must be >= 1")
-    if p.blur_sigma < 0:
-        raise ConfigError(f"{key}.post.blur_sigma: must be >= 0 (0 turns the blur off)")
-    if p.blur_kernel is not None and (p.blur_kernel < 1 or p.blur_kernel % 2 == 0):
-        raise ConfigError(f"{key}.post.blur_kernel: must be an odd size >= 1")
+    side = max(f.image_size)
+    if not 0 <= p.blur_sigma <= side:
+        raise ConfigError(f"{key}.post.blur_sigma: must be in 0..{side} (the map side; 0 turns the blur off)")
+    if p.blur_kernel is not None and (p.blur_kernel < 1 or p.blur_kernel % 2 == 0 or p.blur_kernel > 2 * side + 1):
+        raise ConfigError(f"{key}.post.blur_kernel: must be an odd size in 1..{2 * side + 1}")
     if p.image_score == "block_mean" and not p.block:
         raise ConfigError(f"{key}.post.block: image_score block_mean needs a block size")
     if p.block is not None and not 1 <= p.block <= min(f.image_size):
         raise ConfigError(f"{key}.post.block: the block must fit the map ({min(f.image_size)} px), got {p.block}")
     rule, value = line.threshold.rule, line.threshold.value
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{key}.threshold.value: must be a finite number, got {value}")
+    if d.limit is not None and d.limit < 1:
+        raise ConfigError(f"{key}.data.limit: must be >= 1 (or absent for every image)")
     if rule == "normal_quantile" and (value is None or not 0.0 < value <= 1.0):
         raise ConfigError(f"{key}.threshold.value: normal_quantile needs a quantile in (0, 1]")
     if rule == "manual" and value is None:

@@ -31,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mtd_sweep as S  # noqa: E402
 
+from hetmm.core.device import resolve_device  # noqa: E402
+from hetmm.core.metrics import image_auroc, pixel_auroc  # noqa: E402
+from hetmm.core.scoring import gaussian_blur  # noqa: E402
+
 SIZE = 320
 FROZEN = S.Combo(layers=(2, 3), kf=(5, 3), kb=(3, 3), alphas=(0.5, 0.5), weights=(1.0, 1.0), sigma=0.0)
 BASE = dict(backbone="efficientnet_lite1", image_size=320, normalisation="image", blocks="last", pool=3,
@@ -48,14 +52,15 @@ ENSEMBLES = [("lite1", "lite0"), ("lite1", "lite2"), ("lite0", "lite1", "lite2")
 
 
 def blur(maps: torch.Tensor, sigma: float, border: str) -> torch.Tensor:
-    """[B, H, W] Gaussian blur, kernel 2*ceil(4σ)+1; ``border``: zero | renormalised | replicate | reflect."""
+    """[B, H, W] ``hetmm.core.scoring.gaussian_blur`` (kernel 2*ceil(4σ)+1) with another border handling:
+    ``border``: zero (the official zero padding) | renormalised | replicate | reflect."""
     if border == "zero":
-        return S.gaussian_blur(maps, sigma)
+        return gaussian_blur(maps, sigma)
     if border == "renormalised":
-        return S.gaussian_blur(maps, sigma) / S.gaussian_blur(torch.ones_like(maps[:1]), sigma)
+        return gaussian_blur(maps, sigma) / gaussian_blur(torch.ones_like(maps[:1]), sigma)
     half = math.ceil(4 * sigma)
     padded = F.pad(maps[:, None], (half,) * 4, mode=border)[:, 0]
-    return S.gaussian_blur(padded, sigma)[:, half:-half, half:-half]
+    return gaussian_blur(padded, sigma)[:, half:-half, half:-half]
 
 
 def unblurred_maps(data: S.Data, name: str, device: torch.device, weights: str | None,
@@ -83,9 +88,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="research/results/6_plateau.json")
     ap.add_argument("--weights", default=None, help="directory of trimmed Lite weights (mtd_sweep --export-weights)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--limit-train", type=int, default=None, help="random subset of the templates (smoke runs)")
+    ap.add_argument("--limit-dev", type=int, default=None, help="random subset of the dev images (smoke runs)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = S.load_data(args.data)
+    device = resolve_device(args.device)
+    data = S.load_data(args.data, args.limit_train, args.limit_dev)
     masks = S.masks_at(data, (SIZE, SIZE)).to(device)
     # the two near-identical pictures of one tile that hold most of the frozen profile's dev error
     hard = [i for i, stem in enumerate(data.stems) if stem in ("exp3_num_853", "exp0_num_797")]
@@ -94,8 +101,8 @@ def main(argv=None) -> None:
 
     def record(variant: str, maps: torch.Tensor) -> None:
         scores = maps.flatten(1).amax(1).cpu()
-        row = {"variant": variant, "image_auroc": S.image_auroc_np(scores, data.labels),
-               "pixel_auroc": S.auroc(maps.flatten(), masks.flatten()),
+        row = {"variant": variant, "image_auroc": image_auroc(scores, data.labels),
+               "pixel_auroc": pixel_auroc(maps, masks),
                "good_images_above_hard_pair": [int((scores[good] >= scores[i]).sum()) for i in hard]}
         rows.append(row)
         S.log(f"{variant:42s} image {row['image_auroc']:.2f} pixel {row['pixel_auroc']:.2f} "

@@ -2,7 +2,7 @@
 """MTD dev-split exploration for HETMM with offline EfficientNet-Lite backbones (issue 5).
 
 Runs on CPU or CUDA. It only ever reads the ``train`` stems (templates) and the ``dev`` half of the
-committed split (``hetmm.splits.load_mtd_split``); the ``holdout`` half is never opened.
+committed split (``hetmm.data.splits.load_mtd_split``); the ``holdout`` half is never opened.
 
 Why a separate script and not the pipeline: a sweep over hundreds of matching settings must not
 re-match for every setting. For each feature setting and template set we compute, once per layer,
@@ -14,15 +14,16 @@ from which every window size k <= 2D+1 follows by max-reductions (spec §4.5):
 
     forward  F_k(p) = max_{δ∈W_k} M_δ(p)          backward B_k(p) = max_{δ∈W_k} M_δ(p-δ)
 
-Fusion, blur, image score and metrics follow the pipeline's semantics (``hetmm.inspector``):
-per layer ``α·Up(1-F) + (1-α)·Up(1-B)`` with bilinear ``align_corners=True`` upsampling to the
-image size, λ-weighted sum, ``resize: pad`` maps cropped to the content box and stretched back,
-Gaussian blur (zero padding, kernel 2·ceil(4σ)+1), image score = max (or block mean); masks are
-resized bilinearly to the image size and thresholded at 0.5.
+Everything after the offset table is the package's code: the matching modes (``match_plan``), layer
+fusion (``fuse_layers``), blur (``gaussian_blur``) and image scores (``image_scores``) from
+``hetmm.core.scoring``, ``resize: pad`` geometry from ``hetmm.core.inspector.restore_geometry``, image
+AUROC and AU-PRO from ``hetmm.core.metrics``, images and masks read by ``hetmm.data.images``; masks are
+resized bilinearly to the model resolution and thresholded at 0.5, as in ``hetmm.pipeline.evaluation``.
+Pixel AUROC is the one metric computed here, on the maps' device (see :func:`device_auroc`).
 
 PTS on the device is an *approximation* (``pts_approx``): per pixel, the global medoid, then the
 official hard-normal greedy step (argmin of summed cosine to the selected set). The real PTS
-(OPTICS clusters first) comes from ``hetmm.templates``.
+(OPTICS clusters first) comes from ``hetmm.core.templates``.
 
 Usage (see research/README.md for the plans and the results)::
 
@@ -53,8 +54,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hetmm.config import FeatureConfig  # noqa: E402
-from hetmm.features import FeatureExtractor, content_box  # noqa: E402
-from hetmm.splits import load_mtd_split  # noqa: E402
+from hetmm.core.device import resolve_device  # noqa: E402
+from hetmm.core.features import FeatureExtractor, content_box  # noqa: E402
+from hetmm.core.inspector import restore_geometry  # noqa: E402
+from hetmm.core.matching import nearest_patch  # noqa: E402
+from hetmm.core.metrics import UndefinedMetricError, aupro, image_auroc, pixel_auroc  # noqa: E402
+from hetmm.core.scoring import fuse_layers, gaussian_blur, image_scores, match_plan  # noqa: E402
+from hetmm.data.images import load_image, load_mask  # noqa: E402
+from hetmm.data.splits import load_mtd_split  # noqa: E402
 
 CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
 T0 = time.time()
@@ -90,26 +97,19 @@ def load_data(root: str | Path, limit_train: int | None = None, limit_dev: int |
     if limit_dev:
         dev = sorted(rng.sample(dev, limit_dev))
 
-    def rgb(path: Path) -> Image.Image:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-
-    train = [rgb(root / "MT_Free" / "Imgs" / f"{s}.jpg") for s in train_stems]
+    train = [load_image(root / "MT_Free" / "Imgs" / f"{s}.jpg") for s in train_stems]
     imgs, masks = [], []
     for cls, stem in dev:
-        imgs.append(rgb(root / cls / "Imgs" / f"{stem}.jpg"))
+        imgs.append(load_image(root / cls / "Imgs" / f"{stem}.jpg"))
         mpath = root / cls / "Imgs" / f"{stem}.png"
-        if mpath.is_file():
-            with Image.open(mpath) as m:
-                masks.append(np.asarray(m.convert("L")) > 127)
-        else:
-            masks.append(np.zeros(imgs[-1].size[::-1], bool))
+        masks.append(load_mask(mpath, imgs[-1].size) if mpath.is_file() else np.zeros(imgs[-1].size[::-1], bool))
     labels = np.array([cls != "MT_Free" for cls, _ in dev])
     return Data(train, imgs, labels, [c for c, _ in dev], [s for _, s in dev], masks)
 
 
 def masks_at(data: Data, size: tuple[int, int]) -> torch.Tensor:
-    """GT masks at the model resolution (pipeline.gt_masks: bilinear resize, >= 0.5): [B, H, W] bool."""
+    """GT masks at the model resolution [B, H, W] bool, resized as ``hetmm.pipeline.evaluation.gt_masks`` does
+    (bilinear, >= 0.5) but from the masks already in memory."""
     h, w = size
     out = np.zeros((len(data.masks), h, w), bool)
     for i, m in enumerate(data.masks):
@@ -123,7 +123,7 @@ def masks_at(data: Data, size: tuple[int, int]) -> torch.Tensor:
 
 def export_weights(out_dir: str | Path) -> None:
     """Trimmed state dicts (stem + blocks up to stride 16) of Lite0/1/2: exact features, ~4 MB each."""
-    from hetmm.backbones import build_backbone
+    from hetmm.core.backbones import build_backbone
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def backbone(name: str, blocks: str, weights_dir: str | None):
         if weights_dir:
             from efficientnet_lite_pytorch import EfficientNet
 
-            from hetmm.backbones import EfficientNetLiteFeatures
+            from hetmm.core.backbones import EfficientNetLiteFeatures
 
             net = EfficientNet.from_name(name.replace("_", "-"))
             bb = EfficientNetLiteFeatures(net, name, blocks)
@@ -151,7 +151,7 @@ def backbone(name: str, blocks: str, weights_dir: str | None):
             for p in bb.parameters():
                 p.requires_grad_(False)
         else:
-            from hetmm.backbones import build_backbone
+            from hetmm.core.backbones import build_backbone
 
             bb = build_backbone(name, blocks=blocks)
         _BACKBONES[key] = bb
@@ -225,19 +225,6 @@ def backward_sim(table: torch.Tensor, d: int, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nearest_patch_sim(query: torch.Tensor, templates: torch.Tensor, budget: int = 1 << 30) -> torch.Tensor:
-    """PatchCore-like: max similarity to any template vector at any position: [B, H, W]."""
-    b, c, h, w = query.shape
-    mem = templates.permute(1, 0, 2, 3).reshape(c, -1).half()
-    q = query.permute(0, 2, 3, 1).reshape(-1, c).half()
-    best = torch.full((q.shape[0],), -2.0, device=query.device)
-    rows = max(1024, budget // mem.shape[1])
-    for s in range(0, q.shape[0], rows):
-        best[s:s + rows] = (q[s:s + rows] @ mem).amax(1).float()
-    return best.view(b, h, w)
-
-
-@torch.no_grad()
 def pts_approx(templates: torch.Tensor, k: int) -> torch.Tensor:
     """Per-pixel K sheets: global medoid, then greedy argmin of summed cosine to the selected set.
 
@@ -270,13 +257,14 @@ class Matched:
 
     tables: dict[int, torch.Tensor]  # layer -> [(2D+1)², B, H, W] similarities
     d: dict[int, int]  # layer -> D (largest window 2D+1)
-    patch: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> nearest-patch similarity
+    patch: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> nearest-patch distance [B, H, W]
 
-    def sims(self, layer: int, kf: int, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def distances(self, layer: int, kf: int, kb: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Forward and backward distances ``1 - F_kf``, ``1 - B_kb`` [B, H, W]; a window of 0 gives None."""
         t, d = self.tables[layer], self.d[layer]
         if max(kf, kb) > 2 * d + 1:
             raise ValueError(f"layer {layer}: window {max(kf, kb)} > table size {2 * d + 1}")
-        return forward_sim(t, d, kf), backward_sim(t, d, kb)
+        return (1 - forward_sim(t, d, kf) if kf else None), (1 - backward_sim(t, d, kb) if kb else None)
 
 
 def match_all(query: list[torch.Tensor], templates: list[torch.Tensor], layers=(1, 2, 3), d=3,
@@ -287,7 +275,7 @@ def match_all(query: list[torch.Tensor], templates: list[torch.Tensor], layers=(
     for layer in layers:
         tables[layer] = offset_table(query[layer - 1], templates[layer - 1], ds[layer])
         if patch:
-            pt[layer] = nearest_patch_sim(query[layer - 1], templates[layer - 1])
+            pt[layer] = nearest_patch(query[layer - 1], templates[layer - 1])
     return Matched(tables, ds, pt)
 
 
@@ -309,61 +297,49 @@ class Combo:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """[B, H, W], separable, kernel 2*ceil(4σ)+1, zero padding (the official blur)."""
-    if sigma <= 0:
-        return maps
-    size = 2 * math.ceil(4 * sigma) + 1
-    x = torch.arange(size, device=maps.device, dtype=torch.float32) - size // 2
-    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    m = maps[:, None]
-    m = F.conv2d(m, g.view(1, 1, 1, -1), padding=(0, size // 2))
-    m = F.conv2d(m, g.view(1, 1, -1, 1), padding=(size // 2, 0))
-    return m[:, 0]
-
-
-def restore_geometry(maps: torch.Tensor, boxes) -> torch.Tensor:
-    """As hetmm.inspector.restore_geometry: crop the content box and stretch back (align_corners=True)."""
-    h, w = maps.shape[-2:]
-    out = maps.clone()
-    for i, (top, left, bh, bw) in enumerate(boxes):
-        if (bh, bw) != (h, w):
-            out[i] = F.interpolate(maps[i:i + 1, None, top:top + bh, left:left + bw], size=(h, w),
-                                   mode="bilinear", align_corners=True)[0, 0]
-    return out
-
-
 def fuse(m: Matched, combo: Combo, size: tuple[int, int], boxes=None) -> torch.Tensor:
-    """Fused, geometry-restored, blurred anomaly maps [B, H, W] at the image size."""
-    total = None
-    for j, layer in enumerate(combo.layers):
-        if combo.mode == "patch":
-            layer_map = 1 - m.patch[layer]
+    """Fused, geometry-restored, blurred anomaly maps [B, H, W] at the image size.
+
+    The modes, fusion, restore and blur are the package's (``match_plan``, ``fuse_layers``,
+    ``restore_geometry``, ``gaussian_blur``); only the distances come from the offset tables.
+    """
+    forward, backward, alphas, weights = [], [], [], []
+    for step in match_plan(combo.kf, combo.kb, combo.alphas, combo.weights, combo.mode):
+        layer = combo.layers[step.layer]
+        if step.patch:
+            fwd, bwd = m.patch[layer], None
         else:
-            kf, kb = (1, 1) if combo.mode == "pixel" else (combo.kf[j], combo.kb[j])
-            alpha = {"forward": 1.0, "backward": 0.0}.get(combo.mode, combo.alphas[j])
-            fs, bs = m.sims(layer, kf, kb)
-            layer_map = alpha * (1 - fs) + (1 - alpha) * (1 - bs)
-        up = F.interpolate(layer_map[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
-        total = combo.weights[j] * up if total is None else total + combo.weights[j] * up
+            fwd, bwd = m.distances(layer, step.forward_window, step.backward_window)
+        forward.append(fwd)
+        backward.append(bwd)
+        alphas.append(step.alpha)
+        weights.append(step.weight)
+    total = fuse_layers(forward, backward, alphas, weights, size)
     if boxes is not None:
         total = restore_geometry(total, boxes)
     return gaussian_blur(total, combo.sigma)
 
 
-def image_scores(maps: torch.Tensor, rule: str) -> torch.Tensor:
-    if rule == "max":
-        return maps.flatten(1).amax(1)
-    k = int(rule[len("block"):])
-    return F.max_pool2d(maps[:, None], k, stride=k).flatten(1).mean(1)
+def score_images(maps: torch.Tensor, rule: str) -> torch.Tensor:
+    """Image scores [B] for a ``Combo.score``: ``max`` or ``block<k>`` (the package's ``block_mean`` with block k)."""
+    if rule.startswith("block"):
+        return image_scores(maps, "block_mean", int(rule[len("block"):]))
+    return image_scores(maps, rule)
 
 
-# --------------------------------------------------------------------------- metrics (GPU-friendly)
+# --------------------------------------------------------------------------- metrics
 
 
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Exact binary AUROC in percent (ties count 1/2), any device."""
+def device_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact pooled AUROC in percent (ties count 1/2) of any shape, NaN where undefined (one class only).
+
+    On the CPU this is ``hetmm.core.metrics.pixel_auroc``. On an accelerator it is the same Mann-Whitney
+    count with the sort kept on the device, because the package's metric is numpy on the CPU: about 2 s
+    per call for 294 maps of 320² (2 cores), and one setting's naive, paper, grid and search evaluations
+    call it ~125 times, while the recorded GPU sweeps took 4-18 s per setting (results/1_explore.json).
+    """
+    if scores.device.type == "cpu":
+        return defined(pixel_auroc, scores.reshape(1, 1, -1), labels.reshape(1, 1, -1))
     scores = scores.flatten().float()
     labels = labels.flatten().bool()
     n_pos = int(labels.sum())
@@ -377,75 +353,45 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((lo + hi) / (2.0 * n_pos * n_neg)) * 100.0
 
 
-def image_auroc_np(scores: torch.Tensor, labels: np.ndarray) -> float:
-    return auroc(scores.cpu(), torch.from_numpy(labels))
-
-
-_REGION_CACHE: dict = {}
-
-
-def aupro_fast(maps: torch.Tensor, masks: torch.Tensor, limit: float = 0.3, steps: int = 200) -> float:
-    """Standard AU-PRO (FPR <= limit, divided by limit) on a grid of ``steps`` FPR levels (approximate)."""
-    from skimage.measure import label
-
-    key = (masks.shape, int(masks.sum()))
-    if key not in _REGION_CACHE:
-        regs = np.zeros(masks.shape, np.int64)
-        offset = 0
-        for i, g in enumerate(masks.cpu().numpy()):
-            lab, n = label(g, connectivity=2, return_num=True)
-            regs[i][lab > 0] = lab[lab > 0] + offset
-            offset += n
-        _REGION_CACHE[key] = (torch.from_numpy(regs), offset)
-    regs, n_regions = _REGION_CACHE[key]
-    regs = regs.to(maps.device)
-    gt = masks.to(maps.device)
-    neg = torch.sort(maps[~gt]).values
-    fprs = torch.linspace(0, limit, steps + 1, device=maps.device)
-    idx = ((1 - fprs) * (neg.numel() - 1)).round().long().clamp(0, neg.numel() - 1)
-    thr = neg[idx]  # FPR(t) ~ fprs
-    pos = maps[gt]
-    rid = regs[gt] - 1
-    sizes = torch.bincount(rid, minlength=n_regions).float()
-    pros = []
-    for t in thr:
-        hit = torch.bincount(rid, weights=(pos > t).float(), minlength=n_regions)
-        pros.append((hit / sizes).mean())
-    pro = torch.stack(pros)
-    return float(torch.trapezoid(pro, fprs) / limit) * 100.0
+def defined(metric, *args) -> float:
+    """A ``hetmm.core.metrics`` metric (percent), NaN where it is undefined (e.g. one class only)."""
+    try:
+        return metric(*args)
+    except UndefinedMetricError:
+        return float("nan")
 
 
 def pixel_report(maps: torch.Tensor, masks: torch.Tensor, data: Data, full: bool = False) -> dict:
     """Pixel AUROC pooled, and (full) the diagnostics: per class, per image, normalised, border."""
     gt = masks.to(maps.device)
-    out = {"pixel_auroc": auroc(maps, gt)}
+    out = {"pixel_auroc": device_auroc(maps, gt)}
     if not full:
         return out
-    out["aupro"] = aupro_fast(maps, masks)
+    out["aupro"] = defined(aupro, maps, masks)
     classes = np.array(data.classes)
     good = torch.from_numpy(classes == "MT_Free")
     per_class = {}
     for cls in CLASSES:
         keep = torch.from_numpy(classes == cls) | good
-        per_class[cls] = auroc(maps[keep.to(maps.device)], gt[keep.to(maps.device)])
+        per_class[cls] = device_auroc(maps[keep.to(maps.device)], gt[keep.to(maps.device)])
     out["pixel_auroc_per_class"] = per_class
     keep = torch.from_numpy(classes != "MT_Uneven").to(maps.device)
-    out["pixel_auroc_without_uneven"] = auroc(maps[keep], gt[keep])
+    out["pixel_auroc_without_uneven"] = device_auroc(maps[keep], gt[keep])
     keep2 = torch.from_numpy(~np.isin(classes, ["MT_Uneven", "MT_Fray"])).to(maps.device)
-    out["pixel_auroc_without_uneven_fray"] = auroc(maps[keep2], gt[keep2])
+    out["pixel_auroc_without_uneven_fray"] = device_auroc(maps[keep2], gt[keep2])
     # localisation inside each defective image, independent of cross-image calibration
     per_img = {}
     for i in range(len(classes)):
         g = gt[i]
         if 0 < int(g.sum()) < g.numel():
-            per_img.setdefault(classes[i], []).append(auroc(maps[i], g))
+            per_img.setdefault(classes[i], []).append(device_auroc(maps[i], g))
     out["per_image_auroc_mean"] = {c: float(np.mean(v)) for c, v in per_img.items()}
     out["per_image_auroc_mean_all"] = float(np.mean([x for v in per_img.values() for x in v]))
     # cross-image calibration: subtract each map's median (a per-image offset)
     med = maps.flatten(1).median(1).values[:, None, None]
-    out["pixel_auroc_median_normalised"] = auroc(maps - med, gt)
+    out["pixel_auroc_median_normalised"] = device_auroc(maps - med, gt)
     z = (maps - med) / (maps.flatten(1).std(1)[:, None, None] + 1e-6)
-    out["pixel_auroc_z_normalised"] = auroc(z, gt)
+    out["pixel_auroc_z_normalised"] = device_auroc(z, gt)
     # border band: share of the top-1% normal pixels lying in the outer 1/16 of the map
     h, w = maps.shape[-2:]
     bh, bw = max(1, h // 16), max(1, w // 16)
@@ -458,9 +404,9 @@ def pixel_report(maps: torch.Tensor, masks: torch.Tensor, data: Data, full: bool
     out["border_share_of_pixels"] = float(border.float().mean())
     out["border_share_of_top1pct_normal"] = float((top & bmask).sum() / top.sum().clamp(min=1))
     inner = ~bmask
-    out["pixel_auroc_inner"] = auroc(maps[inner], gt[inner])
+    out["pixel_auroc_inner"] = device_auroc(maps[inner], gt[inner])
     # a misalignment bug for scale: the same maps against horizontally flipped masks
-    out["pixel_auroc_if_masks_flipped"] = auroc(maps, gt.flip(-1))
+    out["pixel_auroc_if_masks_flipped"] = device_auroc(maps, gt.flip(-1))
     return out
 
 
@@ -484,15 +430,14 @@ class Evaluator:
         maps = fuse(self.m, combo, self.size, self.boxes)
         out = {}
         for rule in dict.fromkeys([combo.score, "max"]):
-            s = image_scores(maps, rule)
-            out["image_auroc" if rule == combo.score else f"image_auroc_{rule}"] = image_auroc_np(s, self.data.labels)
+            name = "image_auroc" if rule == combo.score else f"image_auroc_{rule}"
+            out[name] = defined(image_auroc, score_images(maps, rule), self.data.labels)
         labels = self.data.labels
         classes = np.array(self.data.classes)
-        s = image_scores(maps, combo.score).cpu()
+        s = score_images(maps, combo.score).cpu().numpy()
         if full:
             out["image_auroc_per_class"] = {
-                c: auroc(s[torch.from_numpy((classes == c) | ~labels)],
-                         torch.from_numpy(labels[(classes == c) | ~labels])) for c in CLASSES}
+                c: defined(image_auroc, s[(classes == c) | ~labels], labels[(classes == c) | ~labels]) for c in CLASSES}
         if pixel:
             out.update(pixel_report(maps, self.masks_dev, self.data, full=full))
         self.cache[key] = out
@@ -578,8 +523,7 @@ ROBUST_GRID = [Combo(layers=(2, 3), kf=(kf2, kf3), kb=(kb2, kb3), alphas=(0.5, 0
 class Runner:
     def __init__(self, args):
         self.args = args
-        self.device = torch.device(args.device if args.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(args.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -626,7 +570,7 @@ class Runner:
         if search:
             best, best_r, trail = local_search(ev, PAPER)
             rec["best"] = {"combo": best.as_dict(), **ev(best, full=True)}
-            rec["best"]["scores"] = image_scores(fuse(m, best, cfg.image_size, ev.boxes), best.score).cpu().tolist()
+            rec["best"]["scores"] = score_images(fuse(m, best, cfg.image_size, ev.boxes), best.score).cpu().tolist()
             rec["n_evaluated"] = len(trail)
         rec["seconds"] = round(time.time() - t, 1)
         self.results["settings"][key] = rec
@@ -749,7 +693,7 @@ class Runner:
                     r = ev(c)
                     res["neighbourhood"].append({"change": v, **r})
                 maps = fuse(m, combo, cfg.image_size, ev.boxes)
-                res["scores"] = image_scores(maps, combo.score).cpu().tolist()
+                res["scores"] = score_images(maps, combo.score).cpu().tolist()
                 res["stems"] = self.data.stems
                 res["classes"] = self.data.classes
                 if self.args.save_maps:  # 128 x 128 float16 copies for figures
@@ -763,8 +707,8 @@ class Runner:
 
 
 def pts_real(templates: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, dict]:
-    """The pipeline's PTS (``hetmm.templates``: exact batched OPTICS + medoids + hard normals)."""
-    from hetmm.templates import optics_labels, select_prototypes
+    """The pipeline's PTS (``hetmm.core.templates``: exact batched OPTICS + medoids + hard normals)."""
+    from hetmm.core.templates import optics_labels, select_prototypes
 
     t = time.time()
     labels = optics_labels(templates, k, chunk=chunk)

@@ -37,6 +37,15 @@ def test_repository_params_parse():
         (lambda r: r["product_lines"]["demo"]["threshold"].update(rule="manual"), "threshold.value"),
         (lambda r: r.update(devise="cpu"), "unknown top-level key(s) devise"),
         (lambda r: r["product_lines"]["demo"]["data"].update(source="folder"), "data.path"),
+        # settings that would exhaust memory or make every verdict false are refused before any work
+        (lambda r: r["product_lines"]["demo"]["features"].update(image_size=[8192, 8192]), "features.image_size"),
+        (lambda r: r["product_lines"]["demo"]["features"].update(batch_size=100000), "features.batch_size"),
+        (lambda r: r["product_lines"]["demo"]["post"].update(blur_sigma=1e9), "post.blur_sigma"),
+        (lambda r: r["product_lines"]["demo"]["post"].update(blur_kernel=100001), "post.blur_kernel"),
+        (lambda r: r["product_lines"]["demo"]["post"].update(image_score="block_mean", block=10**6), "post.block"),
+        (lambda r: r["product_lines"]["demo"]["threshold"].update(rule="manual", value=float("nan")),
+         "threshold.value: must be a finite number"),
+        (lambda r: r["product_lines"]["demo"]["data"].update(limit=0), "data.limit"),
     ],
 )
 def test_bad_params_name_the_key(mutate, key):

@@ -111,6 +111,14 @@ def test_match_layer_single_sheet_wide_batches_and_wide_windows(device, case, wi
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_huge_windows_equal_the_whole_map_window_without_a_huge_band(device):
+    query, templates, (want_f, want_b) = _case("B2N2small", 13, 13)  # 13 already covers the 5 x 6 map
+    forward, backward = match_layer(query.to(device), templates.to(device), 100_001, 99_999)
+    _assert_close(forward, want_f, 1e-6)
+    _assert_close(backward, want_b, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_border_is_truncated_not_zero_padded(device):
     # Every similarity is negative, so a zero-padded neighbour (similarity 0) would win at the border.
     g = torch.Generator().manual_seed(3)

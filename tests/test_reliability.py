@@ -165,3 +165,11 @@ def test_fewer_training_images_than_k_is_said(folder_src, tmp_path, capfd):
     out = run_stages(params, "line", root, ("download", "validate", "extract", "template"))
     assert out["template"]["note"] == ("PTS asked for K=10 sheets but the line has 4 training images: kept them all")
     assert "PTS asked for K=10 sheets" in capfd.readouterr().err
+
+
+def test_predict_names_a_broken_link(run_copy, tmp_path):
+    params, root, paths, src = run_copy
+    link = tmp_path / "part.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match=r"part\.png: broken symbolic link to .*gone\.png"):
+        predict_images(params.line("line"), paths, [link], tmp_path / "out", device="cpu", progress=False)

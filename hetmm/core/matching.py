@@ -78,11 +78,13 @@ def match_layer(
         return None, None
 
     dtype = _compute_dtype(templates)
-    # Half-widths; -1 marks a direction that is off.
-    d_f = forward_window // 2 if forward_window else -1
-    d_b = backward_window // 2 if backward_window else -1
-    d = max(d_f, d_b)
     b, _, h, w = query.shape
+    # Half-widths; -1 marks a direction that is off. Offsets beyond the map are always outside the grid, so a
+    # half-width above max(H, W) - 1 adds nothing: clamping keeps huge windows from allocating a huge band table.
+    reach = max(h, w) - 1
+    d_f = min(forward_window // 2, reach) if forward_window else -1
+    d_b = min(backward_window // 2, reach) if backward_window else -1
+    d = max(d_f, d_b)
     itemsize = torch.finfo(dtype).bits // 8
     group = max(1, _bytes(query.device, _BAND_BYTES) // ((2 * d + 1) ** 2 * h * w * itemsize))
 

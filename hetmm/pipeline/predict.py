@@ -38,6 +38,9 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
             found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         elif item.is_file():
             found.append(item)
+        elif item.is_symlink():
+            raise DataError(f"{item}: broken symbolic link to {item.readlink()} (the target does not exist); "
+                            "restore the target or give the image itself")
         else:
             raise DataError(f"{item}: no such file or folder")
     if not found:
