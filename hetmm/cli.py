@@ -45,8 +45,11 @@ def _context(params_path: Path, root: Path, line_name: str):
     from hetmm.config import load_params
     from hetmm.pipeline.line import LinePaths
 
+    from hetmm.pipeline.settings import effective_line
+
     params = load_params(params_path)
-    return params, params.line(line_name), LinePaths.for_line(line_name, root)
+    paths = LinePaths.for_line(line_name, root)
+    return params, effective_line(params.line(line_name), paths.settings), paths
 
 
 def _show(result: dict) -> None:
@@ -56,8 +59,10 @@ def _show(result: dict) -> None:
 STAGE_HELP = {
     "download": "Fetch the line's images (demo, folder, mvtec or mtd source) into data/<line>/ with a manifest.",
     "validate": "Check the manifest and every image and mask (great-expectations); fails naming the bad files.",
+    "tune": "Choose the settings params.yaml leaves open on good training images and synthetic defects.",
     "extract": "Compute features for images not yet in the per-image feature cache.",
     "template": "Build the ALL or PTS template, or hot-update the previous one with new good images.",
+    "calibrate": "Thresholds from held-out good training images and synthetic defects (no test labels).",
     "infer": "Score the test split: image scores and anomaly maps.",
     "report": "Metrics, threshold, curves, overlays, per-defect table and model card.",
 }
@@ -70,11 +75,12 @@ def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, dev
     from hetmm.pipeline.line import StageRun
     from hetmm.pipeline.lock import line_lock
 
-    ctx = StageRun.for_line(load_params(params), line, root, device, progress=not quiet)
+    loaded = load_params(params)
+    loaded.line(line)  # a bad name or entry fails before the lock is taken
     result: dict = {}
     with line_lock(root, line):
-        for name in names:
-            result = stage(name)(ctx)
+        for name in names:  # each stage's context is made when it starts: ``tune`` writes what the next ones read
+            result = stage(name)(StageRun.for_line(loaded, line, root, device, progress=not quiet, stage=name))
     return {k: v for k, v in result.items() if k != "subsets"}
 
 

@@ -92,12 +92,46 @@ class PostConfig:
     block: int | None = None  # block size for block_mean
 
 
+ThresholdRule = Literal["normal_fpr", "synthetic_f1", "f1_max", "normal_quantile", "manual"]
+# Rules that read the test labels: their threshold (and any figure at it) is an oracle, not a deployable choice.
+ORACLE_RULES = ("f1_max", "normal_quantile")
+
+
 @dataclass(frozen=True)
 class ThresholdConfig:
-    """How the deployed decision threshold on the image score is chosen."""
+    """How the deployed decision threshold on the image score is chosen.
 
-    rule: Literal["f1_max", "normal_quantile", "manual"] = "f1_max"
-    value: float | None = None  # quantile in (0,1] for normal_quantile; the threshold itself for manual
+    ``normal_fpr`` (default) and ``synthetic_f1`` come from the calibrate stage (held-out good training images and
+    synthetic defects on them), never from test labels; ``f1_max`` / ``normal_quantile`` read the test split (oracle
+    figures, the published protocol); ``manual`` is the value given.
+    """
+
+    rule: ThresholdRule = "normal_fpr"
+    # normal_fpr: the false-alarm rate allowed on validation normals (default 0.01); normal_quantile: the quantile
+    # of good test scores; manual: the threshold itself
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Label-free settings selection (``hetmm.pipeline.tune``) and the validation normals it shares with calibration.
+
+    The tuner chooses the keys in :data:`TUNABLE` that the line's ``params.yaml`` entry does not pin.
+    """
+
+    enabled: bool = True
+    budget_s: float = 600.0  # the search starts no new candidate after this many seconds of its own work
+    min_images_per_second: float = 0.5  # throughput floor: slower candidates (measured here) are not chosen
+    validation_share: float = 0.2  # share of the good training images held out as validation normals
+    max_validation: int = 20  # at most this many validation normals
+    max_templates: int = 40  # the search matches against at most this many training images
+    synthetic_per_image: int = 1  # synthetic defects per family and validation normal ...
+    min_synthetic: int = 60  # ... or more, until there are this many (a line with few normals still gets a stable score)
+    seed: int = 0
+
+    def per_image(self, normals: int, families: int) -> int:
+        """Synthetic defects per family and validation normal."""
+        return max(self.synthetic_per_image, math.ceil(self.min_synthetic / max(1, normals * families)))
 
 
 @dataclass(frozen=True)
@@ -118,6 +152,19 @@ class ProductLine:
     post: PostConfig = field(default_factory=PostConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    # dotted keys the params.yaml entry sets (``matching.mode``): the tuner never changes these
+    pinned: frozenset[str] = frozenset()
+
+    def tunable(self) -> tuple[str, ...]:
+        """The keys of :data:`TUNABLE` the tuner may choose for this line (none when tuning is off)."""
+        return tuple(k for k in TUNABLE if k not in self.pinned) if self.tune.enabled else ()
+
+
+# What the tuner searches, in the order it settles them; a key is tuned unless the line's entry sets it.
+TUNABLE = ("matching.mode", "matching.forward_windows", "matching.backward_windows", "matching.alphas",
+           "matching.weights", "post.blur_sigma", "features.image_size", "features.backbone", "features.pool",
+           "features.normalisation", "features.layers", "templates.kind", "templates.size")
 
 
 MAX_IMAGE_SIDE = 4096  # larger inputs are tiled first: one 8k x 8k feature pass would not fit in memory
@@ -262,6 +309,16 @@ def validate_line(line: ProductLine, key: str) -> None:
         raise ConfigError(f"{key}.threshold.value: must be a finite number, got {value}")
     if d.limit is not None and d.limit < 1:
         raise ConfigError(f"{key}.data.limit: must be >= 1 (or absent for every image)")
+    if rule == "normal_fpr" and value is not None and not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}.threshold.value: normal_fpr takes the false-alarm rate in [0, 1), got {value}")
+    tune = line.tune
+    if not 0.0 < tune.validation_share < 1.0:
+        raise ConfigError(f"{key}.tune.validation_share: must lie in (0, 1), got {tune.validation_share}")
+    for name in ("max_validation", "max_templates", "synthetic_per_image", "min_synthetic"):
+        if not 1 <= getattr(tune, name) <= MAX_BATCH:
+            raise ConfigError(f"{key}.tune.{name}: must be in 1..{MAX_BATCH}")
+    if tune.budget_s < 0 or tune.min_images_per_second < 0:
+        raise ConfigError(f"{key}.tune: budget_s and min_images_per_second are >= 0")
     if rule == "normal_quantile" and (value is None or not 0.0 < value <= 1.0):
         raise ConfigError(f"{key}.threshold.value: normal_quantile needs a quantile in (0, 1]")
     if rule == "manual" and value is None:
@@ -270,6 +327,14 @@ def validate_line(line: ProductLine, key: str) -> None:
         raise ConfigError(f"{key}.data.path: the folder source needs the path of an MVTec-layout tree")
     if d.source == "mvtec" and not d.category:
         raise ConfigError(f"{key}.data.category: the mvtec source needs a category name")
+
+
+def pinned_keys(body: Any) -> frozenset[str]:
+    """``section.key`` for every key a line entry sets (``{"post": {"blur_sigma": 2}}`` -> ``post.blur_sigma``)."""
+    if not isinstance(body, dict):
+        return frozenset()
+    return frozenset(f"{section}.{key}" for section, values in body.items() if isinstance(values, dict)
+                     for key in values)
 
 
 def parse_params(raw: Any) -> Params:
@@ -286,7 +351,7 @@ def parse_params(raw: Any) -> Params:
     for name, body in lines_raw.items():
         try:
             key = f"product_lines.{check_line_name(name)}"
-            line = build_config(ProductLine, body, key, name=name)
+            line = build_config(ProductLine, body, key, name=name, pinned=pinned_keys(body))
             validate_line(line, key)
             lines[name] = line
         except ConfigError as exc:

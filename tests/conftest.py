@@ -31,7 +31,7 @@ needs_mtd = pytest.mark.skipif(not (MTD / "MT_Free" / "Imgs").is_dir(), reason=f
 torch.set_num_threads(1)
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
 
-STAGES = ("download", "validate", "extract", "template", "infer", "report")
+from hetmm.pipeline import STAGES  # noqa: E402
 
 # The demo line of the repository's params.yaml (128 px, PTS K=10): real ImageNet features.
 DEMO_LINE: dict[str, Any] = {
@@ -44,6 +44,7 @@ DEMO_LINE: dict[str, Any] = {
     "post": {"blur_sigma": 2.0, "image_score": "max"},
     "threshold": {"rule": "f1_max"},
     "report": {"overlays": 2, "ablation": False},
+    "tune": {"enabled": False},  # tests of the tuner turn it on
 }
 
 
@@ -57,6 +58,7 @@ def folder_line(path: Path, *, backbone: str = "random_resnet18", size: int = 64
         "matching": {"forward_windows": [5, 3, 3], "backward_windows": [3, 3, 1]},
         "post": {"blur_sigma": 2.0},
         "report": {"overlays": 2},
+        "tune": {"enabled": False},  # tests of the tuner turn it on
     }
     for name, values in sections.items():
         line.setdefault(name, {}).update(values)
@@ -78,8 +80,7 @@ def run_stages(params, name: str, root: Path, stages=STAGES) -> dict[str, Any]:
     from hetmm.pipeline import stage
     from hetmm.pipeline.line import StageRun
 
-    ctx = StageRun.for_line(params, name, root, "cpu", progress=False)
-    return {name: stage(name)(ctx) for name in stages}
+    return {s: stage(s)(StageRun.for_line(params, name, root, "cpu", progress=False, stage=s)) for s in stages}
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import DEMO_LINE, SUBPROCESS_ENV, copy_run, folder_line, write_params
 from hetmm.cli import app
+from hetmm.pipeline import STAGES
 from hetmm.core.templates import load_template
 
 runner = CliRunner()
@@ -47,8 +48,7 @@ def test_help_in_a_real_subprocess_lists_the_commands_without_loading_torch():
     proc = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **SUBPROCESS_ENV})
     assert proc.returncode == 0, proc.stderr
-    for name in ("download", "validate", "extract", "template", "infer", "report", "run", "predict", "update",
-                 "audit"):
+    for name in (*STAGES, "run", "predict", "update", "audit"):
         assert name in proc.stdout
     probe = subprocess.run([sys.executable, "-c", "import sys, hetmm.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=120)
@@ -148,11 +148,14 @@ def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_ru
     table = pd.read_csv(out / "predictions.csv")
     assert summary["images"] == len(table) == 26 and len(summary["predictions"]) == 26
     assert summary["threshold"] == threshold["threshold"]
+    assert summary["pixel_threshold"] == threshold["pixel_threshold"] and summary["threshold_rule"] == "f1_max"
     assert summary["template_hash"] == load_template(demo_run / "models/demo/template.pt").meta["content_hash"]
     assert len(list((out / "masks").glob("*.png"))) == 26 and len(list((out / "overlays").glob("*.png"))) == 26
 
     # verdicts follow the threshold, and match the infer stage's scores of the same files
     assert (table["defective"] == (table["score"] >= threshold["threshold"])).all()
+    assert ((table["normalised_score"] >= 0.5) == table["defective"]).all()
+    assert table["normalised_score"].between(0, 1).all()
     assert summary["defective"] == int(table["defective"].sum())
     confusion = threshold["confusion"]
     assert summary["defective"] == confusion["true_positive"] + confusion["false_positive"]
@@ -229,7 +232,7 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
 
     # a second template version: K 10 -> 6 rebuilds it; infer and report write a new model card
     write_params(root, {"demo": {**DEMO_LINE, "templates": {"kind": "PTS", "size": 6}}})
-    for stage in ("template", "infer", "report"):
+    for stage in ("template", "calibrate", "infer", "report"):
         result = invoke(stage, "demo", *at(root), "-q")
         assert result.exit_code == 0, result.output
     second = json.loads(card_path.read_text())

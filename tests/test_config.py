@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import DEMO_LINE
 from hetmm.config import load_params, parse_params
 from hetmm.errors import ConfigError
 
@@ -12,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _raw():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    """The repository's params with the demo line spelled out (the committed one holds only its data block)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["product_lines"]["demo"] = copy.deepcopy(DEMO_LINE)
+    return raw
 
 
 def test_repository_params_parse():
@@ -46,6 +50,11 @@ def test_repository_params_parse():
         (lambda r: r["product_lines"]["demo"]["threshold"].update(rule="manual", value=float("nan")),
          "threshold.value: must be a finite number"),
         (lambda r: r["product_lines"]["demo"]["data"].update(limit=0), "data.limit"),
+        (lambda r: r["product_lines"]["demo"]["tune"].update(validation_share=1.5), "tune.validation_share"),
+        (lambda r: r["product_lines"]["demo"]["tune"].update(max_templates=0), "tune.max_templates"),
+        (lambda r: r["product_lines"]["demo"]["tune"].update(budget_s=-1), "tune: budget_s"),
+        (lambda r: r["product_lines"]["demo"]["threshold"].update(rule="normal_fpr", value=1.0),
+         "threshold.value: normal_fpr takes the false-alarm rate"),
     ],
 )
 def test_bad_params_name_the_key(mutate, key):
@@ -90,3 +99,13 @@ def test_fingerprint_ignores_batch_size_only():
     raw["product_lines"]["demo"]["features"]["normalisation"] = "official"
     c = parse_params(raw).line("demo").features
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_pinned_keys_are_the_keys_the_entry_sets():
+    raw = _raw()
+    raw["product_lines"]["bare"] = {"data": {"source": "demo"}, "post": {"blur_sigma": 1.0}}
+    params = parse_params(raw)
+    bare = params.line("bare")
+    assert bare.pinned == {"data.source", "post.blur_sigma"}
+    assert "post.blur_sigma" not in bare.tunable() and "matching.mode" in bare.tunable()
+    assert params.line("demo").tunable() == ()  # tune.enabled: false

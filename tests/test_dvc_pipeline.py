@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import MTD, REPO, SUBPROCESS_ENV
+from hetmm.pipeline import STAGES
 from hetmm.pipeline.lines import set_dvc_lines
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,21 @@ def _commit(root: Path, message: str) -> None:
     _run(root, "git", "commit", "-q", "-m", message)
 
 
+# The demo line with every tunable key but the blur pinned: its tune stage runs a real search of a few seconds
+# (no time-based cut, no measured-speed floor), so reruns stay short and repeatable.
+DEMO_PINNED = {
+    "data": {"source": "demo", "seed": 0},
+    "features": {"backbone": "efficientnet_lite0", "layers": [1, 2, 3], "image_size": [128, 128], "pool": 1,
+                 "normalisation": "imagenet"},
+    "templates": {"kind": "PTS", "size": 10},
+    "matching": {"mode": "mutual", "forward_windows": [5, 3, 3], "backward_windows": [3, 3, 1],
+                 "alphas": [0.5, 0.5, 0.5], "weights": [1.0, 1.0, 0.5]},
+    "post": {"image_score": "max"},
+    "report": {"overlays": 2, "ablation": False},
+    "tune": {"max_validation": 3, "min_synthetic": 10, "min_images_per_second": 0},
+}
+
+
 @pytest.fixture
 def repo_copy(tmp_path) -> Path:
     """The repository's tracked files in a new git repository; params.yaml keeps the demo line and, when the
@@ -68,7 +84,7 @@ def repo_copy(tmp_path) -> Path:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    lines = {"demo": params["product_lines"]["demo"]}
+    lines = {"demo": DEMO_PINNED}
     if (MTD / "MT_Free" / "Imgs").is_dir():  # a second, tiny line shows that one line's change leaves the other be
         mtd = params["product_lines"]["mtd"]
         mtd["data"].update({"mirror": str(MTD), "subset": "dev", "limit": 2})
@@ -102,8 +118,7 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
     # 1. first reproduction: every stage of the line runs, metrics are sane
     first = _run(root, dvc, "repro")
     lines = set(yaml.safe_load((root / "params.yaml").read_text())["product_lines"])
-    assert _ran(first.stdout) == {f"{s}@{line}" for s in ("download", "validate", "extract", "template", "infer",
-                                                          "report") for line in lines}
+    assert _ran(first.stdout) == {f"{s}@{line}" for s in STAGES for line in lines}
     metrics = json.loads((root / "reports/demo/metrics.json").read_text())
     assert metrics["n_images"] == 26 and metrics["image_auroc"] >= 95.0 and metrics["pixel_auroc"] >= 97.0
     assert (root / "dvc.lock").is_file() and (root / "reports/demo/model_card.json").is_file()
@@ -118,11 +133,14 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
 
     # 3. a matching parameter of the line: only its infer and report stages are stale and rerun (report declares
     # the matching settings because its ablation uses them)
+    tuning = json.loads((root / "reports/demo/tuning.json").read_text())
+    assert tuning["action"] == "searched" and set(tuning["chosen"]) == {"post.blur_sigma"}
     _set_param(root, "product_lines.demo.matching.alphas", [0.7, 0.5, 0.5])
     status = json.loads(_run(root, dvc, "status", "--json").stdout)
-    assert set(status) == {"infer@demo", "report@demo"} | downloads
+    assert set(status) == {"tune@demo"} | downloads  # the effective settings are remade first
     third = _run(root, dvc, "repro")
-    assert _ran(third.stdout) == {"infer@demo", "report@demo"} | downloads
+    assert _ran(third.stdout) == {"tune@demo", "calibrate@demo", "infer@demo", "report@demo"} | downloads
+    assert json.loads((root / "reports/demo/tuning.json").read_text())["action"] == "searched"  # a new input
     assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "rebuild"  # not rerun
     _commit(root, "alphas 0.7")
 
@@ -143,9 +161,12 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
 
     # 5. an experiment: the parameter lands in params.yaml and only the affected stages run
     before = json.loads((root / "reports/demo/metrics.json").read_text())
-    exp = _run(root, dvc, "exp", "run", "-S", "product_lines.demo.post.blur_sigma=1.0")
-    assert _ran(exp.stdout) == {"infer@demo", "report@demo"} | downloads
+    # (pinning the blur, the last tuned key, reruns the tuning: nothing is left to search)
+    exp = _run(root, dvc, "exp", "run", "-S", "+product_lines.demo.post.blur_sigma=1.0")
+    assert _ran(exp.stdout) == {"tune@demo", "calibrate@demo", "infer@demo", "report@demo"} | downloads
     assert yaml.safe_load((root / "params.yaml").read_text())["product_lines"]["demo"]["post"]["blur_sigma"] == 1.0
+    tuning = json.loads((root / "reports/demo/tuning.json").read_text())
+    assert tuning["action"] == "none" and "pinned" in tuning["reason"]
     after = json.loads((root / "reports/demo/metrics.json").read_text())
     assert after["image_auroc"] >= 95.0 and after != before
     listed = _run(root, dvc, "exp", "show", "--json").stdout

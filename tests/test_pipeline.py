@@ -84,6 +84,13 @@ def test_demo_line_all_stages_write_their_files_and_sane_metrics(demo_run):
     confusion = threshold["confusion"]
     assert sum(confusion.values()) == 26
     assert confusion["true_positive"] + confusion["false_positive"] == flagged.sum()
+    # the demo line's rule (f1_max) reads the test labels: flagged as an oracle; the pixel threshold is calibrated
+    calibration = _json(paths.calibration)
+    assert (threshold["rule"], threshold["oracle"]) == ("f1_max", True) and metrics["threshold_rule"] == "f1_max"
+    assert threshold["pixel_threshold"] == metrics["pixel_threshold"] == calibration["pixel"]["threshold"]
+    assert threshold["normalisation"] == {"min": calibration["image"]["min"], "max": calibration["image"]["max"]}
+    assert metrics["confusion"] == confusion
+    assert metrics["oracle_f1_max"] == metrics["f1_max"] and metrics["oracle_f1_threshold"] == threshold["threshold"]
 
     for name in ("roc.png", "pro.png", "per_defect.csv", "ablation.csv", "model_card.md", "plots/roc.csv",
                  "plots/pro.csv"):
@@ -308,7 +315,7 @@ def test_fewer_training_images_than_k_gives_n_sheets(folder_src, tmp_path):
         image.unlink()
     root = tmp_path / "repo"
     params = write_params(root, {"line": folder_line(folder_src, kind="PTS", k=10)})
-    out = run_stages(params, "line", root, ("download", "validate", "extract", "template", "infer", "report"))
+    out = run_stages(params, "line", root)
     assert out["template"]["sheets"] == 4 and out["template"]["train_images"] == 4
     tset = load_template(LinePaths.for_line("line", root).template)
     assert all(layer.shape[0] == 4 for layer in tset.layers)

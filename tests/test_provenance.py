@@ -18,7 +18,7 @@ from hetmm.pipeline import provenance
 from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.predict import predict_images, update_template
 
-STAGES = ("download", "validate", "extract", "template", "infer")
+STAGES = ("download", "validate", "tune", "extract", "template", "calibrate", "infer")
 
 
 def _module(tmp_path: Path, name: str, source: str):

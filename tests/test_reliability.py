@@ -19,9 +19,8 @@ from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.lock import LineBusyError, line_lock
 from hetmm.pipeline.predict import predict_images
+from hetmm.pipeline import STAGES as ALL_STAGES
 from hetmm.pipeline.provenance import FeatureKey
-
-ALL_STAGES = ("download", "validate", "extract", "template", "infer", "report")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def test_a_threshold_chosen_for_another_template_is_refused(run_copy, tmp_path):
     assert run_stages(rebuilt, "line", root, ("template",))["template"]["action"] == "rebuild"
     with pytest.raises(DataError, match=r"threshold\.json: the threshold was chosen for template .* report@line"):
         predict_images(rebuilt.line("line"), paths, [_image(src)], tmp_path / "stale", device="cpu", progress=False)
-    run_stages(rebuilt, "line", root, ("infer", "report"))
+    run_stages(rebuilt, "line", root, ("calibrate", "infer", "report"))
     out = predict_images(rebuilt.line("line"), paths, [_image(src)], tmp_path / "fresh", device="cpu", progress=False)
     assert out["threshold"] == json.loads(paths.threshold.read_text())["threshold"]
 

@@ -101,3 +101,12 @@ def test_manifest_without_columns_fails_without_great_expectations(demo, tmp_pat
     result = validate(df, demo, tmp_path / "v.json", tmp_path / "v.html")
     assert not result.success and "missing columns ['sha256']" in result.failures[0]
     assert json.loads((tmp_path / "v.json").read_text())["great_expectations"] is None
+
+
+def test_validation_record_is_the_same_for_the_same_data(demo, tmp_path):
+    """Later stages depend on validation.json: a rerun on unchanged data must not change it (no times, no ids)."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    for out in (first, second):
+        validate(read_manifest(demo / "manifest.csv"), demo, out, tmp_path / "v.html")
+    assert first.read_bytes() == second.read_bytes()
+    assert "seconds" in (tmp_path / "v.html").read_text()

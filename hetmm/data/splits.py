@@ -56,3 +56,24 @@ def load_mtd_split() -> dict:
     """The committed MTD split (see module docstring)."""
     text = resources.files("hetmm.resources").joinpath("mtd_split.json").read_text()
     return json.loads(text)
+
+
+def validation_split(shas: list[str], share: float, limit: int, seed: int) -> tuple[list[str], list[str]]:
+    """Good training images -> (template images, validation normals), both sorted.
+
+    Seeded on the image contents (sha256), not on file order or names, so renaming or reordering the training
+    images changes nothing; ``round(share * N)`` normals, at least 1 and at most ``limit``, and at least one image
+    stays a template. Fewer than two images give no validation normals.
+    """
+    unique = sorted(set(shas))
+    n = len(unique)
+    if n < 2:
+        return unique, []
+    count = min(max(1, round(share * n)), limit, n - 1)
+    held = set(seeded_sample(unique, count, seed, "validation"))
+    return [s for s in unique if s not in held], sorted(held)
+
+
+def seeded_sample(names: list[str], count: int, seed: int, tag: str) -> list[str]:
+    """``count`` of ``names`` drawn reproducibly (independent of their order), sorted."""
+    return sorted(_shuffled(names, seed, tag)[:count])

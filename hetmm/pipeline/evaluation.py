@@ -1,7 +1,15 @@
-"""Evaluation for the report stage: ground-truth masks, metrics per subset and per defect type, the threshold."""
+"""Evaluation for the report stage: ground-truth masks, metrics per subset and per defect type, the decision.
+
+The deployed decision (:func:`choose_threshold`) is an image threshold plus a pixel threshold for defect masks and
+the score range for normalised scores. The pixel threshold and the range always come from the calibrate stage
+(``models/<line>/calibration.json``: validation normals and synthetic defects); the image threshold does too unless
+the rule is ``manual`` or an oracle rule (:data:`~hetmm.config.ORACLE_RULES`, read off the test labels, flagged
+``oracle``). A part is flagged when ``score >= threshold``; a flagged part's mask is its map ``>= pixel_threshold``.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,33 +18,102 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from hetmm.config import ThresholdConfig
+from hetmm.config import ORACLE_RULES, ProductLine, ThresholdConfig
 from hetmm.core.metrics import UndefinedMetricError, as_numpy, aupro, f1_max, image_auroc, pixel_auroc, summarise
 from hetmm.data.images import load_mask
+from hetmm.pipeline.settings import calibration_key
+from hetmm.errors import DataError
+
+# Where each rule's image threshold comes from (the model card says it in words).
+SOURCES = {"normal_fpr": "validation normals", "synthetic_f1": "synthetic defects", "manual": "manual",
+           "f1_max": "test labels (oracle)", "normal_quantile": "test labels (oracle)"}
 
 
-def choose_threshold(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarray) -> dict:
-    """The deployed image-score threshold and how it was chosen (predicted defective when score >= threshold)."""
-    if rule.rule == "manual":
-        return {"rule": "manual", "threshold": float(rule.value)}
-    if rule.rule == "normal_quantile":
+def load_calibration(path: Path, line: ProductLine, train: list[str]) -> dict:
+    """The calibrate stage's record, refused when missing, incomplete, or made for other settings or training
+    images than ``line`` and ``train`` (sha256) now have."""
+    fix = f"run `hetmm calibrate {line.name}` (or `dvc repro calibrate@{line.name}`)"
+    if not path.is_file():
+        raise DataError(f"{path}: no calibration (thresholds from validation normals and synthetic defects); {fix}")
+    try:
+        record = json.loads(path.read_text())
+        for section, key in (("image", "normal_fpr"), ("image", "synthetic_f1"), ("image", "min"), ("image", "max"),
+                             ("pixel", "threshold")):
+            float(record[section][key])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable or incomplete calibration ({type(exc).__name__}: {exc}); {fix}") from None
+    if record.get("key") != calibration_key(line, train):
+        raise DataError(f"{path}: made for other settings or training images than line {line.name!r} has now; {fix}")
+    return record
+
+
+def choose_threshold(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarray, calibration: dict) -> dict:
+    """The deployed decision: ``{rule, source, oracle, threshold, pixel_threshold, normalisation: {min, max}}``
+    plus the rule's own figures. ``scores`` / ``labels`` (the test split) are read by the oracle rules only."""
+    image = calibration["image"]
+    out: dict[str, Any] = {"rule": rule.rule, "source": SOURCES[rule.rule], "oracle": rule.rule in ORACLE_RULES}
+    if rule.rule == "normal_fpr":
+        out.update(threshold=float(image["normal_fpr"]), false_alarm_rate=image["false_alarm_rate"])
+    elif rule.rule == "synthetic_f1":
+        out.update(threshold=float(image["synthetic_f1"]), synthetic_f1=image["synthetic_f1_score"])
+    elif rule.rule == "manual":
+        out["threshold"] = float(rule.value)
+    elif rule.rule == "normal_quantile":
         good = scores[~labels]
         if good.size == 0:
             raise ValueError("threshold rule normal_quantile needs good test images")
-        return {"rule": "normal_quantile", "quantile": rule.value,
-                "threshold": float(np.quantile(good, rule.value))}
-    if labels.all() or not labels.any():
+        out.update(threshold=float(np.quantile(good, rule.value)), quantile=rule.value)
+    elif labels.all() or not labels.any():
         good = scores[~labels] if (~labels).any() else scores
         # Without both classes F1 is undefined; fall back to the highest normal score (documented in README).
-        return {"rule": "f1_max", "threshold": float(good.max()), "note": "one class only: max normal score"}
-    f1, threshold = f1_max(scores, labels)
-    return {"rule": "f1_max", "threshold": float(threshold), "f1": f1}
+        out.update(threshold=float(good.max()), note="one class only: max normal score")
+    else:
+        f1, threshold = f1_max(scores, labels)
+        out.update(threshold=float(threshold), f1=f1)
+    out["pixel_threshold"] = float(calibration["pixel"]["threshold"])
+    out["normalisation"] = {"min": float(image["min"]), "max": float(image["max"])}
+    return out
+
+
+def decide(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarray, calibration: dict,
+           template_hash: str | None) -> dict:
+    """``threshold.json``: :func:`choose_threshold` plus the test ``confusion`` at it and the template it is for."""
+    out = choose_threshold(rule, scores, labels, calibration)
+    out.update(confusion=confusion(scores, labels, out["threshold"]), template_hash=template_hash)
+    return out
+
+
+def headline(summary: dict, decision: dict) -> dict:
+    """``metrics.json``'s top level: the threshold-free ``summary`` (:func:`~hetmm.core.metrics.summarise`), the
+    deployed ``threshold`` / ``threshold_rule`` / ``pixel_threshold`` with the test ``confusion`` and
+    ``f1_at_threshold`` there, and the oracle figures under their own names: ``oracle_f1_max`` /
+    ``oracle_f1_threshold``, F1-max with the threshold read off the test labels (optimistic, not deployable;
+    ``summary``'s ``f1_max`` / ``f1_threshold`` are the same figures)."""
+    counts = decision["confusion"]
+    return {**summary, "threshold": decision["threshold"], "threshold_rule": decision["rule"],
+            "pixel_threshold": decision["pixel_threshold"], "confusion": counts, "f1_at_threshold": f1_at(counts),
+            "oracle_f1_max": summary["f1_max"], "oracle_f1_threshold": summary["f1_threshold"]}
+
+
+def predicted_mask(amap: np.ndarray, defective: bool, pixel_threshold: float) -> np.ndarray:
+    """A part's defect mask: empty when it passed; else its map ``>= pixel_threshold``, and at least its peak
+    (resizing, or a pixel threshold above the map, must not leave a flagged part without a region)."""
+    if not defective:
+        return np.zeros(amap.shape, dtype=bool)
+    return amap >= min(pixel_threshold, float(amap.max()))
 
 
 def confusion(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
     pred = scores >= threshold
     return {"true_positive": int((pred & labels).sum()), "false_positive": int((pred & ~labels).sum()),
             "true_negative": int((~pred & ~labels).sum()), "false_negative": int((~pred & labels).sum())}
+
+
+def f1_at(counts: dict) -> float | None:
+    """F1 (%) of the confusion counts at one threshold; None when there is no defect and no alarm."""
+    tp = counts["true_positive"]
+    denom = 2 * tp + counts["false_positive"] + counts["false_negative"]
+    return 200.0 * tp / denom if denom else None
 
 
 def metrics_by_subset(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> dict:

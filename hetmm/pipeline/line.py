@@ -41,6 +41,14 @@ class LinePaths:
     def threshold(self) -> Path:
         return self.models / "threshold.json"
 
+    @property
+    def settings(self) -> Path:
+        return self.models / "settings.yaml"
+
+    @property
+    def calibration(self) -> Path:
+        return self.models / "calibration.json"
+
 
 @dataclass(frozen=True)
 class StageRun:
@@ -54,8 +62,17 @@ class StageRun:
 
     @classmethod
     def for_line(cls, params: Params, name: str, root: str | Path = ".", device: str | None = None,
-                 progress: bool = True) -> "StageRun":
-        return cls(params, params.line(name), LinePaths.for_line(name, root), device or params.device, progress)
+                 progress: bool = True, stage: str | None = None) -> "StageRun":
+        """The context of ``stage``: stages after ``tune`` get the line's effective settings
+        (``models/<line>/settings.yaml``), the others (and ``stage=None``) the ``params.yaml`` entry."""
+        from hetmm.pipeline import PARAMS_STAGES
+        from hetmm.pipeline.settings import effective_line
+
+        paths = LinePaths.for_line(name, root)
+        line = params.line(name)
+        if stage is not None and stage not in PARAMS_STAGES:
+            line = effective_line(line, paths.settings)
+        return cls(params, line, paths, device or params.device, progress)
 
 
 def manifest(paths: LinePaths) -> pd.DataFrame:

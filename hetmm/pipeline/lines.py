@@ -1,8 +1,9 @@
 """Which product lines exist: ``params.yaml`` holds their settings, ``dvc.yaml`` the list of lines that run.
 
 The list in ``dvc.yaml`` (``foreach: &lines [...]`` on the first stage, ``*lines`` on the others) is a literal, so
-no params key can ever become part of a stage command. :func:`add_line` writes a new line's complete entry (every
-key spelled out, so ``dvc exp run -S`` can set any of them) and appends its checked name to that list;
+no params key can ever become part of a stage command. :func:`add_line` writes a new line's entry (every key
+spelled out, so ``dvc exp run -S`` can set it, except the keys the tune stage chooses) and appends its checked name
+to that list;
 :func:`check_lines` says where the two files disagree.
 """
 
@@ -15,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hetmm.config import DataConfig, ProductLine, build_config, check_line_name, validate_line
+from hetmm.config import TUNABLE, DataConfig, ProductLine, build_config, check_line_name, validate_line
 from hetmm.errors import ConfigError
 from hetmm.io import write_text_atomic
 
@@ -59,14 +60,19 @@ def check_lines(params_yaml: str | Path = "params.yaml", dvc_yaml: str | Path = 
 
 
 def line_entry(name: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The complete, checked params entry of a new line: ``data`` plus every other key at its default."""
+    """The checked params entry of a new line: ``data`` plus every key at its default except the tunable ones
+    (:data:`~hetmm.config.TUNABLE`), which the tune stage chooses until the entry pins them."""
     key = f"product_lines.{check_line_name(name)}"
     line = ProductLine(name=name, data=build_config(DataConfig, data, f"{key}.data"))
     validate_line(line, key)
     entry = json.loads(json.dumps(dataclasses.asdict(line), default=list))  # enums -> values, tuples -> lists
-    entry.pop("name")
+    for dropped in ("name", "pinned"):
+        entry.pop(dropped)
+    for tunable in TUNABLE:
+        section, field = tunable.split(".")
+        entry[section].pop(field)
     entry["data"] = {k: v for k, v in entry["data"].items() if v is not None}
-    return entry
+    return {section: values for section, values in entry.items() if values}
 
 
 def _flow_lists(value: Any) -> Any:

@@ -2,6 +2,11 @@
 
 Both refuse a template whose feature settings or feature code differ from the installed ones
 (:func:`hetmm.pipeline.template.load_current`), naming what differs and the command that rebuilds it.
+
+``predict`` applies the decision the report stage saved in ``models/<line>/threshold.json`` for this very template:
+a part is defective when its raw ``score >= threshold`` (``--threshold`` overrides that value only); its mask is the
+map ``>= pixel_threshold`` (:func:`hetmm.pipeline.evaluation.predicted_mask`); ``normalised_score`` maps the score
+to [0, 1] with 0.5 exactly at the threshold (:func:`normalised_score`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
+from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
 from hetmm.pipeline.infer import load_inspector
 from hetmm.pipeline.line import LinePaths
@@ -49,17 +55,30 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     return found
 
 
-def saved_threshold(paths: LinePaths, line: str, template_hash: str) -> float:
-    """The report stage's threshold, refused unless it was chosen for this very template."""
+def saved_threshold(paths: LinePaths, line: str, template_hash: str) -> dict:
+    """The report stage's decision (``threshold``, ``pixel_threshold``, ``normalisation``, ``rule``), refused unless
+    it was made for this very template. Needed even with ``--threshold``: the pixel threshold and the score range
+    come from it."""
+    rerun = f"run `dvc repro report@{line}` (or `hetmm infer {line}` and `hetmm report {line}`)"
     if not paths.threshold.is_file():
-        raise DataError(f"{paths.threshold}: no saved threshold; run the report stage or pass --threshold")
+        raise DataError(f"{paths.threshold}: no saved threshold (predict reads the image and pixel thresholds and the "
+                        f"score range from it); {rerun}")
     record = json.loads(paths.threshold.read_text())
     if record.get("template_hash") != template_hash:
         raise DataError(f"{paths.threshold}: the threshold was chosen for template {str(record.get('template_hash'))[:12]} "
-                        f"but {paths.template} is {template_hash[:12]} (rebuilt since the last report); run "
-                        f"`dvc repro report@{line}` (or `hetmm infer {line}` and `hetmm report {line}`) or pass "
-                        "--threshold")
-    return float(record["threshold"])
+                        f"but {paths.template} is {template_hash[:12]} (rebuilt since the last report); {rerun}")
+    if "pixel_threshold" not in record or not {"min", "max"} <= set(record.get("normalisation", {})):
+        raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold or score "
+                        f"normalisation); {rerun}")
+    return record
+
+
+def normalised_score(score: float, threshold: float, low: float, high: float) -> float:
+    """``score`` in [0, 1], 0.5 exactly at ``threshold``, one unit per calibration score range ``high - low``
+    (the anomalib convention); a degenerate range gives the verdict alone (0, 0.5 or 1)."""
+    if high <= low:
+        return 0.5 + 0.5 * float(np.sign(score - threshold))
+    return float(np.clip((score - threshold) / (high - low) + 0.5, 0.0, 1.0))
 
 
 def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], out: Path, *,
@@ -68,8 +87,11 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     """Score images; write predictions.csv/json, binary masks and overlays under ``out``."""
     files = collect_images(inputs)
     inspector = load_inspector(line, template_path or paths.template, device)
-    if threshold is None:
-        threshold = saved_threshold(paths, line.name, inspector.template.meta["content_hash"])
+    decision = saved_threshold(paths, line.name, inspector.template.meta["content_hash"])
+    rule = decision["rule"] if threshold is None else "--threshold"
+    threshold = float(decision["threshold"]) if threshold is None else threshold
+    pixel = float(decision["pixel_threshold"])
+    low, high = float(decision["normalisation"]["min"]), float(decision["normalisation"]["max"])
     rows = []
     done = 0
     for images, layers in extract_images(inspector.extractor, files, line.features.batch_size, progress, "predict"):
@@ -80,20 +102,21 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
             # back to the image's own geometry so masks line up with the file the user gave us
             full = np.asarray(Image.fromarray(amap).resize(image.size, Image.BILINEAR), dtype=np.float64)
             defective = float(score) >= threshold
-            # resizing can smooth the peak of a flagged image below the threshold; its mask then keeps the peak
-            mask = full >= (min(threshold, float(full.max())) if defective else threshold)
+            mask = predicted_mask(full, defective, pixel)
             stem = f"{len(rows):05d}_{path.stem}"
             with atomic_path(out / "masks" / f"{stem}.png") as tmp:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
                 overlay(image, full, pred_mask=mask if mask.any() else None).save(tmp, format="PNG")
-            rows.append({"path": str(path), "score": float(score), "defective": defective,
-                         "defect_area_fraction": float(mask.mean()), "mask": f"masks/{stem}.png",
-                         "overlay": f"overlays/{stem}.png"})
+            rows.append({"path": str(path), "score": float(score),
+                         "normalised_score": normalised_score(float(score), threshold, low, high),
+                         "defective": defective, "defect_area_fraction": float(mask.mean()),
+                         "mask": f"masks/{stem}.png", "overlay": f"overlays/{stem}.png"})
     df = pd.DataFrame(rows)
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
     summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
+               "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
                "template_hash": inspector.template.meta["content_hash"], "out": str(out)}
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
     return summary

@@ -8,7 +8,9 @@ statement does. Artifacts and the code they depend on:
 * features (cache folder): :class:`~hetmm.config.FeatureConfig` + :mod:`hetmm.core.features` (backbones included)
   + :mod:`hetmm.data.images` (decoding);
 * templates: the feature key + :mod:`hetmm.core.templates`;
-* stored matching distances: the feature key + the template code + :mod:`hetmm.core.inspector` (matching, scoring).
+* stored matching distances: the feature key + the template code + :mod:`hetmm.core.inspector` (matching, scoring);
+* a tuning search: its settings + :mod:`hetmm.pipeline.tuning`, the synthetic defects, the validation split, image
+  decoding and the features and matching it runs.
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ def _module_digest(name: str) -> tuple[str, frozenset[str]]:
     return hashlib.sha256(ast.dump(_strip_docstrings(tree)).encode()).hexdigest(), frozenset(imports)
 
 
-def covered(*modules: ModuleType) -> set[str]:
-    """Names of ``modules`` and of the ``hetmm.core`` modules they import, transitively."""
-    todo, seen = [m.__name__ for m in modules], set()
+def covered(*modules: ModuleType | str) -> set[str]:
+    """Names of ``modules`` (objects or dotted names) and of the ``hetmm.core`` modules they import, transitively."""
+    todo, seen = [m if isinstance(m, str) else m.__name__ for m in modules], set()
     while todo:
         name = todo.pop()
         if name not in seen:
@@ -82,7 +84,7 @@ def covered(*modules: ModuleType) -> set[str]:
     return seen
 
 
-def code_digest(*modules: ModuleType) -> str:
+def code_digest(*modules: ModuleType | str) -> str:
     """sha256 over the normalised source of :func:`covered` modules (see the module docstring)."""
     # by content only: a module that moves keeps its digest
     return hashlib.sha256("".join(sorted(_module_digest(n)[0] for n in covered(*modules))).encode()).hexdigest()
@@ -108,6 +110,13 @@ def match_code() -> str:
     from hetmm.core import inspector
 
     return code_digest(inspector)
+
+
+@cache
+def tuning_code() -> str:
+    # by name: the tune stage computes its key without importing torch
+    return code_digest("hetmm.pipeline.tuning", "hetmm.pipeline.settings", "hetmm.data.synthetic",
+                       "hetmm.data.splits", "hetmm.data.images", "hetmm.core.features", "hetmm.core.inspector")
 
 
 @dataclass(frozen=True)

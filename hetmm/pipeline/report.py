@@ -1,10 +1,11 @@
 """Stage ``report``: metrics, the deployed threshold, curves, overlays, per-defect table, ablation and model card.
 
-Reads ``outputs/<line>/`` (scores and maps), the test masks, the stage records and the ``threshold`` / ``report``
-settings; writes ``reports/<line>/`` (``metrics.json``, ``plots/*.csv``, ``roc.png``, ``pro.png``, ``overlays/``,
-``per_defect.csv``, ``ablation.csv``, ``model_card.{md,json}``) and ``models/<line>/threshold.json``. Recomputes
-everything on every run (cheap); the ablation is the only part that reads the template and features again.
-Every figure is computed before the first file is replaced, so a failing run leaves the previous report whole.
+Reads ``outputs/<line>/`` (scores and maps), the test masks, the stage records, ``models/<line>/calibration.json``
+and the ``threshold`` / ``report`` settings; writes ``reports/<line>/`` (``metrics.json``, ``plots/*.csv``,
+``roc.png``, ``pro.png``, ``overlays/``, ``per_defect.csv``, ``ablation.csv``, ``model_card.{md,json}``) and
+``models/<line>/threshold.json`` (read by ``hetmm predict``; both JSON files: :mod:`hetmm.pipeline.evaluation`).
+Recomputes everything on every run (cheap); the ablation is the only part that reads the template and features
+again. Every figure is computed before the first file is replaced, so a failing run leaves the previous report whole.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
 from hetmm.pipeline import evaluation
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
+from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, overlays, plots
 
 OVERLAY_GROUPS = ("worst_defect", "worst_good", "best_defect")
@@ -43,17 +45,16 @@ def run(ctx: StageRun) -> dict:
     maps = np.load(maps_path).astype(np.float32)
     labels = (test["label"] == "defect").to_numpy()
     masks = evaluation.gt_masks(test, paths.data, line.features.image_size)
+    calibration = evaluation.load_calibration(paths.calibration, line, list(split(manifest(paths), "train")["sha256"]))
     start = time.perf_counter()
-
     if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
         raise DataError(f"{maps_path}: non-finite scores or maps; re-run `hetmm infer {line.name}`")
 
     # everything is computed before the first file is replaced, so a failure leaves the previous report whole
     by_subset = evaluation.metrics_by_subset(test, scores, maps, masks)
-    threshold = evaluation.choose_threshold(line.threshold, scores, labels)
-    threshold["confusion"] = evaluation.confusion(scores, labels, threshold["threshold"])
-    threshold["template_hash"] = read_json(paths.reports / "template.json").get("content_hash")
-    metrics = {**by_subset["all"], "threshold": threshold["threshold"], "subsets": by_subset}
+    threshold = evaluation.decide(line.threshold, scores, labels, calibration,
+                                  read_json(paths.reports / "template.json").get("content_hash"))
+    metrics = {**evaluation.headline(by_subset["all"], threshold), "subsets": by_subset}
     per_type = evaluation.per_group_metrics(scores, labels, test["defect_type"].to_numpy(), maps, masks)
     roc = roc_points(scores, labels) if 0 < labels.sum() < len(labels) else {"fpr": [], "tpr": []}
     pro = pro_points(maps, masks) if masks.any() else {"fpr": [], "pro": []}  # no defect masks: empty curve
@@ -66,7 +67,7 @@ def run(ctx: StageRun) -> dict:
     with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
         pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
     _curves(ctx, roc, pro)
-    written = _overlays(ctx, test, scores, maps, masks, threshold["threshold"])
+    written = _overlays(ctx, test, scores, maps, masks, threshold)
 
     timings = {stage: read_json(paths.reports / f"{stage}.json").get("seconds")
                for stage in ("extract", "template", "infer")}
@@ -78,7 +79,7 @@ def run(ctx: StageRun) -> dict:
         "data": {"manifest_sha256": manifest_hash(df), "images": int(len(df)), "test_images": int(len(test)),
                  "defective": int(labels.sum())},
         "template": read_json(paths.reports / "template.json"),
-        "threshold": threshold,
+        **model_card.decision_sections(threshold, calibration, by_subset["all"], tuned_keys(paths.settings)),
         "metrics": by_subset,
         "per_defect_type": per_type,
         "ablation": ablation_rows,
@@ -103,8 +104,8 @@ def _curves(ctx: StageRun, roc: dict, pro: dict) -> None:
 
 
 def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
-              threshold: float) -> list[Path]:
-    """Panels of the worst cases (missed defects, false alarms) and the best (clearest) ones, replacing the old."""
+              decision: dict) -> list[Path]:
+    """Panels (replacing the old) of the worst cases (missed defects, false alarms) and the best, as deployed."""
     out_dir = ctx.paths.reports / "overlays"
     for old in out_dir.glob("*.png") if out_dir.is_dir() else []:
         old.unlink()
@@ -117,10 +118,12 @@ def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.nd
     half = max(1, count // 2)
     picks = dict(zip(OVERLAY_GROUPS, (lowest_defects[:half], highest_good[:half], lowest_defects[::-1][:half])))
     height, width = ctx.line.features.image_size
+    flagged, pixel = scores >= decision["threshold"], decision["pixel_threshold"]
     cases = [overlays.OverlayCase(
         name=f"{group}_{rank + 1}", image=load_image(ctx.paths.data / test["path"][i]).resize((width, height)),
-        amap=maps[i], mask=masks[i], score=None, pred_mask=maps[i] >= threshold,
-        title=f"{group} #{rank + 1}: {test['defect_type'][i]} score {scores[i]:.3f}")
+        amap=maps[i], mask=masks[i], score=None, pred_mask=evaluation.predicted_mask(maps[i], flagged[i], pixel),
+        title=f"{group} #{rank + 1}: {test['defect_type'][i]} score {scores[i]:.3f} "
+              f"{'flagged' if flagged[i] else 'passed'} (threshold {decision['threshold']:.3f})")
         for group, indices in picks.items() for rank, i in enumerate(indices)]
     # one colour scale for every panel, robust to a few extreme pixels
     return overlays.save_overlays(out_dir, cases, vmin=float(np.percentile(maps, 1)),

@@ -1,4 +1,9 @@
-"""Model cards: a report's facts (data and template hashes, settings, metrics, code version) as JSON and markdown."""
+"""Model cards: a report's facts (data and template hashes, settings, metrics, code version) as JSON and markdown.
+
+:func:`decision_sections` says how the deployed thresholds were chosen, in words (:func:`decision`) and figures, so
+that a reader can tell a deployable threshold (validation normals, synthetic defects, a given value) from an oracle
+one (read off the test labels).
+"""
 
 from __future__ import annotations
 
@@ -75,6 +80,51 @@ def code_version() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return f"hetmm {__version__}"
+
+
+ORACLE_NOTE = "F1-max with the threshold read off the test labels: an optimistic figure, not deployable"
+
+
+def decision(threshold: Mapping[str, Any], calibration: Mapping[str, Any]) -> str:
+    """One sentence: the deployed rule, where its image threshold came from, and the pixel threshold's origin."""
+    t, n = threshold["threshold"], len(calibration.get("validation_normals", []))
+    rule = threshold["rule"]
+    if rule == "normal_fpr":
+        image = (f"the score that at most {threshold['false_alarm_rate']:.2%} of {n} validation normals (held-out "
+                 "good training images) exceed; no test labels used")
+    elif rule == "synthetic_f1":
+        image = (f"F1-max ({threshold['synthetic_f1']:.1f} %) on {n} validation normals and "
+                 f"{calibration.get('synthetic', 0)} synthetic defects; no test labels used")
+    elif rule == "manual":
+        image = "given in params.yaml (threshold.value)"
+    elif rule == "normal_quantile":
+        image = (f"the {threshold['quantile']} quantile of the good test images' scores: ORACLE (read off the test "
+                 "labels), so figures at it are optimistic")
+    else:
+        image = "F1-max on the test labels: ORACLE, so figures at it are optimistic and it is not deployable"
+    f1 = calibration.get("pixel", {}).get("f1")
+    return (f"rule {rule}: image threshold {_cell(float(t))}, {image}. Pixel threshold "
+            f"{_cell(float(threshold['pixel_threshold']))}: F1-max over the pixels of the synthetic defects and "
+            f"validation normals (F1 {'n/a' if f1 is None else f'{f1:.1f}'} %).")
+
+
+def calibration_summary(calibration: Mapping[str, Any]) -> dict[str, Any]:
+    """The calibrate stage's record for a card: counts instead of the per-image lists."""
+    out = {k: v for k, v in calibration.items() if k != "validation_normals"}
+    out = {"validation_normals": len(calibration.get("validation_normals", [])), **out}
+    if "image" in out:
+        out["image"] = {k: v for k, v in out["image"].items() if k != "normal_scores"}
+    return out
+
+
+def decision_sections(threshold: Mapping[str, Any], calibration: Mapping[str, Any], summary: Mapping[str, Any],
+                      tuned: Sequence[str]) -> dict[str, Any]:
+    """The card's account of the decision: the :func:`decision` sentence, the ``threshold.json`` record, the
+    oracle F1 (named as such), the calibration it came from and the keys the tuner chose."""
+    return {"decision": decision(threshold, calibration), "threshold": dict(threshold),
+            "oracle": {"f1_max": summary.get("f1_max"), "f1_threshold": summary.get("f1_threshold"),
+                       "note": ORACLE_NOTE},
+            "calibration": calibration_summary(calibration), "tuned_keys": list(tuned)}
 
 
 def _title(key: str) -> str:

@@ -190,3 +190,25 @@ def write_plot_csv(path: str | Path, columns: Mapping[str, Sequence[Any]]) -> Pa
     path = Path(path)
     write_text_atomic(path, buf.getvalue())
     return path
+
+
+def tuning_png(path: str | Path, candidates: Sequence[Mapping[str, Any]], title: str, note: str = "") -> Path:
+    """The tuner's search: each candidate's objective in evaluation order, the best so far and the starting point.
+
+    ``candidates``: records with ``objective`` (None for a candidate excluded as too slow). Without any scored
+    candidate (nothing was tuned) the picture says so with ``note``.
+    """
+    values = np.array([np.nan if c.get("objective") is None else c["objective"] for c in candidates], dtype=float)
+    if not np.isfinite(values).any():
+        img = Image.new("RGB", (640, 160), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        draw.text((320, 40), title, fill=(0, 0, 0), font=font(15), anchor="mt")
+        draw.text((320, 90), note or "no candidate was scored", fill=(80, 80, 80), font=font(13), anchor="mt")
+        write_png_atomic(Path(path), img)
+        return Path(path)
+    order = np.arange(1, len(values) + 1, dtype=float)
+    best = np.fmax.accumulate(np.where(np.isfinite(values), values, -np.inf))
+    start = values[0] if np.isfinite(values[0]) else np.nanmin(values)
+    curves = {"candidate": (order, values), "best so far": (order, np.where(np.isfinite(best), best, np.nan)),
+              "before tuning": (np.array([1.0, order[-1]]), np.array([start, start]))}
+    return curve_png(path, curves, "candidate (evaluation order)", "objective (mean of 3 metrics, %)", title)

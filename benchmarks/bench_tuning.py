@@ -1,0 +1,111 @@
+"""Label-free tuning against the defaults and hand-tuned profiles, per product line (issue: lines out of the box).
+
+For each line it runs ``hetmm run`` in a fresh folder with three entries and prints one table row each:
+
+* ``default``: the data block only, tuning off (the settings of ``hetmm/config.py``);
+* ``auto``: the data block only (the tuner chooses; thresholds from calibration);
+* ``hand``: the hand-tuned profile (demo: its profile before the tuner; mtd: the frozen profile of params.yaml,
+  chosen on the dev half). hazelnut_toy has none.
+
+Every variant deploys the default ``normal_fpr`` threshold; metrics are threshold-free except ``f1_deployed`` (F1 at
+the deployed threshold) next to the oracle F1-max. MTD reports the dev and holdout halves separately; the tuner
+reads the training images only. Writes ``benchmarks/results/tuning.json``.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_tuning.py [--lines demo hazelnut mtd] [--variants auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+RESULTS = Path(__file__).parent / "results" / "tuning.json"
+REPORT = {"overlays": 0, "ablation": False}
+
+DEMO_HAND = {  # the demo line's profile before the tuner existed (params.yaml up to issue 10)
+    "features": {"backbone": "efficientnet_lite0", "layers": [1, 2, 3], "image_size": [128, 128]},
+    "templates": {"kind": "PTS", "size": 10},
+    "matching": {"mode": "mutual", "forward_windows": [5, 3, 3], "backward_windows": [3, 3, 1],
+                 "alphas": [0.5, 0.5, 0.5], "weights": [1.0, 1.0, 0.5]},
+    "post": {"blur_sigma": 2.0},
+}
+
+
+def data_blocks() -> dict[str, dict]:
+    return {"demo": {"source": "demo", "seed": 0},
+            "hazelnut": {"source": "folder", "path": str(SHARED / "hazelnut_toy")},
+            "mtd": {"source": "mtd", "subset": "all", "mirror": str(SHARED / "mtd")}}
+
+
+def hand_profile(line: str) -> dict | None:
+    if line == "demo":
+        return DEMO_HAND
+    if line == "mtd":
+        entry = yaml.safe_load((REPO / "params.yaml").read_text())["product_lines"]["mtd"]
+        return {k: v for k, v in entry.items() if k not in ("data", "report", "threshold", "tune")}
+    return None
+
+
+def run_variant(line: str, entry: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"tuning-{line}-") as tmp:
+        root = Path(tmp)
+        (root / "params.yaml").write_text(yaml.safe_dump({"device": "cpu", "product_lines": {line: entry}}))
+        exe = Path(sys.executable).with_name("hetmm")
+        start = time.perf_counter()
+        proc = subprocess.run([str(exe), "run", line, "--quiet"], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise SystemExit(f"{line}: hetmm run failed:\n{proc.stderr[-3000:]}")
+        reports = root / "reports" / line
+        metrics = json.loads((reports / "metrics.json").read_text())
+        tuning = json.loads((reports / "tuning.json").read_text())
+        calibration = json.loads((root / "models" / line / "calibration.json").read_text())
+    subsets = {name: {k: round(v[k], 2) for k in ("image_auroc", "pixel_auroc", "aupro") if v.get(k) is not None}
+               for name, v in metrics["subsets"].items()}
+    return {"subsets": subsets, "f1_deployed": round(metrics["f1_at_threshold"], 2),
+            "oracle_f1_max": round(metrics["oracle_f1_max"], 2), "threshold_rule": metrics["threshold_rule"],
+            "tuning_seconds": tuning.get("seconds"), "tuned": tuning.get("chosen", {}),
+            "synthetic_validation": calibration["synthetic_metrics"], "wall_seconds": round(wall, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", nargs="+", default=["demo", "hazelnut", "mtd"], choices=list(data_blocks()))
+    parser.add_argument("--variants", nargs="+", default=["default", "auto", "hand"],
+                        choices=["default", "auto", "hand"], help="rerun these; the others keep their recorded rows")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for line in args.lines:
+        data = data_blocks()[line]
+        variants = {"default": {"data": data, "report": REPORT, "tune": {"enabled": False}},
+                    "auto": {"data": data, "report": REPORT}}
+        if hand := hand_profile(line):
+            variants["hand"] = {"data": data, "report": REPORT, **hand}
+        results.setdefault(line, {})
+        for name, entry in variants.items():
+            if name not in args.variants:
+                continue
+            out = run_variant(line, entry)
+            results[line][name] = out
+            for subset, m in out["subsets"].items():
+                print(f"| {line} | {name} | {subset} | {m.get('image_auroc')} | {m.get('pixel_auroc')} | "
+                      f"{m.get('aupro')} | {out['f1_deployed']} / {out['oracle_f1_max']} | "
+                      f"{out['tuning_seconds']} | {out['wall_seconds']} |", flush=True)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Stage ``tune``: choose the line's unpinned settings on its good training images; write the effective settings.
+
+Reads ``data/<line>/`` (train split only: no test image, label or mask is ever opened) and the line's
+``params.yaml`` entry; writes ``models/<line>/settings.yaml`` (the effective settings every later stage reads,
+:mod:`hetmm.pipeline.settings`), ``reports/<line>/tuning.json`` (every candidate, its scores and the choice) and
+``reports/<line>/tuning.png``. A search (:mod:`hetmm.pipeline.tuning`) runs only when the line has tunable keys and
+its key (tuning inputs: settings, pinned keys, training images, code) differs from the last search's; otherwise the
+recorded choice is reused, so a change to, say, ``report.overlays`` costs no search.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from hetmm.data.images import load_image
+from hetmm.data.splits import seeded_sample, validation_split
+from hetmm.data.synthetic import DefectFamily, synthesize
+from hetmm.io import sha256_json, write_json_atomic
+from hetmm.pipeline import settings
+from hetmm.pipeline.line import StageRun, read_json, split, validated_manifest
+from hetmm.pipeline.provenance import tuning_code
+from hetmm.report import plots
+
+# Sections that cannot change what the search sees (the threshold and the report come after it).
+_NOT_TUNING = ("threshold", "report")
+
+
+def search_key(line, shas: list[str]) -> str:
+    """Everything a search result depends on; equal keys give the same choice (up to measured speeds)."""
+    used = {k: v for k, v in settings.sections(line).items() if k not in _NOT_TUNING}
+    return sha256_json({"settings": used, "pinned": sorted(line.pinned), "train": sorted(set(shas)),
+                        "code": tuning_code()})
+
+
+def run(ctx: StageRun) -> dict:
+    line, paths = ctx.line, ctx.paths
+    train = split(validated_manifest(paths, line.name), "train")
+    shas = list(train["sha256"])
+    key = search_key(line, shas)
+    previous = read_json(paths.reports / "tuning.json")
+    tunable = line.tunable()
+    record: dict
+    if not tunable:
+        why = "tune.enabled is false" if not line.tune.enabled else "every tunable key is pinned in params.yaml"
+        record = {"action": "none", "reason": why, "chosen": {}}
+    elif previous.get("key") == key and previous.get("action") in ("searched", "reused"):
+        record = {**previous, "action": "reused", "reason": "same training images, settings and code as the "
+                  "recorded search"}
+    else:
+        record = _search(ctx, train, shas)
+    record["key"] = key
+    effective = settings.apply(line, record["chosen"])
+    settings.write_settings(paths.settings, effective, line, record["chosen"])
+    write_json_atomic(paths.reports / "tuning.json", record)
+    plots.tuning_png(paths.reports / "tuning.png", record.get("candidates", []), f"{line.name}: label-free tuning",
+                     note=f"nothing tuned: {record['reason']}")
+    summary = {k: record[k] for k in ("action", "reason", "chosen") if k in record}
+    if "best" in record:
+        summary["objective"] = {"before": record["baseline"]["objective"], "after": record["best"]["objective"]}
+    return summary
+
+
+def _search(ctx: StageRun, train, shas: list[str]) -> dict:
+    from hetmm.pipeline import tuning  # torch: only when a search runs
+
+    line, paths, tune = ctx.line, ctx.paths, ctx.line.tune
+    templates, normals = validation_split(shas, tune.validation_share, tune.max_validation, tune.seed)
+    if not normals:
+        return {"action": "none", "chosen": {},
+                "reason": f"the line has {len(set(shas))} training image(s); tuning holds some out and needs >= 2"}
+    templates = seeded_sample(templates, tune.max_templates, tune.seed, "tuning templates")
+    path_of = dict(zip(train["sha256"], train["path"]))
+    start = time.perf_counter()
+    normal_images = [load_image(paths.data / path_of[s]) for s in normals]
+    defects = synthesize([np.asarray(im) for im in normal_images], tune.seed, 
+                          per_image=tune.per_image(len(normal_images), len(DefectFamily)))
+    evalset = tuning.evaluation_set(normal_images, [(Image.fromarray(d.image), d.mask) for d in defects])
+    template_images = [load_image(paths.data / path_of[s]) for s in templates]
+    native = max(max(im.size) for im in normal_images)
+    say = (lambda m: print(f"tune {line.name}: {m}", file=sys.stderr)) if ctx.progress else None
+    result = tuning.search(line, template_images, evalset, len(set(shas)), native, _device(ctx), say)
+    families = sorted({d.family.value for d in defects})
+    return {"action": "searched", "reason": "tunable keys: " + ", ".join(line.tunable()),
+            "chosen": result.chosen, "baseline": result.baseline, "best": result.best,
+            "objective": "mean of image AUROC, pixel AUROC and AU-PRO on validation normals + synthetic defects",
+            "validation": {"normals": normals, "templates": len(templates), "synthetic": len(defects),
+                           "families": families},
+            "stopped": result.stopped, "notes": result.notes,
+            "seconds": round(time.perf_counter() - start, 1), "work_seconds": result.seconds,
+            "candidates": result.candidates}
+
+
+def _device(ctx: StageRun):
+    from hetmm.core.device import resolve_device
+
+    return resolve_device(ctx.device)

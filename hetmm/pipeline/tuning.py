@@ -1,0 +1,389 @@
+"""Label-free settings search: good training images only, scored on synthetic defects with known masks.
+
+Contract: :func:`search` takes a line (its pinned keys are never changed), template images and validation normals
+(PIL images, all good) and returns a :class:`Result`: every candidate with its scores and the chosen values of the
+line's tunable keys. No test image, label or mask is an input.
+
+Objective (:func:`objective`): the mean of image AUROC, pixel AUROC and AU-PRO (percent) over the validation normals
+(label 0, empty masks) and the synthetic defects made on them (:mod:`hetmm.data.synthetic`), all at one evaluation
+resolution so that image sizes compare fairly. Search: coordinate descent from the line's current values in the
+fixed order of :data:`hetmm.config.TUNABLE` (matching first, then features, then matching again on the final
+features); a value replaces the current one only when it beats it by more than :data:`MARGIN`. Features are
+extracted once per feature setting and every window's distances once per layer, so a matching candidate costs one
+fusion and the metrics. A candidate whose measured cost would inspect fewer than ``tune.min_images_per_second``
+images (with the template the line will deploy, fixed first by :meth:`_Search.template_size`) is recorded as too
+slow and never chosen. Speeds and the budget are read off :class:`WorkClock` (the process's own work), so a busy
+machine does not change the choice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hetmm.config import FeatureConfig, ProductLine
+from hetmm.core.backbones import build_backbone
+from hetmm.core.features import FeatureExtractor, content_box
+from hetmm.core.inspector import restore_geometry
+from hetmm.core.matching import match_layer, nearest_patch
+from hetmm.core.metrics import aupro, image_auroc, pixel_auroc
+from hetmm.core.modes import MatchMode, TemplateKind
+from hetmm.core.scoring import fuse_layers, gaussian_blur, image_scores, match_plan
+from hetmm.pipeline import settings
+
+EVAL_SIZE = (256, 256)  # every candidate's maps and masks are compared at this resolution
+MARGIN = 0.1  # objective points a new value must gain over the current one (below the synthetic set's noise)
+QUERY_CHUNK = 16
+PROBE = 2  # queries timed first
+
+# The values tried per key; per-layer keys are tried layer by layer.
+MODES = (MatchMode.MUTUAL, MatchMode.FORWARD, MatchMode.BACKWARD, MatchMode.PATCH)
+WINDOWS = (1, 3, 5, 7)
+ALPHAS = (0.25, 0.5, 0.75)
+WEIGHTS = (0.0, 0.5, 1.0)
+BLURS = (0.0, 1.0, 2.0, 4.0, 8.0)
+IMAGE_SIDES = (256, 320, 384)
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+POOLS = (1, 3)
+NORMALISATIONS = ("imagenet", "image")
+PTS_SIZES = (200, 100, 60, 40, 20, 10)  # when ALL would be too slow: the largest K that meets the floor
+MATCHING_KEYS = ("matching.mode", "matching.forward_windows", "matching.backward_windows", "matching.alphas",
+                 "matching.weights", "post.blur_sigma")
+FEATURE_KEYS = ("features.image_size", "features.backbone", "features.pool", "features.normalisation")
+
+
+def objective(scores: dict[str, float]) -> float:
+    """What the search maximises: mean of image AUROC, pixel AUROC and AU-PRO (percent)."""
+    return (scores["image_auroc"] + scores["pixel_auroc"] + scores["aupro"]) / 3.0
+
+
+@dataclass
+class EvalSet:
+    """Validation queries: normals (label 0) then synthetic defects (label 1) with masks ``[Q, *EVAL_SIZE]``."""
+
+    images: list[Image.Image]
+    labels: np.ndarray
+    masks: np.ndarray
+
+
+@dataclass
+class Result:
+    chosen: dict[str, Any]  # tuned key -> value (only keys that were tunable)
+    candidates: list[dict]  # every evaluated candidate, in order
+    baseline: dict  # the first candidate: the line's values before tuning
+    best: dict  # the chosen candidate's record
+    stopped: str | None = None  # why the search ended early ("budget"), or None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class TooSlow(Exception):
+    """A candidate whose measured cost is below the throughput floor."""
+
+
+class WorkClock:
+    """Seconds of this process's own work, so that another job on the machine changes neither the speeds measured
+    nor the budget, hence not the choice: CPU time over torch's threads on the CPU, wall time after a sync on CUDA
+    (the GPU's work is not CPU time)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.threads = max(1, torch.get_num_threads())
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.process_time() / self.threads
+
+
+class _Features:
+    """Features of the templates and queries for one feature setting, the distances computed from them and what
+    each cost per query image."""
+
+    def __init__(self, config: FeatureConfig, templates: Sequence[Image.Image], queries: Sequence[Image.Image],
+                 device: torch.device, backbones: dict, clock: WorkClock):
+        self.clock = clock
+        name = (config.backbone, config.weights, config.preact, config.blocks)
+        if name not in backbones:
+            backbones[name] = build_backbone(config.backbone, weights=config.weights, preact=config.preact,
+                                             blocks=config.blocks)
+        extractor = FeatureExtractor(config, device, backbone=backbones[name])
+        start = clock()
+        self.templates = _extract(extractor, templates, config.batch_size)
+        self.queries = _extract(extractor, queries, config.batch_size)
+        self.seconds_per_image = (clock() - start) / (len(templates) + len(queries))
+        self.boxes = [content_box(im.size, config.image_size, config.resize) for im in queries]
+        self.config = config
+        self.distances: dict[tuple[int, str, int], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.cost: dict[tuple[int, str, int], float] = {}  # seconds per query image against one template sheet
+        self.too_slow: set[tuple[int, str, int]] = set()
+
+    def geometry(self, layer: int, patch: bool, window: int, sheets_deployed: int, floor: float
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(forward, backward) ``[Q, h, w]`` of one layer and window (or the nearest patch), computed once."""
+        key = (layer, "patch" if patch else "window", 0 if patch else window)
+        if key in self.too_slow:
+            raise TooSlow(key)
+        if key not in self.distances:
+            query, sheets = self.queries[layer], self.templates[layer]
+            parts, spent = [], 0.0
+            # a small first chunk measures the cost before a hopeless candidate is paid for in full
+            starts = [0, *range(PROBE, query.shape[0], QUERY_CHUNK)]
+            for start, stop in zip(starts, [*starts[1:], query.shape[0]]):
+                tick = self.clock()
+                batch = query[start:stop]
+                parts.append((nearest_patch(batch, sheets), None) if patch else match_layer(batch, sheets, window,
+                                                                                             window))
+                spent += self.clock() - tick
+                per_sheet = spent / (start + batch.shape[0]) / sheets.shape[0]
+                if floor > 0 and per_sheet * sheets_deployed > 1.0 / floor:  # stop paying for a hopeless candidate
+                    self.too_slow.add(key)
+                    raise TooSlow(key)
+            self.cost[key] = per_sheet
+            self.distances[key] = tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+        return self.distances[key]
+
+
+def _extract(extractor: FeatureExtractor, images: Sequence[Image.Image], batch: int) -> list[torch.Tensor]:
+    parts = [extractor(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return [torch.cat([p[j] for p in parts]).float() for j in range(len(parts[0]))]
+
+
+class _Search:
+    def __init__(self, line: ProductLine, templates: Sequence[Image.Image], evalset: EvalSet, train_images: int,
+                 device: torch.device, progress: Callable[[str], None] | None):
+        self.line, self.templates, self.evalset = line, list(templates), evalset
+        self.train_images = train_images
+        self.device = device
+        self.floor = line.tune.min_images_per_second
+        self.tunable = set(line.tunable())
+        self.backbones: dict = {}
+        self.features: dict[str, _Features] = {}
+        self.candidates: list[dict] = []
+        self.clock = WorkClock(device)
+        self.start = self.clock()
+        self.stopped: str | None = None
+        self.progress = progress or (lambda message: None)
+
+    # ----------------------------------------------------------------- one candidate
+
+    def sheets(self, line: ProductLine) -> int:
+        """Template sheets the line would match against when deployed."""
+        n = self.train_images
+        return n if line.templates.kind == TemplateKind.ALL else min(n, line.templates.size)
+
+    def _features(self, config: FeatureConfig) -> _Features:
+        key = repr(config.fingerprint())
+        if key not in self.features:
+            self.features[key] = _Features(config, self.templates, self.evalset.images, self.device, self.backbones,
+                                               self.clock)
+        return self.features[key]
+
+    def evaluate(self, line: ProductLine, phase: str, key: str) -> dict:
+        """Score ``line`` on the validation set and record it."""
+        record = {"phase": phase, "key": key, "settings": {k: settings._plain(settings.get(line, k))
+                                                           for k in sorted(self.tunable)}}
+        try:
+            feats = self._features(line.features)
+            maps, cost = self._maps(line, feats)
+        except TooSlow:
+            record.update(excluded="too slow for tune.min_images_per_second", objective=None)
+            self.candidates.append(record)
+            return record
+        scores = image_scores(maps, line.post.image_score, line.post.block).numpy()
+        small = F.interpolate(maps[:, None], size=EVAL_SIZE, mode="bilinear", align_corners=False)[:, 0].numpy()
+        metrics = {"image_auroc": image_auroc(scores, self.evalset.labels),
+                   "pixel_auroc": pixel_auroc(small, self.evalset.masks),
+                   "aupro": aupro(small, self.evalset.masks)}
+        rate = 1.0 / (feats.seconds_per_image + cost)
+        record.update({k: round(v, 4) for k, v in metrics.items()})
+        record.update(objective=round(objective(metrics), 4), images_per_second=round(rate, 2))
+        if self.floor > 0 and rate < self.floor:
+            record.update(excluded="too slow for tune.min_images_per_second", objective=None)
+        self.candidates.append(record)
+        self.progress(f"{phase} {key}: objective {record['objective']}")
+        return record
+
+    def _maps(self, line: ProductLine, feats: _Features, floor: float | None = None) -> tuple[torch.Tensor, float]:
+        """Anomaly maps ``[Q, H, W]`` of ``line`` and its matching cost per image (seconds, full template);
+        ``floor`` overrides the throughput floor (0: measure whatever it costs)."""
+        m, sheets = line.matching, self.sheets(line)
+        floor = self.floor if floor is None else floor
+        forward, backward, alphas, weights, cost = [], [], [], [], 0.0
+        for step in match_plan(m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode):
+            fwd = bwd = None
+            if step.patch:
+                fwd = feats.geometry(step.layer, True, 0, sheets, floor)[0]
+                cost += feats.cost[(step.layer, "patch", 0)]
+            else:
+                for window, take in ((step.forward_window, 0), (step.backward_window, 1)):
+                    if window:
+                        pair = feats.geometry(step.layer, False, window, sheets, floor)
+                        fwd, bwd = (pair[0], bwd) if take == 0 else (fwd, pair[1])
+                        cost += feats.cost[(step.layer, "window", window)] / 2  # one pass gives both directions
+            forward.append(fwd)
+            backward.append(bwd)
+            alphas.append(step.alpha)
+            weights.append(step.weight)
+        if not forward:
+            raise TooSlow("no layer")  # every weight 0: not a usable candidate
+        maps = fuse_layers(forward, backward, alphas, weights, line.features.image_size)
+        if line.features.resize == "pad":
+            maps = restore_geometry(maps, feats.boxes)
+        maps = gaussian_blur(maps, line.post.blur_sigma, line.post.blur_kernel)
+        return maps, cost * sheets
+
+    # ----------------------------------------------------------------- coordinate descent
+
+    def out_of_time(self) -> bool:
+        if self.clock() - self.start > self.line.tune.budget_s:
+            self.stopped = "budget"
+        return self.stopped is not None
+
+    def settle(self, line: ProductLine, best: dict, key: str, options: Sequence[Any], phase: str
+               ) -> tuple[ProductLine, dict]:
+        """Try every option for ``key`` and keep the best (the current value unless one beats it by MARGIN)."""
+        current = settings.get(line, key)
+        for value in options:
+            if self.out_of_time():
+                break
+            if _same(value, current):
+                continue
+            try:
+                trial = settings.apply(line, {key: value})
+            except Exception:  # noqa: BLE001 - an option invalid for this line (e.g. a window on a tiny map)
+                continue
+            record = self.evaluate(trial, phase, key)
+            if _score(record) > _score(best) + MARGIN:
+                line, best = trial, record
+        return line, best
+
+    def matching_pass(self, line: ProductLine, best: dict, phase: str) -> tuple[ProductLine, dict]:
+        n = len(line.features.layers)
+        for key in MATCHING_KEYS:
+            if key not in self.tunable:
+                continue
+            if key == "matching.mode":
+                line, best = self.settle(line, best, key, MODES, phase)
+            elif key == "post.blur_sigma":
+                line, best = self.settle(line, best, key, BLURS, phase)
+            else:
+                values = {"matching.forward_windows": WINDOWS, "matching.backward_windows": WINDOWS,
+                          "matching.alphas": ALPHAS, "matching.weights": WEIGHTS}[key]
+                if not _uses(line.matching.mode, key):
+                    continue
+                for j in range(n):
+                    current = list(settings.get(line, key))
+                    options = [tuple(current[:j] + [v] + current[j + 1:]) for v in values]
+                    line, best = self.settle(line, best, key, options, phase)
+        return line, best
+
+    def feature_pass(self, line: ProductLine, best: dict, native_side: int) -> tuple[ProductLine, dict]:
+        options = {"features.image_size": [(s, s) for s in IMAGE_SIDES if s <= max(native_side, IMAGE_SIDES[0])],
+                   "features.backbone": BACKBONES, "features.pool": POOLS,
+                   "features.normalisation": NORMALISATIONS}
+        for key in FEATURE_KEYS:
+            if key in self.tunable:
+                line, best = self.settle(line, best, key, options[key], "features")
+        return line, best
+
+    def template_size(self, line: ProductLine) -> tuple[ProductLine, list[str]]:
+        """Fix the deployed template before the search, from the starting values' measured speed: ALL (the most
+        accurate) when it meets the throughput floor with every training image, else the largest PTS K that does.
+        Every candidate is then held to the floor at that size, so a slow mode cannot win on a small template
+        and push the line onto a smaller one afterwards."""
+        if "templates.kind" not in self.tunable:
+            return line, []
+        everything = settings.apply(line, {"templates.kind": TemplateKind.ALL})
+        if self.floor <= 0:
+            return everything, ["templates: ALL (no throughput floor)"]
+        feats = self._features(line.features)
+        per_sheet = self._maps(line, feats, floor=0.0)[1] / self.sheets(line)
+
+        def rate(sheets: int) -> float:
+            return 1.0 / (feats.seconds_per_image + per_sheet * sheets)
+        if rate(self.train_images) >= self.floor:
+            return everything, [f"templates: ALL ({self.train_images} sheets, about "
+                                f"{rate(self.train_images):.1f} images/s with the starting values)"]
+        sizes = [k for k in PTS_SIZES if k < self.train_images and rate(k) >= self.floor] or [PTS_SIZES[-1]]
+        chosen = {"templates.kind": TemplateKind.PTS}
+        if "templates.size" in self.tunable:
+            chosen["templates.size"] = sizes[0]
+        line = settings.apply(line, chosen)
+        return line, [f"templates: PTS-{line.templates.size} (ALL with {self.train_images} sheets would inspect "
+                      f"about {rate(self.train_images):.2f} images/s with the starting values, below the floor "
+                      f"{self.floor})"]
+
+
+def _score(record: dict) -> float:
+    return -math.inf if record["objective"] is None else record["objective"]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return settings._plain(a) == settings._plain(b)
+
+
+def _uses(mode: MatchMode, key: str) -> bool:
+    """Whether the per-layer ``key`` changes the maps in ``mode`` (patch and pixel ignore the windows)."""
+    if key == "matching.forward_windows":
+        return mode in (MatchMode.MUTUAL, MatchMode.FORWARD)
+    if key == "matching.backward_windows":
+        return mode in (MatchMode.MUTUAL, MatchMode.BACKWARD)
+    if key == "matching.alphas":
+        return mode in (MatchMode.MUTUAL, MatchMode.PIXEL)
+    return True
+
+
+def _drop_unused_layers(line: ProductLine, tunable: set[str]) -> ProductLine:
+    """Layers the search weighted 0 are not extracted at all, when the line lets the tuner choose its layers."""
+    per_layer = ("matching.forward_windows", "matching.backward_windows", "matching.alphas", "matching.weights")
+    keep = [j for j, w in enumerate(line.matching.weights) if w > 0]
+    if len(keep) == len(line.features.layers) or not {"features.layers", *per_layer} <= tunable:
+        return line
+    chosen = {"features.layers": tuple(line.features.layers[j] for j in keep)}
+    chosen |= {key: tuple(settings.get(line, key)[j] for j in keep) for key in per_layer}
+    return settings.apply(line, chosen)
+
+
+def search(line: ProductLine, templates: Sequence[Image.Image], evalset: EvalSet, train_images: int,
+           native_side: int, device: torch.device | str = "cpu",
+           progress: Callable[[str], None] | None = None) -> Result:
+    """Choose ``line.tunable()`` keys on ``evalset`` (see the module docstring); ``train_images``: how many
+    training images the deployed template will have (for the throughput floor)."""
+    run = _Search(line, templates, evalset, train_images, torch.device(device), progress)
+    with torch.no_grad():
+        line, notes = run.template_size(line)
+        baseline = best = run.evaluate(line, "baseline", "-")
+        current = line
+        if run.tunable:
+            current, best = run.matching_pass(current, best, "matching")
+            current, best = run.feature_pass(current, best, native_side)
+            current, best = run.matching_pass(current, best, "matching (final features)")
+        if best["objective"] is None:
+            notes.append("no candidate met the throughput floor; kept the line's values")
+            current = line
+        current = _drop_unused_layers(current, run.tunable)
+    chosen = {k: settings._plain(settings.get(current, k)) for k in sorted(run.tunable)}
+    return Result(chosen=chosen, candidates=run.candidates, baseline=baseline, best=best, stopped=run.stopped,
+                  seconds=round(run.clock() - run.start, 1), notes=notes)
+
+
+def evaluation_set(normals: Sequence[Image.Image], defects: Sequence[tuple[Image.Image, np.ndarray]]) -> EvalSet:
+    """Normals (label 0) and synthetic ``(image, mask [H, W] bool)`` defects as an :class:`EvalSet`."""
+    masks = [np.zeros(EVAL_SIZE, dtype=bool)] * len(normals)
+    height, width = EVAL_SIZE
+    for _, mask in defects:
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.BILINEAR)
+        masks.append(np.asarray(resized) >= 128)
+    labels = np.array([0] * len(normals) + [1] * len(defects), dtype=bool)
+    return EvalSet([*normals, *(im for im, _ in defects)], labels, np.stack(masks))
+
