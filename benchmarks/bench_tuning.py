@@ -75,7 +75,7 @@ def run_variant(line: str, entry: dict) -> dict:
                for name, v in metrics["subsets"].items()}
     return {"subsets": subsets, "f1_deployed": round(metrics["f1_at_threshold"], 2),
             "oracle_f1_max": round(metrics["oracle_f1_max"], 2), "threshold_rule": metrics["threshold_rule"],
-            "tuning_seconds": tuning.get("seconds"), "tuned": tuning.get("chosen", {}),
+            "tuning_seconds": tuning.get("seconds"), "tuning_work_seconds": tuning.get("work_seconds"), "tuned": tuning.get("chosen", {}),
             "synthetic_validation": calibration["synthetic_metrics"], "wall_seconds": round(wall, 1)}
 
 
