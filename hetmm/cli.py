@@ -15,8 +15,23 @@ import typer
 
 from hetmm.pipeline import STAGES
 
+HELP_FLAGS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(help="Training-free defect inspection (HETMM) as a per-product-line pipeline.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_FLAGS)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hetmm import __version__
+
+        typer.echo(f"hetmm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """Training-free defect inspection (HETMM) as a per-product-line pipeline."""
 
 LineArg = Annotated[str, typer.Argument(help="Product line name from params.yaml")]
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
@@ -144,13 +159,24 @@ def update(
     from hetmm.pipeline.lock import line_lock
     from hetmm.pipeline.predict import update_template
 
+    from hetmm.errors import HetmmError
+    from hetmm.pipeline.lines import dvc_lines
+
     p, cfg, paths = _context(params, root, line)
+    dvc_yaml = root / "dvc.yaml"
+    if template_path is None and dvc_yaml.is_file() and line in dvc_lines(dvc_yaml):
+        # the next `dvc repro` would rebuild the template from the line's data and silently drop the update
+        raise HetmmError(f"line {line!r} is run by {dvc_yaml}: the next `dvc repro` would rebuild "
+                         f"models/{line}/template.pt from the line's data and drop this update; add the images to "
+                         f"the line's source (train/good/ of a folder source) and run `dvc repro report@{line}`, or "
+                         "pass --template to update a copy")
     with line_lock(root, line):
         _show(update_template(cfg, paths, images, template_path=template_path, device=device or p.device,
                               progress=not quiet))
 
 
-line_app = typer.Typer(help="Add product lines and check that params.yaml and dvc.yaml agree.", no_args_is_help=True)
+line_app = typer.Typer(help="Add product lines and check that params.yaml and dvc.yaml agree.", no_args_is_help=True,
+                       context_settings=HELP_FLAGS)
 app.add_typer(line_app, name="line")
 DvcOpt = Annotated[Path, typer.Option("--dvc", help="dvc.yaml to update")]
 
@@ -189,13 +215,22 @@ def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.
 @_friendly
 def audit(
     line: Annotated[Optional[str], typer.Argument(help="Only this product line")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Versions in use from this ISO date or date-time on")] = None,
+    until: Annotated[Optional[str], typer.Option(help="... up to this ISO date (inclusive) or date-time")] = None,
     root: RootOpt = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ):
-    """Every template version in git history per product line, with data hash, params and metrics."""
-    from hetmm.report.audit import audit_history, format_table
+    """Every template version in git history (all branches and experiments) per product line: commit, author,
+    date, data and template hashes, code version, params, threshold and metrics."""
+    from hetmm.errors import HetmmError
+    from hetmm.report.audit import audit_history, format_table, parse_when
 
-    rows = audit_history(root, line)
+    rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True))
+    if line and not rows:
+        known = sorted({r["line"] for r in audit_history(root)})
+        raise HetmmError(f"no model card of line {line!r} in the git history of {root} for that period (lines with "
+                         f"model cards: {', '.join(known) or 'none'}); commit reports/{line}/model_card.json after "
+                         "`dvc repro`")
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
 
 

@@ -136,7 +136,7 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    overlays: int = 6  # worst and best cases drawn per report
+    overlays: int = 6  # overlay panels per report, in all: worst defects, worst good images, best defects
     ablation: bool = False  # also score the paper's Table 8 variants and PTS sizes
     ablation_sizes: tuple[int, ...] = (10, 20, 40, 60)  # PTS sizes in the ablation table
     ablation_subset: Literal["all", "dev", "holdout"] = "all"  # score the ablation on one test subset only
@@ -329,12 +329,31 @@ def validate_line(line: ProductLine, key: str) -> None:
         raise ConfigError(f"{key}.data.category: the mvtec source needs a category name")
 
 
-def pinned_keys(body: Any) -> frozenset[str]:
-    """``section.key`` for every key a line entry sets (``{"post": {"blur_sigma": 2}}`` -> ``post.blur_sigma``)."""
+AUTO = "auto"  # a tunable key's value that leaves it to the tuner (so `dvc exp run -S` can set every key)
+
+
+def open_keys(body: Any, key: str) -> tuple[Any, frozenset[str]]:
+    """A line entry without its ``auto`` values, and ``section.key`` for every key it pins (sets to a value):
+    ``{"post": {"blur_sigma": 2}, "matching": {"mode": "auto"}}`` pins ``post.blur_sigma`` only. ``auto`` is
+    refused on a key the tuner does not choose."""
     if not isinstance(body, dict):
-        return frozenset()
-    return frozenset(f"{section}.{key}" for section, values in body.items() if isinstance(values, dict)
-                     for key in values)
+        return body, frozenset()
+    kept, pinned = {}, set()
+    for section, values in body.items():
+        if not isinstance(values, dict):
+            kept[section] = values
+            continue
+        kept[section] = {}
+        for name, value in values.items():
+            dotted = f"{section}.{name}"
+            if isinstance(value, str) and value == AUTO:
+                if dotted not in TUNABLE:
+                    raise ConfigError(f"{key}.{dotted}: `auto` is only for the keys the tuner chooses "
+                                      f"({', '.join(TUNABLE)})")
+                continue
+            kept[section][name] = value
+            pinned.add(dotted)
+    return kept, frozenset(pinned)
 
 
 def parse_params(raw: Any) -> Params:
@@ -351,7 +370,8 @@ def parse_params(raw: Any) -> Params:
     for name, body in lines_raw.items():
         try:
             key = f"product_lines.{check_line_name(name)}"
-            line = build_config(ProductLine, body, key, name=name, pinned=pinned_keys(body))
+            body, pinned = open_keys(body, key)
+            line = build_config(ProductLine, body, key, name=name, pinned=pinned)
             validate_line(line, key)
             lines[name] = line
         except ConfigError as exc:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import DEMO_LINE, SUBPROCESS_ENV, copy_run, folder_line, write_params
+from conftest import DEMO_LINE, REPO, SUBPROCESS_ENV, copy_run, folder_line, write_params
 from hetmm.cli import app
 from hetmm.pipeline import STAGES
 from hetmm.core.templates import load_template
@@ -53,6 +53,16 @@ def test_help_in_a_real_subprocess_lists_the_commands_without_loading_torch():
     probe = subprocess.run([sys.executable, "-c", "import sys, hetmm.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "False"  # heavy imports happen inside the commands
+
+
+def test_version_and_short_help_follow_click_conventions():
+    from hetmm import __version__
+
+    version = invoke("--version")
+    assert version.exit_code == 0 and version.output.strip() == f"hetmm {__version__}"
+    for args in (("-h",), ("tune", "-h"), ("line", "add", "-h"), ("audit", "-h")):
+        result = invoke(*args)
+        assert result.exit_code == 0 and "Usage:" in result.output and "--help" in result.output, args
 
 
 # --------------------------------------------------------------------------- errors: one line, exit 1
@@ -183,6 +193,21 @@ def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_ru
 # --------------------------------------------------------------------------- update
 
 
+def test_update_of_a_line_dvc_runs_is_refused_unless_it_targets_a_copy(demo_run, tmp_path):
+    root = copy_run(demo_run, tmp_path / "run")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")  # runs the demo line
+    template = root / "models/demo/template.pt"
+    before = template.read_bytes()
+    new = sorted((root / "data/demo/test/good").glob("*.png"))[:1]
+    assert_one_line_error(invoke("update", "demo", *new, *at(root), "-q"), "dvc repro report@demo", "--template")
+    assert template.read_bytes() == before
+    copy = root / "copy.pt"
+    shutil.copy(template, copy)
+    result = invoke("update", "demo", *new, *at(root), "--template", copy, "-q")
+    assert result.exit_code == 0 and json.loads(result.output)["inserted"] == 1, result.output
+    assert template.read_bytes() == before
+
+
 def test_update_inserts_new_good_images_once(demo_run, tmp_path):
     root = copy_run(demo_run, tmp_path / "run")
     template = root / "models/demo/template.pt"
@@ -244,8 +269,12 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert [r["subject"] for r in rows] == ["second template", "first template"]
-    assert [r["template_hash"] for r in rows] == [second["template"]["content_hash"][:12],
-                                                  first["template"]["content_hash"][:12]]
+    assert [r["template_hash"] for r in rows] == [second["template"]["content_hash"],
+                                                  first["template"]["content_hash"]]
+    assert all(len(r["commit"]) == 40 and r["author"] == "t <t@example.com>" for r in rows)
+    assert rows[0]["threshold"] == second["threshold"]["threshold"] and rows[0]["aupro"] == \
+        second["metrics"]["all"]["aupro"]
+    assert rows[0]["code"] == second["code_version"] and rows[0]["params"]["templates"]["size"] == 6
     assert [r["template"] for r in rows] == ["PTSx6", "PTSx10"]
     assert all(r["line"] == "demo" and r["backbone"] == "efficientnet_lite0" for r in rows)
     assert rows[0]["data_hash"] == rows[1]["data_hash"] != ""
@@ -256,4 +285,48 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     lines = table.output.strip().split("\n")
     assert len(lines) == 3 and "template_hash" in lines[0]
     assert first["template"]["content_hash"][:12] in table.output and second["template"]["content_hash"][:12] in lines[1]
-    assert json.loads(invoke("audit", "other_line", "--root", root, "--json").output) == []
+    assert_one_line_error(invoke("audit", "other_line", "--root", root, "--json"), "other_line", "demo")
+
+
+def _card(line: str, template: str, threshold: float) -> str:
+    return json.dumps({"product_line": line, "template": {"kind": "ALL", "sheets": 5, "content_hash": template},
+                       "data": {"manifest_sha256": "d" * 64}, "code_version": "c" * 40,
+                       "threshold": {"threshold": threshold, "rule": "normal_fpr"},
+                       "params": {"features": {"backbone": "efficientnet_lite0"}},
+                       "metrics": {"all": {"image_auroc": 99.0, "pixel_auroc": 98.0, "aupro": 90.0}}})
+
+
+def test_audit_answers_which_versions_inspected_a_line_in_a_period_on_every_branch(tmp_path):
+    root = tmp_path / "repo"
+    (root / "reports/bolts").mkdir(parents=True)
+    _git(root, "init", "-q", "-b", "main")
+
+    def commit(template: str, when: str, threshold: float) -> None:
+        (root / "reports/bolts/model_card.json").write_text(_card("bolts", template, threshold))
+        _git(root, "add", "-A")
+        subprocess.run(["git", "-C", str(root), "commit", "-q", "-m", f"template {template}"], check=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "Ana", "GIT_AUTHOR_EMAIL": "ana@example.com",
+                            "GIT_COMMITTER_NAME": "Ana", "GIT_COMMITTER_EMAIL": "ana@example.com",
+                            "GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when})
+
+    commit("a" * 64, "2026-01-10T09:00:00+00:00", 1.0)
+    commit("b" * 64, "2026-02-10T09:00:00+00:00", 1.1)
+    _git(root, "checkout", "-q", "-b", "exp-alphas")  # an experiment branch, not merged
+    commit("e" * 64, "2026-02-20T09:00:00+00:00", 1.3)
+    _git(root, "checkout", "-q", "main")
+    commit("c" * 64, "2026-03-10T09:00:00+00:00", 1.2)
+
+    every = json.loads(invoke("audit", "bolts", "--root", root, "--json").output)
+    assert [(r["template_hash"][0], r["ref"]) for r in every] == [
+        ("c", "refs/heads/main"), ("e", "refs/heads/exp-alphas"), ("b", "refs/heads/main"), ("a", "refs/heads/main")]
+    assert every[0]["author"] == "Ana <ana@example.com>" and every[0]["threshold"] == 1.2
+    # February: b was committed in it, a was in use when it began; e ran on an experiment branch in it
+    feb = json.loads(invoke("audit", "bolts", "--since", "2026-02-01", "--until", "2026-02-28", "--root", root,
+                            "--json").output)
+    assert [r["template_hash"][0] for r in feb] == ["e", "b", "a"]
+    late = json.loads(invoke("audit", "--since", "2026-03-05", "--root", root, "--json").output)
+    assert [r["template_hash"][0] for r in late] == ["c", "e", "b"]  # e, b: in use on their refs on March 5
+    assert_one_line_error(invoke("audit", "--since", "last tuesday", "--root", root), "--since", "ISO")
+    assert_one_line_error(invoke("audit", "bolts", "--until", "2025-12-31", "--root", root), "bolts", "period")
+    table = invoke("audit", "--root", root).output.splitlines()
+    assert len(table) == 5 and table[0].split()[:4] == ["commit", "date", "author", "ref"]

@@ -101,11 +101,17 @@ def test_fingerprint_ignores_batch_size_only():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
-def test_pinned_keys_are_the_keys_the_entry_sets():
+def test_pinned_keys_are_the_keys_the_entry_sets_to_a_value():
     raw = _raw()
-    raw["product_lines"]["bare"] = {"data": {"source": "demo"}, "post": {"blur_sigma": 1.0}}
+    raw["product_lines"]["bare"] = {"data": {"source": "demo"}, "post": {"blur_sigma": 1.0},
+                                    "matching": {"mode": "auto", "forward_windows": "auto"}}
     params = parse_params(raw)
     bare = params.line("bare")
     assert bare.pinned == {"data.source", "post.blur_sigma"}
-    assert "post.blur_sigma" not in bare.tunable() and "matching.mode" in bare.tunable()
+    assert "post.blur_sigma" not in bare.tunable() and {"matching.mode", "matching.forward_windows"} <= set(
+        bare.tunable())
+    assert bare.matching == parse_params({"product_lines": {"x": {"data": {"source": "demo"}}}}).line("x").matching
     assert params.line("demo").tunable() == ()  # tune.enabled: false
+    raw["product_lines"]["bare"]["features"] = {"batch_size": "auto"}
+    with pytest.raises(ConfigError, match=r"product_lines\.bare\.features\.batch_size: `auto` is only for"):
+        parse_params(raw).line("bare")

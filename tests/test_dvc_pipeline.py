@@ -157,7 +157,8 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
     html = (plots_dir / "index.html").read_text()
     assert "cdn.jsdelivr" not in html
     assert not re.search(r"<script[^>]*\bsrc\s*=", html), "plots must not load scripts from anywhere"
-    assert "vega" in html and "Image ROC" in html and "PRO curve" in html
+    assert "vega" in html and "demo image ROC" in html and "demo PRO curve" in html
+    assert re.search(r"<img[^>]+roc\.png", html) and re.search(r"<img[^>]+overlays", html)  # image plots
 
     # 5. an experiment: the parameter lands in params.yaml and only the affected stages run
     before = json.loads((root / "reports/demo/metrics.json").read_text())

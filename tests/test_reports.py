@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
 from importlib import resources
 from pathlib import Path
 
@@ -70,7 +73,7 @@ def test_overlay_resizes_map_and_mask_and_closes_regions_at_the_border() -> None
 def test_panel_layout() -> None:
     image = np.zeros((32, 40, 3), dtype=np.uint8)
     out = overlays.panel(image, np.random.default_rng(0).random((32, 40)), None, 0.75, "crack/003", tile=64)
-    assert out.size == (3 * 80, 64 + 40)
+    assert out.size == (3 * 80, 64 + 92)
 
 
 def test_save_overlays_writes_pngs_atomically(tmp_path: Path) -> None:
@@ -187,8 +190,27 @@ def test_model_card_renders_hashes_tables_and_strict_json(tmp_path: Path) -> Non
     assert md.read_bytes() == first  # no timestamps: reproducible for DVC
 
 
-def test_code_version_is_a_string() -> None:
-    assert isinstance(model_card.code_version(), str) and model_card.code_version()
+def test_code_version_is_the_commit_and_says_whether_hetmm_sources_are_modified(tmp_path) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True,
+                              env=env).stdout.strip()
+
+    (tmp_path / "hetmm").mkdir()
+    (tmp_path / "hetmm/core.py").write_text("x = 1\n")
+    (tmp_path / "dvc.lock").write_text("stages: {}\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "code")
+    commit = git("rev-parse", "HEAD")
+    assert len(commit) == 40 and model_card.code_version(tmp_path) == commit
+    (tmp_path / "dvc.lock").write_text("stages: {extract: {}}\n")  # what earlier stages do during a run
+    assert model_card.code_version(tmp_path) == commit
+    (tmp_path / "hetmm/core.py").write_text("x = 2\n")
+    assert model_card.code_version(tmp_path) == f"{commit} (hetmm/ modified)"
+    assert model_card.code_version(tmp_path / "hetmm").startswith("hetmm ")  # not a checkout root
 
 
 # ----------------------------------------------------------------------------- vega template
@@ -206,3 +228,55 @@ def test_vega_template_is_offline_and_dvc_compatible() -> None:
     page = html.HTML(text).with_scripts('<script src="https://cdn.example/vega.js"></script>')
     out = page.with_element('<div id="roc"></div>').embed()
     assert '<div id="roc"></div>' in out and "cdn.example" not in out
+
+
+def test_overlay_count_is_the_number_of_panels_shared_out_worst_first() -> None:
+    defects, good = [4, 7, 9, 2], [1, 5, 3]  # defects by rising score, good images by falling score
+    assert overlays.picks(6, defects, good) == ([4, 7], [1, 5], [2, 9])
+    assert overlays.picks(4, defects, good) == ([4, 7], [1], [2])
+    assert overlays.picks(1, defects, good) == ([4], [], [])
+    picked = overlays.picks(20, defects, good)  # more than there are: each image once
+    assert sorted(i for group in picked for i in group) == sorted(defects + good)
+    assert overlays.picks(3, [8], []) == ([8], [], [])
+
+
+def test_report_curves_mark_the_deployed_operating_point_on_the_roc(tmp_path: Path) -> None:
+    from hetmm.core.metrics import roc_points
+    from hetmm.report.plots import _PALETTE
+
+    scores = np.array([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])
+    labels = np.array([0, 0, 0, 1, 1, 1], bool)
+    pro = {"fpr": [0.0, 0.1, 0.3], "pro": [0.0, 0.8, 0.9]}
+    metrics = {"image_auroc": 100.0, "aupro": None}
+    plots.report_curves(tmp_path, "line", roc_points(scores, labels), pro, metrics, scores, labels, 0.33)
+    with open(tmp_path / "plots/roc.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert (float(rows[0]["fpr"]), float(rows[-1]["tpr"])) == (0.0, 1.0)
+
+    def has_colour(path: Path, rgb: tuple) -> bool:
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        return bool((np.abs(pixels.astype(int) - rgb).sum(axis=1) < 30).any())
+
+    roc_png = np.asarray(Image.open(tmp_path / "roc.png").convert("RGB"))
+    assert has_colour(tmp_path / "roc.png", _PALETTE[1])  # the operating point at (0, 1), a perfect separation
+    # the perfect curve stays visible: its colour along the top edge, not hidden under the frame
+    assert (np.abs(roc_png[30:60].astype(int) - _PALETTE[0]).sum(axis=2) < 30).sum() > 100
+    plots.report_curves(tmp_path, "line", roc_points(scores, labels), pro, metrics, scores, np.ones(6, bool), 0.33)
+    assert (tmp_path / "pro.png").is_file()
+
+
+def test_threshold_anchored_panels_colour_a_value_the_same_whatever_else_is_in_the_image() -> None:
+    image = np.full((32, 32, 3), 128, dtype=np.uint8)
+    threshold = 2.0
+    vmin, vmax = overlays.anchored_scale(threshold)
+    assert (vmin + vmax) / 2 == threshold
+    quiet = np.full((32, 32), 0.5 * threshold)
+    hot = quiet.copy()
+    hot[0, 0] = 3 * threshold  # per-image scaling would darken everything else in this one
+    tiles = []
+    for amap in (quiet, hot):
+        out = np.asarray(overlays.panel(image, amap, None, None, "t", vmin=vmin, vmax=vmax, threshold=threshold,
+                                        tile=32))
+        tiles.append(out[40 + 16, 32 + 16].astype(int))  # the middle of the anomaly-map tile
+    assert (tiles[0] == tiles[1]).all()
+    assert tiles[0][2] > tiles[0][0]  # below the threshold: the blue half of the scale

@@ -145,7 +145,8 @@ def test_a_new_line_entry_leaves_every_tunable_key_to_the_tuner():
     line = parse_params({"product_lines": {"bolts": entry}}).line("bolts")
     assert line.tunable() == TUNABLE
     assert entry["data"] == {"source": "folder", "path": "/parts/bolts", "subset": "all", "seed": 0}
-    assert entry["features"]["batch_size"] == 8 and "backbone" not in entry["features"]
+    assert entry["features"]["batch_size"] == 8 and entry["features"]["backbone"] == "auto"
+    assert all(entry[k.split(".")[0]][k.split(".")[1]] == "auto" for k in TUNABLE)
 
 
 def _direct_search(demo_tree, train_images: int, floor: float):

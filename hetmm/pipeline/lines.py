@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hetmm.config import TUNABLE, DataConfig, ProductLine, build_config, check_line_name, validate_line
+from hetmm.config import AUTO, TUNABLE, DataConfig, ProductLine, build_config, check_line_name, validate_line
 from hetmm.errors import ConfigError
 from hetmm.io import write_text_atomic
 
@@ -60,8 +60,9 @@ def check_lines(params_yaml: str | Path = "params.yaml", dvc_yaml: str | Path = 
 
 
 def line_entry(name: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The checked params entry of a new line: ``data`` plus every key at its default except the tunable ones
-    (:data:`~hetmm.config.TUNABLE`), which the tune stage chooses until the entry pins them."""
+    """The checked params entry of a new line: ``data`` plus every key at its default, the tunable ones
+    (:data:`~hetmm.config.TUNABLE`) at ``auto``: the tune stage chooses them until the entry pins a value, and every
+    key is present for ``dvc exp run -S``."""
     key = f"product_lines.{check_line_name(name)}"
     line = ProductLine(name=name, data=build_config(DataConfig, data, f"{key}.data"))
     validate_line(line, key)
@@ -70,7 +71,7 @@ def line_entry(name: str, data: dict[str, Any]) -> dict[str, Any]:
         entry.pop(dropped)
     for tunable in TUNABLE:
         section, field = tunable.split(".")
-        entry[section].pop(field)
+        entry[section][field] = AUTO
     entry["data"] = {k: v for k, v in entry["data"].items() if v is not None}
     return {section: values for section, values in entry.items() if values}
 

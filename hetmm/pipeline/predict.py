@@ -33,7 +33,8 @@ from hetmm.pipeline.feature_cache import extract_images
 from hetmm.pipeline.infer import load_inspector
 from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.template import load_current, record
-from hetmm.report.overlays import overlay
+from hetmm.report.model_card import code_version
+from hetmm.report.overlays import anchored_scale, panel
 
 
 def collect_images(inputs: Sequence[Path]) -> list[Path]:
@@ -92,6 +93,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     threshold = float(decision["threshold"]) if threshold is None else threshold
     pixel = float(decision["pixel_threshold"])
     low, high = float(decision["normalisation"]["min"]), float(decision["normalisation"]["max"])
+    vmin, vmax = anchored_scale(pixel)  # the same colours mean the same thing on every image
+    version = inspector.template.meta["content_hash"][:12]
     rows = []
     done = 0
     for images, layers in extract_images(inspector.extractor, files, line.features.batch_size, progress, "predict"):
@@ -106,8 +109,11 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
             stem = f"{len(rows):05d}_{path.stem}"
             with atomic_path(out / "masks" / f"{stem}.png") as tmp:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+            verdict = "flagged" if defective else "passed"
+            title = f"{path.name}: {verdict}, score {score:.4g} vs threshold {threshold:.4g} (template {version})"
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
-                overlay(image, full, pred_mask=mask if mask.any() else None).save(tmp, format="PNG")
+                panel(image, full, None, None, title, pred_mask=mask, vmin=vmin, vmax=vmax,
+                      threshold=pixel).save(tmp, format="PNG")
             rows.append({"path": str(path), "score": float(score),
                          "normalised_score": normalised_score(float(score), threshold, low, high),
                          "defective": defective, "defect_area_fraction": float(mask.mean()),
@@ -117,7 +123,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
         df.to_csv(tmp, index=False)
     summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
                "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
-               "template_hash": inspector.template.meta["content_hash"], "out": str(out)}
+               "template_hash": inspector.template.meta["content_hash"],
+               "template": str(template_path or paths.template), "code_version": code_version(), "out": str(out)}
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
     return summary
 

@@ -66,7 +66,7 @@ def run(ctx: StageRun) -> dict:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
     with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
         pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
-    _curves(ctx, roc, pro)
+    plots.report_curves(paths.reports, line.name, roc, pro, metrics, scores, labels, threshold["threshold"])
     written = _overlays(ctx, test, scores, maps, masks, threshold)
 
     timings = {stage: read_json(paths.reports / f"{stage}.json").get("seconds")
@@ -93,16 +93,6 @@ def run(ctx: StageRun) -> dict:
     return metrics
 
 
-def _curves(ctx: StageRun, roc: dict, pro: dict) -> None:
-    reports, name = ctx.paths.reports, ctx.line.name
-    plots.write_plot_csv(reports / "plots" / "roc.csv", {"fpr": roc["fpr"], "tpr": roc["tpr"]})
-    plots.curve_png(reports / "roc.png", {"image ROC": (roc["fpr"], roc["tpr"])},
-                    "false positive rate", "true positive rate", f"{name}: image ROC")
-    plots.write_plot_csv(reports / "plots" / "pro.csv", {"fpr": pro["fpr"], "pro": pro["pro"]})
-    plots.curve_png(reports / "pro.png", {"PRO": (pro["fpr"], pro["pro"])},
-                    "false positive rate", "per-region overlap", f"{name}: PRO (FPR <= 0.3)")
-
-
 def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
               decision: dict) -> list[Path]:
     """Panels (replacing the old) of the worst cases (missed defects, false alarms) and the best, as deployed."""
@@ -115,8 +105,7 @@ def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.nd
     labels = (test["label"] == "defect").to_numpy()
     lowest_defects = [i for i in np.argsort(scores) if labels[i]]
     highest_good = [i for i in np.argsort(-scores) if not labels[i]]
-    half = max(1, count // 2)
-    picks = dict(zip(OVERLAY_GROUPS, (lowest_defects[:half], highest_good[:half], lowest_defects[::-1][:half])))
+    picks = dict(zip(OVERLAY_GROUPS, overlays.picks(count, lowest_defects, highest_good)))
     height, width = ctx.line.features.image_size
     flagged, pixel = scores >= decision["threshold"], decision["pixel_threshold"]
     cases = [overlays.OverlayCase(
@@ -125,9 +114,8 @@ def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.nd
         title=f"{group} #{rank + 1}: {test['defect_type'][i]} score {scores[i]:.3f} "
               f"{'flagged' if flagged[i] else 'passed'} (threshold {decision['threshold']:.3f})")
         for group, indices in picks.items() for rank, i in enumerate(indices)]
-    # one colour scale for every panel, robust to a few extreme pixels
-    return overlays.save_overlays(out_dir, cases, vmin=float(np.percentile(maps, 1)),
-                                  vmax=float(np.percentile(maps, 99.9)), kind="panel")
+    vmin, vmax = overlays.anchored_scale(pixel)  # one scale for every panel, the pixel threshold in the middle
+    return overlays.save_overlays(out_dir, cases, vmin=vmin, vmax=vmax, kind="panel", bar_threshold=pixel)
 
 
 def _ablation(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:

@@ -65,21 +65,26 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return "\n".join(lines) + "\n"
 
 
-def code_version() -> str:
-    """``git describe --always --dirty --tags`` of the source checkout, else ``hetmm <version>``."""
-    root = Path(__file__).resolve().parents[2]
+def code_version(root: Path | None = None) -> str:
+    """The commit of the source checkout ``root`` (default: the one holding this package), with
+    `` (hetmm/ modified)`` when the package's own sources differ from it, else ``hetmm <version>``. Not
+    ``git describe --dirty``: earlier stages rewrite dvc.lock during a run, which is not a change of code."""
+    root = root or Path(__file__).resolve().parents[2]
     # only ask git when hetmm itself is a checkout; an installed copy could sit inside another repo
     if (root / ".git").exists():
         try:
-            done = subprocess.run(
-                ["git", "describe", "--always", "--dirty", "--tags"],
-                cwd=root, capture_output=True, text=True, timeout=10, check=True,
-            )  # fmt: skip
-            if done.stdout.strip():
-                return done.stdout.strip()
+            commit = _git_out(root, "rev-parse", "HEAD")
+            modified = _git_out(root, "status", "--porcelain", "--untracked-files=all", "--", "hetmm")
+            if commit:
+                return commit + (" (hetmm/ modified)" if modified else "")
         except (OSError, subprocess.SubprocessError):
             pass
     return f"hetmm {__version__}"
+
+
+def _git_out(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
 
 
 ORACLE_NOTE = "F1-max with the threshold read off the test labels: an optimistic figure, not deployable"

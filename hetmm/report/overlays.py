@@ -1,7 +1,7 @@
 """Heat-map overlays and case panels for people to look at (PIL only, so PNGs exist on headless machines).
 
 Images are ``uint8 [H, W, 3]`` arrays or PIL images; anomaly maps are ``[H, W]`` floats (numpy or torch); masks are
-``[H, W]`` bool. Every file is written atomically.
+``[H, W]`` bool. Every file is written atomically. :func:`picks` chooses which test images a report draws.
 """
 
 from __future__ import annotations
@@ -136,6 +136,12 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+def anchored_scale(pixel_threshold: float) -> tuple[float, float]:
+    """Colour scale ``(vmin, vmax)`` with the pixel threshold in the middle: the same colours mean the same
+    distance from the threshold on every image, so a good part never looks red (maps are >= 0)."""
+    return 0.0, 2.0 * pixel_threshold if pixel_threshold > 0 else 1.0
+
+
 def panel(
     image: Image.Image | np.ndarray,
     amap: Any,
@@ -146,31 +152,52 @@ def panel(
     pred_mask: Any = None,
     vmin: float | None = None,
     vmax: float | None = None,
+    threshold: float | None = None,
     tile: int = 256,
 ) -> Image.Image:
-    """Side by side: image | overlay | GT mask, under a title line with the score.
+    """Side by side: image | overlay | ground truth (or, without one, the predicted mask), under a title line with
+    the score, above a colour bar from ``vmin`` to ``vmax`` (``threshold`` marked) and the outline legend.
 
-    Each tile is scaled to ``tile`` pixels high. ``mask`` may be None (a grey "no mask" tile).
-    Returns an RGB PIL image [tile + header, 3 * tile width].
+    Each tile is scaled to ``tile`` pixels high. Returns an RGB PIL image [tile + 92, 3 * tile width].
     """
     rgb = _rgb(image)
     h, w = rgb.shape[:2]
     tw = max(1, round(w * tile / h))
     tiles = [Image.fromarray(rgb), overlay(rgb, amap, mask, pred_mask, vmin=vmin, vmax=vmax)]
-    if mask is None:
+    third, label = (mask, "ground truth") if mask is not None else (pred_mask, "predicted mask")
+    if third is None:
         tiles.append(Image.new("RGB", (w, h), (96, 96, 96)))
+        label = "no mask"
     else:
-        tiles.append(Image.fromarray(_fit_mask(mask, (h, w)).astype(np.uint8) * 255).convert("RGB"))
-    header, caption = 22, 18
-    out = Image.new("RGB", (3 * tw, tile + header + caption), (255, 255, 255))
+        tiles.append(Image.fromarray(_fit_mask(third, (h, w)).astype(np.uint8) * 255).convert("RGB"))
+    header, caption, footer = 22, 18, 52
+    out = Image.new("RGB", (3 * tw, tile + header + caption + footer), (255, 255, 255))
     draw = ImageDraw.Draw(out)
     text = title if score is None else f"{title}    score {score:.4g}"
     draw.text((6, 4), text, fill=(0, 0, 0), font=font(14))
-    labels = ("image", "anomaly map", "ground truth" if mask is not None else "no mask")
-    for i, (t, lab) in enumerate(zip(tiles, labels)):
+    for i, (t, lab) in enumerate(zip(tiles, ("image", "anomaly map", label))):
         out.paste(t.resize((tw, tile), Image.Resampling.BILINEAR), (i * tw, header + caption))
         draw.text((i * tw + 6, header + 1), lab, fill=(80, 80, 80), font=font(12))
+    _colour_bar(out, draw, (6, header + caption + tile + 6, min(tw * 2, 3 * tw - 12), 10), vmin, vmax, threshold)
+    legend = "outlines: white = ground truth, magenta = predicted defect"
+    draw.text((6, header + caption + tile + 36), legend, fill=(80, 80, 80), font=font(11))
     return out
+
+
+def _colour_bar(out: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], vmin: float | None,
+                vmax: float | None, threshold: float | None) -> None:
+    """A horizontal jet gradient at ``box`` (x, y, width, height) labelled with its ends and the threshold."""
+    x, y, width, height = box
+    if vmin is None or vmax is None or vmax <= vmin or width < 20:
+        return
+    out.paste(Image.fromarray(np.repeat(colormap(np.linspace(0, 1, width))[None], height, axis=0)), (x, y))
+    small = font(10)
+    draw.text((x, y + height + 1), f"{vmin:.3g}", fill=(0, 0, 0), font=small)
+    draw.text((x + width, y + height + 1), f"{vmax:.3g}", fill=(0, 0, 0), font=small, anchor="ra")
+    if threshold is not None and vmin < threshold < vmax:
+        u = x + round((threshold - vmin) / (vmax - vmin) * (width - 1))
+        draw.line([(u, y - 2), (u, y + height + 1)], fill=(0, 0, 0), width=2)
+        draw.text((u, y + height + 1), f"threshold {threshold:.3g}", fill=(0, 0, 0), font=small, anchor="ma")
 
 
 @dataclass(frozen=True)
@@ -195,10 +222,12 @@ def save_overlays(
     vmin: float | None = None,
     vmax: float | None = None,
     kind: Literal["overlay", "panel"] = "overlay",
+    bar_threshold: float | None = None,
 ) -> list[Path]:
     """Write one PNG per case to ``out_dir`` (atomic) and return the paths, in input order.
 
     ``threshold``: when given, cases without a ``pred_mask`` get ``amap >= threshold`` outlined.
+    ``bar_threshold``: the value marked on a panel's colour bar.
     The colour scale defaults to the range over *all* given maps, not per image: per-image
     scaling paints the hottest pixel of a perfectly normal image red.
     """
@@ -217,9 +246,30 @@ def save_overlays(
             pred = amap >= threshold
         if kind == "panel":
             img = panel(case.image, amap, case.mask, case.score, case.title or case.name, pred_mask=pred, vmin=lo,
-                        vmax=hi)
+                        vmax=hi, threshold=bar_threshold)
         else:
             img = overlay(case.image, amap, case.mask, pred, vmin=lo, vmax=hi)
         write_png_atomic(path, img)
         paths.append(path)
     return paths
+
+
+def picks(count: int, lowest_defects: list[int], highest_good: list[int]) -> tuple[list[int], ...]:
+    """``count`` distinct images in all (fewer when the test split has fewer): the worst defects, the worst good
+    images and the best defects, shared out in that order of priority."""
+    worst_defect, worst_good, best_defect = [], [], []
+    queues = ((worst_defect, iter(lowest_defects)), (worst_good, iter(highest_good)),
+              (best_defect, iter(lowest_defects[::-1])))
+    taken: set[int] = set()
+    while len(taken) < count:
+        before = len(taken)
+        for group, queue in queues:
+            if len(taken) == count:
+                break
+            pick = next((i for i in queue if i not in taken), None)
+            if pick is not None:
+                group.append(pick)
+                taken.add(pick)
+        if len(taken) == before:  # every image shown
+            break
+    return worst_defect, worst_good, best_defect

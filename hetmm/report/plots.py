@@ -212,3 +212,24 @@ def tuning_png(path: str | Path, candidates: Sequence[Mapping[str, Any]], title:
     curves = {"candidate": (order, values), "best so far": (order, np.where(np.isfinite(best), best, np.nan)),
               "before tuning": (np.array([1.0, order[-1]]), np.array([start, start]))}
     return curve_png(path, curves, "candidate (evaluation order)", "objective (mean of 3 metrics, %)", title)
+
+
+def report_curves(reports: Path, name: str, roc: Mapping[str, Sequence[float]], pro: Mapping[str, Sequence[float]],
+                  metrics: Mapping[str, Any], scores: np.ndarray, labels: np.ndarray, threshold: float) -> None:
+    """``plots/roc.csv``, ``plots/pro.csv`` (for ``dvc plots``) and ``roc.png`` / ``pro.png`` of a report: the area in
+    the legend, the chance line on the ROC and the deployed threshold's operating point on it. ``scores [N]``,
+    ``labels [N]`` bool (True = defective)."""
+    write_plot_csv(reports / "plots" / "roc.csv", {"fpr": roc["fpr"], "tpr": roc["tpr"]})
+    curves = {f"image ROC (AUROC {_figure(metrics.get('image_auroc'))})": (roc["fpr"], roc["tpr"])}
+    if labels.any() and not labels.all():
+        fpr, tpr = float(np.mean(scores[~labels] >= threshold)), float(np.mean(scores[labels] >= threshold))
+        curves[f"deployed threshold {threshold:.3g} (FPR {fpr:.2f}, TPR {tpr:.2f})"] = ([fpr], [tpr])
+    curve_png(reports / "roc.png", curves, "false positive rate", "true positive rate", f"{name}: image ROC",
+              (-0.02, 1.02), ylim=(-0.02, 1.02), diagonal=True)  # a perfect curve runs along the frame
+    write_plot_csv(reports / "plots" / "pro.csv", {"fpr": pro["fpr"], "pro": pro["pro"]})
+    curve_png(reports / "pro.png", {f"PRO (AU-PRO {_figure(metrics.get('aupro'))})": (pro["fpr"], pro["pro"])},
+              "false positive rate", "per-region overlap", f"{name}: PRO (FPR <= 0.3)")
+
+
+def _figure(value: Any) -> str:
+    return "undefined" if value is None else f"{value:.2f}"
