@@ -33,7 +33,8 @@ RESULTS = Path(__file__).parent / "results" / "tuning.json"
 REPORT = {"overlays": 0, "ablation": False}
 
 DEMO_HAND = {  # the demo line's profile before the tuner existed (params.yaml up to issue 10)
-    "features": {"backbone": "efficientnet_lite0", "layers": [1, 2, 3], "image_size": [128, 128]},
+    "features": {"backbone": "efficientnet_lite0", "layers": [1, 2, 3], "image_size": [128, 128], "pool": 1,
+                 "normalisation": "imagenet"},
     "templates": {"kind": "PTS", "size": 10},
     "matching": {"mode": "mutual", "forward_windows": [5, 3, 3], "backward_windows": [3, 3, 1],
                  "alphas": [0.5, 0.5, 0.5], "weights": [1.0, 1.0, 0.5]},
@@ -79,19 +80,41 @@ def run_variant(line: str, entry: dict) -> dict:
             "synthetic_validation": calibration["synthetic_metrics"], "wall_seconds": round(wall, 1)}
 
 
+def table(results: dict) -> str:
+    """Markdown: one row per line, variant and subset."""
+    rows = ["| line | settings | test subset | image AUROC | pixel AUROC | AU-PRO | F1 deployed / oracle | "
+            "tuning wall s (work s) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for line, variants in results.items():
+        for name in ("default", "auto", "hand"):
+            if name not in variants:
+                continue
+            out = variants[name]
+            spent = "" if out["tuning_seconds"] is None or name != "auto" else (
+                f"{out['tuning_seconds']:.0f}" + (f" ({out['tuning_work_seconds']:.0f})"
+                                                  if out.get("tuning_work_seconds") else ""))
+            for subset, m in out["subsets"].items():
+                rows.append(f"| {line} | {name} | {subset} | {m['image_auroc']:.2f} | {m['pixel_auroc']:.2f} | "
+                            f"{m['aupro']:.2f} | {out['f1_deployed']:.2f} / {out['oracle_f1_max']:.2f} | {spent} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", nargs="+", default=["demo", "hazelnut", "mtd"], choices=list(data_blocks()))
     parser.add_argument("--variants", nargs="+", default=["default", "auto", "hand"],
                         choices=["default", "auto", "hand"], help="rerun these; the others keep their recorded rows")
+    parser.add_argument("--table", action="store_true", help="print the recorded results as the README's table")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.table:
+        print(table(results))
+        return
     for line in args.lines:
         data = data_blocks()[line]
         variants = {"default": {"data": data, "report": REPORT, "tune": {"enabled": False}},
                     "auto": {"data": data, "report": REPORT}}
         if hand := hand_profile(line):
-            variants["hand"] = {"data": data, "report": REPORT, **hand}
+            variants["hand"] = {"data": data, "report": REPORT, **hand, "tune": {"enabled": False}}
         results.setdefault(line, {})
         for name, entry in variants.items():
             if name not in args.variants:

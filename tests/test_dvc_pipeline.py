@@ -53,8 +53,9 @@ def _commit(root: Path, message: str) -> None:
     _run(root, "git", "commit", "-q", "-m", message)
 
 
-# The demo line with every tunable key but the blur pinned: its tune stage runs a real search of a few seconds
-# (no time-based cut, no measured-speed floor), so reruns stay short and repeatable.
+# The demo line with every tunable key but the blur pinned (the blur is `auto`, as `hetmm line add` writes it): its
+# tune stage runs a real search of a few seconds (no time-based cut, no measured-speed floor), so reruns stay short
+# and repeatable.
 DEMO_PINNED = {
     "data": {"source": "demo", "seed": 0},
     "features": {"backbone": "efficientnet_lite0", "layers": [1, 2, 3], "image_size": [128, 128], "pool": 1,
@@ -62,7 +63,7 @@ DEMO_PINNED = {
     "templates": {"kind": "PTS", "size": 10},
     "matching": {"mode": "mutual", "forward_windows": [5, 3, 3], "backward_windows": [3, 3, 1],
                  "alphas": [0.5, 0.5, 0.5], "weights": [1.0, 1.0, 0.5]},
-    "post": {"image_score": "max"},
+    "post": {"image_score": "max", "blur_sigma": "auto"},
     "report": {"overlays": 2, "ablation": False},
     "tune": {"max_validation": 3, "min_synthetic": 10, "min_images_per_second": 0},
 }
@@ -163,7 +164,7 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
     # 5. an experiment: the parameter lands in params.yaml and only the affected stages run
     before = json.loads((root / "reports/demo/metrics.json").read_text())
     # (pinning the blur, the last tuned key, reruns the tuning: nothing is left to search)
-    exp = _run(root, dvc, "exp", "run", "-S", "+product_lines.demo.post.blur_sigma=1.0")
+    exp = _run(root, dvc, "exp", "run", "-S", "product_lines.demo.post.blur_sigma=1.0")  # `auto` key: no `+`
     assert _ran(exp.stdout) == {"tune@demo", "calibrate@demo", "infer@demo", "report@demo"} | downloads
     assert yaml.safe_load((root / "params.yaml").read_text())["product_lines"]["demo"]["post"]["blur_sigma"] == 1.0
     tuning = json.loads((root / "reports/demo/tuning.json").read_text())
@@ -243,3 +244,14 @@ def test_hostile_line_names_never_reach_a_shell_and_a_missing_source_keeps_the_d
     assert broken.returncode != 0 and "empty" in broken.stderr
     assert (root / "data" / "line" / "manifest.csv").read_bytes() == before
     assert _run(root, dvc, "status", "download@line", check=False).returncode == 0
+
+
+def test_a_new_lines_cached_outputs_are_git_ignored_before_dvc_lists_them():
+    """A first run that fails after extract must not leave features/<line>/ for `git add -A` to commit; the
+    line's committed records (settings, calibration, threshold) stay visible to git."""
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", path]).returncode == 0
+
+    assert all(ignored(f"{folder}/bolts/part.pt") for folder in ("data", "features", "outputs"))
+    assert not any(ignored(f"models/bolts/{name}") for name in ("settings.yaml", "calibration.json", "threshold.json"))
+    assert not ignored("reports/bolts/metrics.json")
