@@ -29,15 +29,18 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                                 help="Print the version and exit")] = False) -> None:
     """Training-free defect inspection (HETMM) as a per-product-line pipeline."""
 
-LineArg = Annotated[str, typer.Argument(help="Product line name from params.yaml")]
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
-RootOpt = Annotated[Path, typer.Option("--root", help="Repository root holding data/, models/, reports/")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto|cpu|cuda (default: params.yaml)")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
+LineArg = Annotated[str, typer.Argument(metavar="LINE", help="Product line name from params.yaml")]
+ParamsOpt = Annotated[Path, typer.Option("--params", metavar="FILE", help="params.yaml to read")]
+RootOpt = Annotated[Path, typer.Option("--root", metavar="DIR",
+                                       help="Repository root holding data/, models/, reports/")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda",
+                                                          help="Where to compute (default: params.yaml)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bars")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON (default: readable lines)")]
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -67,8 +70,10 @@ def _context(params_path: Path, root: Path, line_name: str):
     return params, effective_line(params.line(line_name), paths.settings), paths
 
 
-def _show(result: dict) -> None:
-    typer.echo(json.dumps(result, indent=2, default=str))
+def _show(result: dict, as_json: bool) -> None:
+    from hetmm.report.console import render
+
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
 
 
 STAGE_HELP = {
@@ -101,8 +106,8 @@ def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, dev
 
 def _stage_command(name: str) -> None:
     def command(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-                device: DeviceOpt = None, quiet: QuietOpt = False):
-        _show(_run_stages((name,), line, params, root, device, quiet))
+                device: DeviceOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False):
+        _show(_run_stages((name,), line, params, root, device, quiet), as_json)
 
     command.__doc__ = STAGE_HELP[name]
     command.__name__ = name
@@ -116,23 +121,25 @@ for _name in STAGES:
 @app.command()
 @_friendly
 def run(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
-        device: DeviceOpt = None, quiet: QuietOpt = False):
+        device: DeviceOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False):
     """All stages in order without DVC (DVC users run `dvc repro`)."""
-    _show(_run_stages(STAGES, line, params, root, device, quiet))
+    _show(_run_stages(STAGES, line, params, root, device, quiet), as_json)
 
 
 @app.command()
 @_friendly
 def predict(
     line: LineArg,
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders to inspect")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv/json, masks and overlays")] =
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files or folders to inspect")],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR",
+                                      help="Folder for predictions.csv/json, masks and overlays")] =
     Path("predictions"),
-    template_path: Annotated[Optional[Path], typer.Option("--template", help="Template file")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Image-score threshold (default: the saved one)")] =
+    template_path: Annotated[Optional[Path], typer.Option("--template", metavar="FILE", help="Template file")] = None,
+    threshold: Annotated[Optional[float], typer.Option(metavar="SCORE",
+                                                       help="Image-score threshold (default: the saved one)")] =
     None,
     params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), device: DeviceOpt = None,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, as_json: JsonOpt = False,
 ):
     """Inspect new images with a saved template and threshold: scores, verdicts, masks and overlays."""
     from hetmm.pipeline.lock import line_lock
@@ -142,18 +149,19 @@ def predict(
     with line_lock(root, line):
         summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
                                  device=device or p.device, progress=not quiet)
-    _show(summary)
+    _show(summary, as_json)
 
 
 @app.command()
 @_friendly
 def update(
     line: LineArg,
-    images: Annotated[list[Path], typer.Argument(help="New good images (files or folders)")],
-    template_path: Annotated[Optional[Path], typer.Option("--template", help="Template to update in place")] =
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="New good images (files or folders)")],
+    template_path: Annotated[Optional[Path], typer.Option("--template", metavar="FILE",
+                                                                help="Template to update in place")] =
     None,
     params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), device: DeviceOpt = None,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, as_json: JsonOpt = False,
 ):
     """Hot-update a saved template with new good images (no rebuild; the file is replaced atomically)."""
     from hetmm.pipeline.lock import line_lock
@@ -172,41 +180,41 @@ def update(
                          "pass --template to update a copy")
     with line_lock(root, line):
         _show(update_template(cfg, paths, images, template_path=template_path, device=device or p.device,
-                              progress=not quiet))
+                              progress=not quiet), as_json)
 
 
 line_app = typer.Typer(help="Add product lines and check that params.yaml and dvc.yaml agree.", no_args_is_help=True,
                        context_settings=HELP_FLAGS)
 app.add_typer(line_app, name="line")
-DvcOpt = Annotated[Path, typer.Option("--dvc", help="dvc.yaml to update")]
+DvcOpt = Annotated[Path, typer.Option("--dvc", metavar="FILE", help="dvc.yaml to update")]
 
 
 @line_app.command("add")
 @_friendly
 def line_add(
-    name: Annotated[str, typer.Argument(help="New line name: letters, digits, '-' and '_'")],
-    source: Annotated[str, typer.Option(help="demo | folder | mvtec | mtd")] = "folder",
-    path: Annotated[Optional[str], typer.Option(help="folder source: an MVTec-layout tree")] = None,
-    category: Annotated[Optional[str], typer.Option(help="mvtec source: the category")] = None,
-    mirror: Annotated[Optional[str], typer.Option(help="mtd/mvtec: a local copy")] = None,
-    params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"),
+    name: Annotated[str, typer.Argument(metavar="NAME", help="New line name: letters, digits, '-' and '_'")],
+    source: Annotated[str, typer.Option(metavar="demo|folder|mvtec|mtd", help="Where the images come from")] = "folder",
+    path: Annotated[Optional[str], typer.Option(metavar="DIR", help="folder source: an MVTec-layout tree")] = None,
+    category: Annotated[Optional[str], typer.Option(metavar="NAME", help="mvtec source: the category")] = None,
+    mirror: Annotated[Optional[str], typer.Option(metavar="DIR", help="mtd/mvtec: a local copy")] = None,
+    params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"), as_json: JsonOpt = False,
 ):
     """Add a line: its complete params entry (every key at its default) and its name in dvc.yaml's line list."""
     from hetmm.pipeline.lines import add_line
 
     data = {k: v for k, v in {"source": source, "path": path, "category": category, "mirror": mirror}.items()
             if v is not None}
-    _show(add_line(name, data, params, dvc))
+    _show(add_line(name, data, params, dvc), as_json)
 
 
 @line_app.command("check")
 @_friendly
-def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml")):
+def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"), as_json: JsonOpt = False):
     """Compare the lines of params.yaml with the list dvc.yaml runs; exit 1 if they differ or a name is unsafe."""
     from hetmm.pipeline.lines import check_lines
 
     found = check_lines(params, dvc)
-    _show(found)
+    _show(found, as_json)
     if any(found.values()):
         raise typer.Exit(1)
 
@@ -214,17 +222,22 @@ def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.
 @app.command()
 @_friendly
 def audit(
-    line: Annotated[Optional[str], typer.Argument(help="Only this product line")] = None,
-    since: Annotated[Optional[str], typer.Option(help="Versions in use from this ISO date or date-time on")] = None,
-    until: Annotated[Optional[str], typer.Option(help="... up to this ISO date (inclusive) or date-time")] = None,
+    line: Annotated[Optional[str], typer.Argument(metavar="LINE", help="Only this product line")] = None,
+    since: Annotated[Optional[str], typer.Option(metavar="DATE",
+                                                 help="Versions in use from this ISO date or date-time on")] = None,
+    until: Annotated[Optional[str], typer.Option(metavar="DATE",
+                                                 help="... up to this ISO date (inclusive) or date-time")] = None,
     root: RootOpt = Path("."),
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    as_json: JsonOpt = False,
 ):
     """Every template version in git history (all branches and experiments) per product line: commit, author,
     date, data and template hashes, code version, params, threshold and metrics."""
+    from hetmm.config import check_line_name
     from hetmm.errors import HetmmError
     from hetmm.report.audit import audit_history, format_table, parse_when
 
+    if line is not None:
+        check_line_name(line)
     rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True))
     if line and not rows:
         known = sorted({r["line"] for r in audit_history(root)})

@@ -19,6 +19,7 @@ from conftest import DEMO_LINE, REPO, SUBPROCESS_ENV, copy_run, folder_line, wri
 from hetmm.cli import app
 from hetmm.pipeline import STAGES
 from hetmm.core.templates import load_template
+from hetmm.report.audit import audit_history
 
 runner = CliRunner()
 
@@ -203,7 +204,7 @@ def test_update_of_a_line_dvc_runs_is_refused_unless_it_targets_a_copy(demo_run,
     assert template.read_bytes() == before
     copy = root / "copy.pt"
     shutil.copy(template, copy)
-    result = invoke("update", "demo", *new, *at(root), "--template", copy, "-q")
+    result = invoke("update", "demo", *new, *at(root), "--template", copy, "-q", "--json")
     assert result.exit_code == 0 and json.loads(result.output)["inserted"] == 1, result.output
     assert template.read_bytes() == before
 
@@ -213,7 +214,7 @@ def test_update_inserts_new_good_images_once(demo_run, tmp_path):
     template = root / "models/demo/template.pt"
     before = load_template(template)
     new = sorted((root / "data/demo/test/good").glob("*.png"))[:3]
-    first = invoke("update", "demo", *new, *at(root), "-q")
+    first = invoke("update", "demo", *new, *at(root), "-q", "--json")
     assert first.exit_code == 0, first.output
     info = json.loads(first.output)
     assert info["inserted"] == 3 and info["skipped_known"] == 0 and info["sheets"] == 10
@@ -226,7 +227,8 @@ def test_update_inserts_new_good_images_once(demo_run, tmp_path):
 
     again = invoke("update", "demo", *new, *at(root), "-q")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.output)["inserted"] == 0 and json.loads(again.output)["skipped_known"] == 3
+    # readable lines by default
+    assert "inserted: 0" in again.output.splitlines() and "skipped_known: 3" in again.output.splitlines()
     assert load_template(template).meta["content_hash"] == after.meta["content_hash"]
 
     # the report after an update describes the template that scored the images
@@ -330,3 +332,17 @@ def test_audit_answers_which_versions_inspected_a_line_in_a_period_on_every_bran
     assert_one_line_error(invoke("audit", "bolts", "--until", "2025-12-31", "--root", root), "bolts", "period")
     table = invoke("audit", "--root", root).output.splitlines()
     assert len(table) == 5 and table[0].split()[:4] == ["commit", "date", "author", "ref"]
+    # a line name never reaches git as a pathspec or an option
+    for hostile in (":(glob)**", "*", "../bolts", "-n1", "bo?ts"):
+        assert_one_line_error(invoke("audit", "--root", root, "--", hostile), "line name")
+        assert audit_history(root, hostile) == []
+
+
+def test_readable_output_shortens_what_json_keeps_whole():
+    from hetmm.report.console import render
+
+    result = {"images": 3, "threshold": 1.234567, "ok": True, "rule": None, "files": [f"f{i}" for i in range(9)],
+              "split": {"train": 2, "empty": {}}, "rows": [{"a": 1}, {"a": 2}]}
+    assert render(result).splitlines() == [
+        "images: 3", "threshold: 1.235", "ok: yes", "rule: -", "files: f0, f1, f2, f3, f4, f5 ... (9 in all)",
+        "split:", "  train: 2", "  empty:", "    (none)", "rows: 2 entries (--json lists them)"]

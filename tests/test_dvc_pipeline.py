@@ -225,7 +225,7 @@ def test_hostile_line_names_never_reach_a_shell_and_a_missing_source_keeps_the_d
     for name in HOSTILE:
         refused = _run(root, *hetmm, "line", "add", "--path", str(src), "--", name, check=False)
         assert refused.returncode == 1 and "a line name is" in refused.stderr
-    check = _run(root, *hetmm, "line", "check", check=False)
+    check = _run(root, *hetmm, "line", "check", "--json", check=False)
     assert check.returncode == 1 and sorted(json.loads(check.stdout)["unsafe_names"]) == sorted(HOSTILE)
     exp = _run(root, dvc, "exp", "run", "-S", "product_lines.inj;touch M4.data.seed=1", check=False)
     assert exp.returncode != 0 or "M4" not in exp.stdout

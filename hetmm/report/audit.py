@@ -50,12 +50,17 @@ def audit_history(root: str | Path = ".", line: str | None = None, since: dateti
     the code version, the params, the deployed threshold and rule, and the headline metrics. ``since`` /
     ``until`` keep the versions in use in that period (see the module docstring)."""
     root = Path(root)
-    pattern = f"reports/{line or '*'}/{CARD}"
+    # The line name never reaches git (a name like ':(glob)**' or '-n1' is pathspec magic or an option); the
+    # cards are filtered by their path instead.
+    pattern = f"reports/*/{CARD}"
+    wanted = None if line is None else f"reports/{line}/{CARD}"
     log = _git(root, "log", "--all", "--source", "--format=%H%x09%an <%ae>%x09%cI%x09%S%x09%s", "--", pattern)
     rows = []
     for entry in filter(None, log.splitlines()):
         commit, author, when, ref, subject = entry.split("\t", 4)
         for name in _git(root, "show", "--name-only", "--format=", commit, "--", pattern).split():
+            if wanted is not None and name != wanted:
+                continue
             try:
                 card = json.loads(_git(root, "show", f"{commit}:{name}"))
             except (HetmmError, json.JSONDecodeError):

@@ -197,7 +197,7 @@ def _colour_bar(out: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, int
     if threshold is not None and vmin < threshold < vmax:
         u = x + round((threshold - vmin) / (vmax - vmin) * (width - 1))
         draw.line([(u, y - 2), (u, y + height + 1)], fill=(0, 0, 0), width=2)
-        draw.text((u, y + height + 1), f"threshold {threshold:.3g}", fill=(0, 0, 0), font=small, anchor="ma")
+        draw.text((u, y + height + 1), f"pixel threshold {threshold:.3g}", fill=(0, 0, 0), font=small, anchor="ma")
 
 
 @dataclass(frozen=True)
