@@ -14,9 +14,9 @@ import pandas as pd
 
 from hetmm.config import ProductLine
 from hetmm.core.inspector import Inspector
-from hetmm.core.metrics import summarise
 from hetmm.core.modes import MatchMode, TemplateKind
 from hetmm.errors import ConfigError
+from hetmm.pipeline.evaluation import scopes, summarise_scoped
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.infer import score_cached
 from hetmm.pipeline.template import build_template
@@ -31,12 +31,13 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
             raise ConfigError(f"product_lines.{line.name}.report.ablation_subset: no test images in subset {subset!r}")
         test, masks = test[keep].reset_index(drop=True), masks[keep]
     labels = (test["label"] == "defect").to_numpy()
+    labelled, pixel = scopes(test)
     shas = list(test["sha256"])
 
     def row(name: str, variant: Inspector) -> dict:
         start = time.perf_counter()
         scores, maps = score_cached(variant, cache, shas, line.features.batch_size, progress, desc=name)
-        metrics = summarise(scores, labels, maps.astype(np.float32), masks)
+        metrics = summarise_scoped(scores, labels, maps.astype(np.float32), masks, labelled, pixel)
         return {"variant": name, "subset": subset, "sheets": int(variant.template.layers[0].shape[0]),
                 "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
                 "aupro": metrics["aupro"], "seconds": round(time.perf_counter() - start, 1)}

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from hetmm.core.modes import TemplateKind
 from hetmm.core.templates import TemplateSet, build, hot_update, load_template, save_template
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.io import write_json_atomic
+from hetmm.pipeline import cluster
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths, StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey, template_code_record
@@ -28,11 +30,12 @@ from hetmm.pipeline.provenance import FeatureKey, template_code_record
 _CODE_PARTS = {"features": "feature code", "templates": "template code"}  # meta["code"] keys -> words
 
 def build_template(line: ProductLine, layers: Sequence[torch.Tensor], sources: Sequence[str],
-                   size: int | None = None, progress: bool = True) -> TemplateSet:
-    """The line's kind of template from per-layer train features ``[N, C_j, H_j, W_j]`` (``size`` overrides K)."""
+                   size: int | None = None, progress: bool = True, pixels: Any = None) -> TemplateSet:
+    """The line's kind of template from per-layer train features ``[N, C_j, H_j, W_j]`` (``size`` overrides K;
+    ``pixels``: the per-pixel selection's executor, e.g. :func:`hetmm.pipeline.cluster.pts_pixels`)."""
     key = FeatureKey.of(line.features)
     return build(line.templates.kind, layers, sources, size=size or line.templates.size, feature=key.settings,
-                 code=template_code_record(key), progress=progress)
+                 code=template_code_record(key), progress=progress, pixels=pixels)
 
 
 def code_change(tset: TemplateSet, key: FeatureKey) -> str | None:
@@ -94,7 +97,11 @@ def run(ctx: StageRun) -> dict:
     new: list[str] = []
     if old is None:
         layers, _ = cache.load(sources, pixel_major=True)
-        action, tset, new = "rebuild", build_template(line, layers, sources, progress=ctx.progress), sources
+        pixels = None
+        if cluster.enabled(ctx.params.cluster):
+            pixels = cluster.pts_pixels(ctx.params.cluster)
+        action, tset, new = "rebuild", build_template(line, layers, sources, progress=ctx.progress,
+                                                      pixels=pixels), sources
         del layers
     elif new := [s for s in sources if s not in set(old.meta.get("sources", []))]:
         layers, _ = cache.load(new)

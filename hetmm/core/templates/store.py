@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -141,6 +141,31 @@ def build_all(
     return _finish(out, [], meta)
 
 
+def pts_pixels(vectors: Tensor, size: int, min_samples: int, chunk: int | None = None,
+               bar: Any = None) -> tuple[Tensor, Tensor, float, float]:
+    """PTS choice at every pixel of one layer: ``vectors`` ``[N, C, h, w]`` -> training-image indices
+    ``[h*w, min(N, K)]``, easy-seed counts ``[h*w]``, and the seconds spent in OPTICS and in the selection.
+    Pixels are independent: any split of the pixels gives the same answer (what distributed builds rely on)."""
+    n, _, h, w = vectors.shape
+    index = torch.empty((h * w, min(n, size)), dtype=torch.long, device=vectors.device)
+    n_easy = torch.empty(h * w, dtype=torch.long, device=vectors.device)
+    t_optics = t_select = 0.0
+    start = time.perf_counter()
+    for lo, hi, gram, first in pixel_grams(vectors, chunk):
+        if n >= min_samples:
+            labels = optics_block(gram, min_samples).to(vectors.device)
+        else:
+            labels = torch.full((hi - lo, n), -1, dtype=torch.long, device=vectors.device)
+        mid = time.perf_counter()
+        index[lo:hi], n_easy[lo:hi] = select_block(gram, first, labels, size)
+        t_optics += mid - start
+        start = time.perf_counter()
+        t_select += start - mid
+        if bar is not None:
+            bar.update()
+    return index, n_easy, t_optics, t_select
+
+
 def build_pts(
     layers: Sequence[Tensor],
     size: int,
@@ -151,12 +176,13 @@ def build_pts(
     progress: bool = True,
     chunk: int | None = None,
     code: dict[str, str] | None = None,
+    pixels: Callable[..., tuple[Tensor, Tensor, float, float]] | None = None,
 ) -> TemplateSet:
     """PTS template of K = ``size`` sheets (``min(N, K)`` if N < K) per layer.
 
-    ``layers[j]`` ``[N, C_j, h_j, w_j]`` unit vectors. Runs :func:`optics_labels` and
-    :func:`select_prototypes` chunk by chunk (one tqdm bar over all chunks) and records the
-    seconds spent in each in ``meta["timing"]``.
+    ``layers[j]`` ``[N, C_j, h_j, w_j]`` unit vectors. Runs :func:`pts_pixels` (OPTICS and the selection, chunk
+    by chunk, one tqdm bar over all chunks) per layer and records the seconds spent in each in
+    ``meta["timing"]``. ``pixels`` replaces :func:`pts_pixels` (same signature, e.g. Ray tasks over pixel blocks).
     """
     check_size(size)
     n = _check_layers(layers, sources)
@@ -167,23 +193,14 @@ def build_pts(
     out: list[Tensor] = []
     easy: list[Tensor] = []
     total = sum(len(chunks(layer.shape[2] * layer.shape[3], n, chunk, layer.device)) for layer in layers)
-    with tqdm(total=total, desc=f"PTS K={size}", unit="chunk", disable=not progress) as bar:
+    with tqdm(total=total, desc=f"PTS K={size}", unit="chunk", disable=not progress or pixels is not None) as bar:
         for layer in layers:
             _, _, h, w = layer.shape
-            index = torch.empty((h * w, min(n, size)), dtype=torch.long, device=layer.device)
-            n_easy = torch.empty(h * w, dtype=torch.long, device=layer.device)
-            start = time.perf_counter()
-            for lo, hi, gram, first in pixel_grams(layer, chunk):
-                if n >= min_samples:
-                    labels = optics_block(gram, min_samples).to(layer.device)
-                else:
-                    labels = torch.full((hi - lo, n), -1, dtype=torch.long, device=layer.device)
-                mid = time.perf_counter()
-                index[lo:hi], n_easy[lo:hi] = select_block(gram, first, labels, size)
-                t_optics += mid - start
-                start = time.perf_counter()
-                t_select += start - mid
-                bar.update()
+            if pixels is None:
+                index, n_easy, optics_s, select_s = pts_pixels(layer, size, min_samples, chunk, bar)
+            else:
+                index, n_easy, optics_s, select_s = pixels(layer, size, min_samples, chunk)
+            t_optics, t_select = t_optics + optics_s, t_select + select_s
             out.append(gather_sheets(layer, index.T.reshape(-1, h, w)).to(dtype or layer.dtype).contiguous())
             easy.append(n_easy.reshape(h, w).to(torch.int32))
     timing = {"optics_s": round(t_optics, 3), "select_s": round(t_select, 3)}
