@@ -79,8 +79,10 @@ class FeatureConfig:
 @dataclass(frozen=True)
 class TemplateConfig:
     kind: TemplateKind = TemplateKind.PTS
-    size: int = 60  # K sheets for PTS
+    size: int = 60  # K sheets for PTS and COVER (COVER with a target radius: at most K)
     hot_update: bool = True  # insert new good images incrementally when the settings allow it
+    # COVER only: a pixel stops choosing once every training vector is within this cosine distance of a sheet
+    target_radius: float | None = None
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,8 @@ def validate_line(line: ProductLine, key: str) -> None:
             raise ConfigError(f"{key}.matching.alphas[{i}]: alpha weights the forward map and lies in [0, 1]")
     if t.size < 1:
         raise ConfigError(f"{key}.templates.size: must be >= 1")
+    if t.target_radius is not None and (t.kind != TemplateKind.COVER or not 0.0 <= t.target_radius < 2.0):
+        raise ConfigError(f"{key}.templates.target_radius: a cosine distance in [0, 2) for kind COVER only")
     side = max(f.image_size)
     if not 0 <= p.blur_sigma <= side:
         raise ConfigError(f"{key}.post.blur_sigma: must be in 0..{side} (the map side; 0 turns the blur off)")

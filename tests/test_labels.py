@@ -52,7 +52,7 @@ def test_some_masks_and_unlabelled_images(folder_src, tmp_path):
     assert (test["label"] == "unlabelled").sum() == 4 and (test.loc[test["label"] == "unlabelled", "mask_path"] == "").all()
     assert sorted(test.loc[(test["label"] == "defect") & (test["mask_path"] == ""), "path"]) == unmasked
 
-    metrics = json.loads((root / "reports/mixed/metrics.json").read_text())
+    metrics = json.loads((root / "reports/mixed/evaluation.json").read_text())
     n_defect = int((test["label"] == "defect").sum())
     assert (metrics["n_unlabelled"], metrics["n_unmasked_defects"]) == (4, len(unmasked))
     assert metrics["n_masked_defects"] == n_defect - len(unmasked) and metrics["n_images"] == len(test) - 4
@@ -71,7 +71,7 @@ def test_some_masks_and_unlabelled_images(folder_src, tmp_path):
     shutil.rmtree(tree / "test/unlabelled")
     root2 = tmp_path / "run2"
     run_stages(write_params(root2, {"mixed": folder_line(tree, threshold={"rule": "f1_max"})}), "mixed", root2)
-    trimmed = json.loads((root2 / "reports/mixed/metrics.json").read_text())
+    trimmed = json.loads((root2 / "reports/mixed/evaluation.json").read_text())
     # (float32 maps batched differently: equal to 1e-4 percentage points)
     assert trimmed["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-4)
     assert trimmed["aupro"] == pytest.approx(metrics["aupro"], abs=1e-4)
@@ -92,7 +92,7 @@ def test_image_level_labels_only_and_tuning_without_masks(demo_tree, tmp_path):
     run_stages(write_params(root, {"labels": line}), "labels", root)
     df = pd.read_csv(root / "data/labels/manifest.csv", keep_default_na=False)
     assert (df["mask_path"] == "").all() and not (root / "data/labels/ground_truth").exists()
-    metrics = json.loads((root / "reports/labels/metrics.json").read_text())
+    metrics = json.loads((root / "reports/labels/evaluation.json").read_text())
     assert metrics["image_auroc"] is not None and metrics["pixel_auroc"] is None and metrics["aupro"] is None
     assert metrics["undefined"]["pixel_auroc"] == "none of the 16 defect image(s) has a mask"
     tuning = json.loads((root / "reports/labels/tuning.json").read_text())

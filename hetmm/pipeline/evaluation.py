@@ -97,6 +97,19 @@ def headline(summary: dict, decision: dict) -> dict:
             "oracle_f1_max": summary["f1_max"], "oracle_f1_threshold": summary["f1_threshold"]}
 
 
+HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "pro_official", "f1_at_threshold", "oracle_f1_max", "threshold",
+            "pixel_threshold")
+
+
+def dvc_metrics(evaluation: dict) -> dict:
+    """``metrics.json``, the DVC metric that ``dvc exp show`` / ``metrics diff`` compare: the numeric headline
+    figures and image AUROC, pixel AUROC and AU-PRO per test subset (dev / holdout); the full record, with counts,
+    confusion and the reasons of undefined metrics, is ``evaluation.json``."""
+    subsets = {name: {k: values[k] for k in HEADLINE[:3]}
+               for name, values in evaluation["subsets"].items() if name != "all"}
+    return {**{k: evaluation[k] for k in HEADLINE}, **({"subsets": subsets} if subsets else {})}
+
+
 def predicted_mask(amap: np.ndarray, defective: bool, pixel_threshold: float) -> np.ndarray:
     """A part's defect mask: empty when it passed; else its map ``>= pixel_threshold``, and at least its peak
     (resizing, or a pixel threshold above the map, must not leave a flagged part without a region)."""

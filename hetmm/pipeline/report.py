@@ -1,7 +1,8 @@
 """Stage ``report``: metrics, the deployed threshold, curves, overlays, per-defect table, ablation and model card.
 
 Reads ``outputs/<line>/`` (scores and maps), the test masks, the stage records, ``models/<line>/calibration.json``
-and the ``threshold`` / ``report`` settings; writes ``reports/<line>/`` (``metrics.json``, ``plots/*.csv``,
+and the ``threshold`` / ``report`` settings; writes ``reports/<line>/`` (``metrics.json`` and ``evaluation.json``
+(:func:`~hetmm.pipeline.evaluation.dvc_metrics`), ``plots/*.csv``,
 ``roc.png``, ``pro.png``, ``scores.png``, ``overlays/``, ``per_defect.csv``, ``ablation.csv``,
 ``model_card.{md,json}``) and
 ``models/<line>/threshold.json`` (read by ``hetmm predict``; both JSON files: :mod:`hetmm.pipeline.evaluation`).
@@ -31,7 +32,7 @@ from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, plots
 
-ABLATION_COLUMNS = ["variant", "subset", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds"]
+ABLATION_COLUMNS = ["variant", "subset", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds", "build_seconds"]
 
 
 def run(ctx: StageRun) -> dict:
@@ -60,14 +61,15 @@ def run(ctx: StageRun) -> dict:
     s_l, y_l = scores[labelled], labels[labelled]
     roc = roc_points(s_l, y_l) if 0 < y_l.sum() < len(y_l) else {"fpr": [], "tpr": []}
     pro = pro_points(maps[pixel], masks[pixel]) if masks[pixel].any() else {"fpr": [], "pro": []}  # none: empty
-    ablation_rows = _ablation(ctx, test, masks)
+    table = ablation_rows(ctx, test, masks)
 
-    write_json_atomic(paths.reports / "metrics.json", metrics)
+    write_json_atomic(paths.reports / "evaluation.json", metrics)
+    write_json_atomic(paths.reports / "metrics.json", evaluation.dvc_metrics(metrics))
     write_json_atomic(paths.threshold, threshold)
     with atomic_path(paths.reports / "per_defect.csv") as tmp:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
     with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
-        pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
+        pd.DataFrame(table, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
     plots.report_curves(paths.reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
     plots.score_histogram_png(paths.reports / "scores.png", panels.score_groups(test, scores),
                               threshold["threshold"], f"{line.name}: test image scores")
@@ -88,7 +90,7 @@ def run(ctx: StageRun) -> dict:
         **model_card.decision_sections(threshold, calibration, by_subset["all"], tuned_keys(paths.settings)),
         "metrics": by_subset,
         "per_defect_type": per_type,
-        "ablation": ablation_rows,
+        "ablation": table,
         "timings_seconds": timings,
         "inference": read_json(paths.reports / "infer.json"),
         "environment": _environment(),
@@ -99,7 +101,7 @@ def run(ctx: StageRun) -> dict:
     return metrics
 
 
-def _ablation(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:
+def ablation_rows(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:
     """The ablation table's rows (none when ``report.ablation`` is off)."""
     if not ctx.line.report.ablation:
         return []
