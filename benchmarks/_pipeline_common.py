@@ -144,7 +144,7 @@ def repro(dest: Path, line: str, env: dict, log: Path) -> dict:
     return {"seconds": round(total, 2), "stage_seconds": stages, "stages_run": [n for n, _ in marks],
             "stages_skipped": skipped, "before_first_stage_seconds": round(marks[0][1], 2) if marks else None,
             "stage_internal_seconds": internal_seconds(records, stages),
-            "records": records, "metrics": metrics(dest / "reports" / line / "metrics.json")}
+            "records": records, "metrics": metrics(dest / "reports" / line / "evaluation.json")}
 
 
 def stage_records(reports: Path, since: float, max_chars: int = 4000) -> dict:

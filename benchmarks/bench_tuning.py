@@ -69,7 +69,7 @@ def run_variant(line: str, entry: dict) -> dict:
         if proc.returncode:
             raise SystemExit(f"{line}: hetmm run failed:\n{proc.stderr[-3000:]}")
         reports = root / "reports" / line
-        metrics = json.loads((reports / "metrics.json").read_text())
+        metrics = json.loads((reports / "evaluation.json").read_text())
         tuning = json.loads((reports / "tuning.json").read_text())
         calibration = json.loads((root / "models" / line / "calibration.json").read_text())
     subsets = {name: {k: round(v[k], 2) for k in ("image_auroc", "pixel_auroc", "aupro") if v.get(k) is not None}

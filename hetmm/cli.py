@@ -148,7 +148,7 @@ def predict(
     p, cfg, paths = _context(params, root, line)
     with line_lock(root, line):
         summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
-                                 device=device or p.device, progress=not quiet)
+                                 device=device or p.device, progress=not quiet, cluster_config=p.cluster)
     _show(summary, as_json)
 
 
@@ -193,8 +193,16 @@ DvcOpt = Annotated[Path, typer.Option("--dvc", metavar="FILE", help="dvc.yaml to
 @_friendly
 def line_add(
     name: Annotated[str, typer.Argument(metavar="NAME", help="New line name: letters, digits, '-' and '_'")],
-    source: Annotated[str, typer.Option(metavar="demo|folder|mvtec|mtd", help="Where the images come from")] = "folder",
-    path: Annotated[Optional[str], typer.Option(metavar="DIR", help="folder source: an MVTec-layout tree")] = None,
+    source: Annotated[str, typer.Option(
+        metavar="SOURCE", help="Where the images come from: folder, anomalib_folder, table, mvtec, mtd or demo"
+    )] = "folder",
+    path: Annotated[Optional[str], typer.Option(
+        metavar="PATH", help="folder: an MVTec-layout tree; table: the CSV/parquet file")] = None,
+    normal_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: good images")] = None,
+    abnormal_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: defect images")] = None,
+    mask_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: their masks")] = None,
+    masks: Annotated[Optional[str], typer.Option(metavar="required|optional|none",
+                                                 help="Defect images without masks (default: optional)")] = None,
     category: Annotated[Optional[str], typer.Option(metavar="NAME", help="mvtec source: the category")] = None,
     mirror: Annotated[Optional[str], typer.Option(metavar="DIR", help="mtd/mvtec: a local copy")] = None,
     params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"), as_json: JsonOpt = False,
@@ -202,8 +210,9 @@ def line_add(
     """Add a line: its complete params entry (every key at its default) and its name in dvc.yaml's line list."""
     from hetmm.pipeline.lines import add_line
 
-    data = {k: v for k, v in {"source": source, "path": path, "category": category, "mirror": mirror}.items()
-            if v is not None}
+    given = {"source": source, "path": path, "category": category, "mirror": mirror, "normal_dir": normal_dir,
+             "abnormal_dir": abnormal_dir, "mask_dir": mask_dir, "masks": masks}
+    data = {k: v for k, v in given.items() if v is not None}
     _show(add_line(name, data, params, dvc), as_json)
 
 

@@ -21,7 +21,8 @@ import yaml
 from hetmm.core.modes import MatchMode, TemplateKind
 from hetmm.errors import ConfigError
 
-Source = Literal["demo", "folder", "mvtec", "mtd"]
+Source = Literal["demo", "folder", "anomalib_folder", "table", "mvtec", "mtd"]
+MaskPolicy = Literal["required", "optional", "none"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,16 @@ class DataConfig:
     """Where a product line's images come from (see ``hetmm.sources``)."""
 
     source: Source = "demo"
-    path: str | None = None  # folder source: a local MVTec-layout tree
+    path: str | None = None  # folder source: a local MVTec-layout tree; table source: the CSV or parquet file
+    # required: a defect image without a mask is an error; optional: it counts for the image metrics only;
+    # none: masks are ignored (image-level labels only)
+    masks: MaskPolicy = "optional"
+    normal_dir: str | None = None  # anomalib_folder source: good images (training, and test unless normal_test_dir)
+    abnormal_dir: str | None = None  # anomalib_folder: defect images, flat or one subfolder per defect type
+    mask_dir: str | None = None  # anomalib_folder: masks named like the defect images (same subfolders)
+    normal_test_dir: str | None = None  # anomalib_folder: good test images (default: a share of normal_dir)
+    unlabelled_dir: str | None = None  # anomalib_folder: test images without a label (scored, not in the metrics)
+    normal_test_share: float = 0.2  # anomalib_folder without normal_test_dir: share of normal_dir held out for test
     category: str | None = None  # mvtec source: the category name
     mirror: str | None = None  # mtd/mvtec: local copy instead of the network ($HETMM_MIRROR also works)
     subset: Literal["dev", "holdout", "all"] = "all"  # mtd: which half of the test split to use
@@ -69,8 +79,10 @@ class FeatureConfig:
 @dataclass(frozen=True)
 class TemplateConfig:
     kind: TemplateKind = TemplateKind.PTS
-    size: int = 60  # K sheets for PTS
+    size: int = 60  # K sheets for PTS and COVER (COVER with a target radius: at most K)
     hot_update: bool = True  # insert new good images incrementally when the settings allow it
+    # COVER only: a pixel stops choosing once every training vector is within this cosine distance of a sheet
+    target_radius: float | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +195,22 @@ def check_line_name(name: object) -> str:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Optional scale-out on Ray (``hetmm.pipeline.cluster``): on when ``address`` or ``$RAY_ADDRESS`` is set.
+
+    hetmm connects to a running cluster and never starts one. Results equal the local run's, so none of these keys
+    is a DVC parameter: changing the worker count reruns nothing.
+    """
+
+    address: str | None = None  # e.g. "auto" or "ray://head:10001"; $RAY_ADDRESS does the same
+    workers: int = 2  # actors per stage (feature extractors; matching replicas x template shards)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0: each actor gets that share of a GPU and computes on CUDA
+    shard_bytes: int = 2 << 30  # a template larger than this is split into sheet shards held by separate actors
+    max_retries: int = 1  # a dead actor is restarted and its pending work retried this many times
+
+
+@dataclass(frozen=True)
 class Params:
     """Parsed ``params.yaml``. A line whose entry is broken is kept in ``broken`` with its error, so that it fails
     alone (when it is asked for) and never blocks the other lines."""
@@ -190,6 +218,7 @@ class Params:
     product_lines: dict[str, ProductLine]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     broken: dict[str, ConfigError] = field(default_factory=dict)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def line(self, name: str) -> ProductLine:
         if name in self.broken:
@@ -295,6 +324,8 @@ def validate_line(line: ProductLine, key: str) -> None:
             raise ConfigError(f"{key}.matching.alphas[{i}]: alpha weights the forward map and lies in [0, 1]")
     if t.size < 1:
         raise ConfigError(f"{key}.templates.size: must be >= 1")
+    if t.target_radius is not None and (t.kind != TemplateKind.COVER or not 0.0 <= t.target_radius < 2.0):
+        raise ConfigError(f"{key}.templates.target_radius: a cosine distance in [0, 2) for kind COVER only")
     side = max(f.image_size)
     if not 0 <= p.blur_sigma <= side:
         raise ConfigError(f"{key}.post.blur_sigma: must be in 0..{side} (the map side; 0 turns the blur off)")
@@ -360,9 +391,10 @@ def parse_params(raw: Any) -> Params:
     """Parse the ``params.yaml`` mapping into :class:`Params`."""
     if not isinstance(raw, dict):
         raise ConfigError("params.yaml: expected a mapping at the top level")
-    unknown = sorted(set(raw) - {"product_lines", "device"})
+    unknown = sorted(set(raw) - {"product_lines", "device", "cluster"})
     if unknown:
-        raise ConfigError(f"params.yaml: unknown top-level key(s) {', '.join(unknown)}; allowed: device, product_lines")
+        raise ConfigError(f"params.yaml: unknown top-level key(s) {', '.join(unknown)}; allowed: cluster, device, "
+                          "product_lines")
     lines_raw = raw.get("product_lines")
     if not isinstance(lines_raw, dict) or not lines_raw:
         raise ConfigError("product_lines: define at least one product line")
@@ -377,7 +409,13 @@ def parse_params(raw: Any) -> Params:
         except ConfigError as exc:
             broken[str(name)] = exc
     device = _check_value(raw.get("device", "auto"), Literal["auto", "cpu", "cuda"], "device")
-    return Params(product_lines=lines, device=device, broken=broken)
+    cluster = build_config(ClusterConfig, raw.get("cluster") or {}, "cluster")
+    for name in ("workers", "shard_bytes"):
+        if getattr(cluster, name) < 1:
+            raise ConfigError(f"cluster.{name}: must be at least 1, got {getattr(cluster, name)}")
+    if cluster.cpus_per_worker <= 0 or cluster.gpus_per_worker < 0 or cluster.max_retries < 0:
+        raise ConfigError("cluster: cpus_per_worker must be > 0, gpus_per_worker and max_retries >= 0")
+    return Params(product_lines=lines, device=device, broken=broken, cluster=cluster)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -71,7 +71,7 @@ def test_demo_line_all_stages_write_their_files_and_sane_metrics(demo_run):
     # the image score is the maximum of the (blurred) map
     np.testing.assert_allclose(scores["score"], maps.reshape(26, -1).max(axis=1).astype(np.float64), rtol=2e-3)
 
-    metrics = _json(paths.reports / "metrics.json")
+    metrics = _json(paths.reports / "evaluation.json")
     assert metrics["n_images"] == 26 and metrics["n_defective"] == 16
     assert metrics["image_auroc"] >= DEMO_MIN_IMAGE_AUROC
     assert metrics["pixel_auroc"] >= DEMO_MIN_PIXEL_AUROC
@@ -123,7 +123,7 @@ def test_rerun_of_an_unchanged_line_reuses_everything(demo_run, tmp_path):
 # --------------------------------------------------------------------------- incremental update
 
 
-@pytest.mark.parametrize("kind", ["PTS", "ALL"])
+@pytest.mark.parametrize("kind", ["PTS", "ALL", "COVER"])
 def test_new_good_images_are_extracted_alone_and_hot_update_the_template(folder_src, tmp_path, kind):
     root = tmp_path / "repo"
     held = tmp_path / "held_back"
@@ -138,7 +138,7 @@ def test_new_good_images_are_extracted_alone_and_hot_update_the_template(folder_
     first = run_stages(params, "line", root, stages)
     assert (first["extract"]["computed"], first["extract"]["reused"]) == (47, 0)
     assert first["template"]["action"] == "rebuild" and first["template"]["train_images"] == 21
-    sheets = 10 if kind == "PTS" else 21
+    sheets = 21 if kind == "ALL" else 10
     assert first["template"]["sheets"] == sheets
     old = load_template(paths.template)
 
@@ -153,7 +153,7 @@ def test_new_good_images_are_extracted_alone_and_hot_update_the_template(folder_
     assert record["action"] == "hot_update" and record["new_images"] == 3 and record["train_images"] == 24
     new = load_template(paths.template)
     assert len(new.meta["sources"]) == 24 and new.meta["sources"][:21] == old.meta["sources"]
-    if kind == "PTS":
+    if kind != "ALL":
         assert record["sheets"] == 10 and new.layers[0].shape[0] == 10  # K sheets kept, sources grew
     else:
         assert record["sheets"] == 24 and new.layers[0].shape[0] == 24  # exactly 3 more sheets

@@ -99,7 +99,7 @@ def test_failed_fetch_keeps_previous_dest_and_leaves_no_staging(tmp_path, monkey
     broken = make_mvtec_tree(tmp_path / "broken")
     (broken / "ground_truth" / "crack" / "001.png").unlink()
     with pytest.raises(DataError, match="has no mask"):
-        fetch("folder", dest, path=str(broken))
+        fetch("folder", dest, path=str(broken), masks="required")
     monkeypatch.setitem(sources.MVTEC_URLS, "bottle", "http://127.0.0.1:9/bottle.tar.xz")  # refused at once
     with pytest.raises(DataError, match="could not download"):
         fetch("mvtec", dest, category="bottle")

@@ -138,7 +138,7 @@ def test_report_and_predict_deploy_the_calibrated_threshold(demo_run, tmp_path):
     assert (decision["rule"], decision["oracle"], decision["source"]) == ("normal_fpr", False, "validation normals")
     assert decision["threshold"] == calibration["image"]["normal_fpr"]
     assert decision["pixel_threshold"] == calibration["pixel"]["threshold"] == oracle["pixel_threshold"]
-    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    metrics = json.loads((paths.reports / "evaluation.json").read_text())
     assert metrics["threshold"] == decision["threshold"] and metrics["threshold_rule"] == "normal_fpr"
     assert metrics["confusion"] == decision["confusion"] and sum(metrics["confusion"].values()) == 26
     # the oracle figures are still reported, under their own names, and do not move with the rule

@@ -144,7 +144,8 @@ def test_a_new_line_entry_leaves_every_tunable_key_to_the_tuner():
     entry = line_entry("bolts", {"source": "folder", "path": "/parts/bolts"})
     line = parse_params({"product_lines": {"bolts": entry}}).line("bolts")
     assert line.tunable() == TUNABLE
-    assert entry["data"] == {"source": "folder", "path": "/parts/bolts", "subset": "all", "seed": 0}
+    assert entry["data"] == {"source": "folder", "path": "/parts/bolts", "masks": "optional", "subset": "all",
+                             "seed": 0, "normal_test_share": 0.2}
     assert entry["features"]["batch_size"] == 8 and entry["features"]["backbone"] == "auto"
     assert all(entry[k.split(".")[0]][k.split(".")[1]] == "auto" for k in TUNABLE)
 

@@ -24,3 +24,4 @@ class TemplateKind(StrEnum):
 
     ALL = "ALL"  # every training image is a sheet
     PTS = "PTS"  # Pixel-level Template Selection: K sheets per pixel (OPTICS medoids + hard normals)
+    COVER = "COVER"  # K sheets per pixel that cover the training vectors: greedy k-center (farthest-first)

@@ -31,7 +31,11 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({
 })
 
 Split = Literal["train", "test"]
-Label = Literal["good", "defect"]
+Label = Literal["good", "defect", "unlabelled"]
+LABELS = ("good", "defect", "unlabelled")
+# Test images without a label (``test/unlabelled/``): scored and shown in the report, never in the metrics.
+UNLABELLED = "unlabelled"
+MaskPolicy = Literal["required", "optional", "none"]
 Subset = Literal["dev", "holdout", "all"]
 
 
@@ -54,7 +58,7 @@ class Sample:
     split: Split
     label: Label
     defect_type: str
-    mask_path: str  # "" for good images
+    mask_path: str  # "" for good and unlabelled images, and for defect images without a mask
     width: int
     height: int
     mode: str  # Pillow mode of the file as stored (before conversion)
@@ -62,7 +66,7 @@ class Sample:
     subset: Subset
 
 
-def _check_link(path: Path) -> None:
+def check_link(path: Path) -> None:
     """Refuse a symbolic link that leads nowhere: ``is_file()`` and ``is_dir()`` are False for it, so it
     would otherwise vanish from the data set without a word."""
     if not path.is_symlink():
@@ -82,19 +86,19 @@ def _check_link(path: Path) -> None:
 
 def _entries(folder: Path) -> list[Path]:
     """Visible entries of ``folder`` (none if it is missing); ``folder`` itself may not be a broken link."""
-    _check_link(folder)
+    check_link(folder)
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     images = []
     for p in _entries(folder):
         suffix = p.suffix.lower()
         if suffix not in IMAGE_EXTENSIONS and suffix not in UNSUPPORTED_IMAGE_EXTENSIONS:
             continue
-        _check_link(p)
+        check_link(p)
         if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
             raise DataError(f"{p}: {suffix} images are not read (supported: png/jpg/jpeg/bmp/tif/tiff); "
                             "convert it to PNG or remove it")
@@ -108,7 +112,7 @@ def _subfolders(folder: Path, images_go: str) -> list[Path]:
     """Subfolders of ``train/`` or ``test/``; an image lying directly in it is refused (it would go unused)."""
     entries = _entries(folder)
     for entry in entries:  # a broken link here may have been a whole folder of images
-        _check_link(entry)
+        check_link(entry)
         if entry.suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
             raise DataError(f"{entry}: image directly in {folder.name}/ is not used; move it into {images_go}")
     return [p for p in entries if p.is_dir()]
@@ -120,19 +124,24 @@ def mask_candidates(root: Path, defect_type: str, image: Path) -> tuple[Path, Pa
     return folder / f"{image.stem}_mask.png", folder / f"{image.stem}.png"
 
 
-def _find_mask(root: Path, defect_type: str, image: Path) -> Path:
+def _find_mask(root: Path, defect_type: str, image: Path, masks: MaskPolicy) -> Path | None:
+    if masks == "none":
+        return None
     candidates = mask_candidates(root, defect_type, image)
-    _check_link(candidates[0].parent)
+    check_link(candidates[0].parent)
     for candidate in candidates:
-        _check_link(candidate)
+        check_link(candidate)
     found = [candidate for candidate in candidates if candidate.is_file()]
     if len(found) > 1:
         raise DataError(f"{image}: two masks, {found[0]} and {found[1].name}; keep the right one, remove the other")
     if found:
         return found[0]
+    if masks == "optional":
+        return None
     raise DataError(
-        f"{image}: defect image has no mask; looked for {candidates[0].name} and {candidates[1].name} "
-        f"in {candidates[0].parent}; add the mask (white = defect) or move the image to test/good/"
+        f"{image}: defect image has no mask (data.masks is 'required'); looked for {candidates[0].name} and "
+        f"{candidates[1].name} in {candidates[0].parent}; add the mask (white = defect), move the image to "
+        "test/good/, or set data.masks to 'optional'"
     )
 
 
@@ -144,7 +153,7 @@ def _train_refs(root: Path) -> list[SampleRef]:
                 f"{folder}: the training folder may only hold good/ (templates are defect-free); "
                 f"move these images to test/{folder.name}/"
             )
-    images = _image_files(train / "good")
+    images = image_files(train / "good")
     if not images:
         raise DataError(f"{train / 'good'}: no training images (png/jpg/jpeg/bmp/tif/tiff); add defect-free images")
     return [_ref(root, p, "train", "good", None) for p in images]
@@ -154,31 +163,33 @@ def _ref(root: Path, image: Path, split: Split, defect_type: str, mask: Path | N
     return SampleRef(
         path=image.relative_to(root).as_posix(),
         split=split,
-        label="good" if defect_type == "good" else "defect",
+        label=defect_type if defect_type in ("good", UNLABELLED) else "defect",
         defect_type=defect_type,
         mask_path=mask.relative_to(root).as_posix() if mask is not None else "",
         subset="all",
     )
 
 
-def discover_mvtec(root: str | Path) -> list[SampleRef]:
+def discover_mvtec(root: str | Path, masks: MaskPolicy = "required") -> list[SampleRef]:
     """List the samples of an MVTec-layout tree (sorted, paths relative to ``root``).
 
     Layout: ``train/good/*``, ``test/<type>/*``, ``ground_truth/<type>/<name>_mask.png`` or
-    ``<name>.png``. Image extensions png/jpg/jpeg/bmp/tif/tiff in any case; hidden and
+    ``<name>.png``; ``test/unlabelled/*`` are test images without a label. ``masks``: a defect image without a
+    mask is an error (``required``), has no mask (``optional``), or masks are not read (``none``). Image extensions png/jpg/jpeg/bmp/tif/tiff in any case; hidden and
     other files are ignored. Refused with a DataError, so that no image silently drops out: a broken
     or looping symbolic link to an image, mask or folder, a folder with an image name and an image
     in a format that is not read (:data:`UNSUPPORTED_IMAGE_EXTENSIONS`).
     """
     root = Path(root)
-    _check_link(root)
+    check_link(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; expected train/good/, test/<type>/, ground_truth/<type>/")
     refs = _train_refs(root)
     n_train = len(refs)
     for folder in _subfolders(root / "test", "test/good/ or test/<defect type>/"):
-        for image in _image_files(folder):
-            mask = None if folder.name == "good" else _find_mask(root, folder.name, image)
+        for image in image_files(folder):
+            unmasked = folder.name in ("good", UNLABELLED)
+            mask = None if unmasked else _find_mask(root, folder.name, image, masks)
             refs.append(_ref(root, image, "test", folder.name, mask))
     if len(refs) == n_train:
         raise DataError(f"{root / 'test'}: no test images; add test/good/ and test/<defect type>/ folders")

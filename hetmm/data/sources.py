@@ -16,6 +16,8 @@ Sources (``fetch(source, dest, **options)``):
 
 * ``demo``   synthetic textures built from ``skimage.data.gravel()`` (CC0); no network.
 * ``folder`` a local MVTec-layout tree, ``path=...``.
+* ``anomalib_folder`` anomalib's Folder layout (``normal_dir``, ``abnormal_dir``, optional ``mask_dir``, ...) and
+  ``table`` a CSV or parquet file of images (``path=...``): :mod:`hetmm.data.user_sources`.
 * ``mvtec``  one MVTec AD category, ``category=...``, from a mirror (``mirror=`` or ``$HETMM_MIRROR``)
              or the official download.
 * ``mtd``    Magnetic Tile Defects with the committed split (:mod:`hetmm.splits`), from a mirror
@@ -43,8 +45,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from hetmm.data.images import image_facts
-from hetmm.data.manifest import SampleRef, Subset, build_manifest, discover_mvtec, write_manifest
+from hetmm.data.manifest import MaskPolicy, SampleRef, Subset, build_manifest, discover_mvtec, write_manifest
 from hetmm.errors import ConfigError, DataError
+from hetmm.data import user_sources
 from hetmm.data.splits import MTD_CLASSES, load_mtd_split
 
 MANIFEST_NAME = "manifest.csv"
@@ -82,13 +85,17 @@ Builder = Callable[..., list[SampleRef]]
 # ----------------------------------------------------------------------------- fetch
 
 
-def fetch(source: str, dest: str | Path, **options: Any) -> pd.DataFrame:
+def fetch(source: str, dest: str | Path, masks: MaskPolicy = "optional", **options: Any) -> pd.DataFrame:
     """Materialise ``source`` under ``dest`` (replacing it only on success); return the manifest.
 
     ``options`` may hold every source's options (a whole ``data:`` params section): one that this
-    source does not use is accepted while it has its default value, and refused otherwise.
+    source does not use is accepted while it has its default value, and refused otherwise. ``masks`` (every
+    source): a defect image without a mask is an error (``required``) or has none (``optional``); ``none``
+    drops every mask (image-level labels only).
     """
     builder, used = _builder(source, options)
+    if "masks" in inspect.signature(builder).parameters:
+        used["masks"] = masks
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise DataError(f"{dest}: exists and is not a folder; remove it or choose another destination")
@@ -99,6 +106,9 @@ def fetch(source: str, dest: str | Path, **options: Any) -> pd.DataFrame:
         # Downloads and archives go to a scratch folder beside staging, so they never reach dest.
         with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", suffix=".scratch", dir=dest.parent) as scratch:
             refs = builder(staging, Path(scratch), **used)
+        if masks == "none":
+            refs = [SampleRef(**(ref | {"mask_path": ""})) for ref in refs]
+            shutil.rmtree(staging / "ground_truth", ignore_errors=True)
         manifest = build_manifest(refs, staging)
         write_manifest(manifest, staging / MANIFEST_NAME)
         _swap_into_place(staging, dest)
@@ -112,7 +122,7 @@ def source_options(source: str) -> dict[str, Any]:
     if source not in SOURCES:
         raise ConfigError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
     params = list(inspect.signature(SOURCES[source]).parameters.values())[2:]  # after (out, scratch)
-    return {p.name: p.default for p in params}
+    return {p.name: p.default for p in params if p.name != "masks"}  # masks: fetch's own option
 
 
 def _builder(source: str, options: dict[str, Any]) -> tuple[Builder, dict[str, Any]]:
@@ -229,21 +239,23 @@ def _copy_tree(src_root: Path, refs: list[SampleRef], out: Path, *, link: bool =
 # ----------------------------------------------------------------------------- folder
 
 
-def _folder(out: Path, scratch: Path, *, path: str, link: bool = False) -> list[SampleRef]:
+def _folder(out: Path, scratch: Path, *, path: str, link: bool = False, masks: MaskPolicy = "optional"
+            ) -> list[SampleRef]:
     """A local MVTec-layout tree. ``link=True`` hard-links instead of copying; off by default
     because DVC may make cached files read-only, which would then change the user's originals."""
     src = Path(path).expanduser()
-    return _copy_tree(src, discover_mvtec(src), out, link=link)
+    return _copy_tree(src, discover_mvtec(src, masks), out, link=link)
 
 
 # ----------------------------------------------------------------------------- mvtec
 
 
-def _mvtec(out: Path, scratch: Path, *, category: str, mirror: str | None = None) -> list[SampleRef]:
+def _mvtec(out: Path, scratch: Path, *, category: str, mirror: str | None = None, masks: MaskPolicy = "optional"
+           ) -> list[SampleRef]:
     if category not in MVTEC_URLS:
         raise ConfigError(f"unknown MVTec AD category {category!r}; choose one of {sorted(MVTEC_URLS)}")
     tree = _mvtec_tree(category, _mirror(mirror), scratch)
-    return _copy_tree(tree, discover_mvtec(tree), out)
+    return _copy_tree(tree, discover_mvtec(tree, masks), out)
 
 
 def _mvtec_tree(category: str, mirror: Path | None, scratch: Path) -> Path:
@@ -446,4 +458,5 @@ def _demo(
     return refs
 
 
-SOURCES: dict[str, Builder] = {"demo": _demo, "folder": _folder, "mvtec": _mvtec, "mtd": _mtd}
+SOURCES: dict[str, Builder] = {"demo": _demo, "folder": _folder, "anomalib_folder": user_sources.anomalib_folder,
+                               "table": user_sources.table, "mvtec": _mvtec, "mtd": _mtd}

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hetmm.data.images import MASK_THRESHOLD, MAX_SIDE, MIN_SIDE, SUPPORTED_MODES, load_image, read_mask_levels
-from hetmm.data.manifest import MANIFEST_COLUMNS, manifest_hash
+from hetmm.data.manifest import LABELS, MANIFEST_COLUMNS, MaskPolicy, manifest_hash
 from hetmm.errors import DataError
 from hetmm.io import sha256_file, write_json_atomic, write_text_atomic
 
@@ -47,8 +47,9 @@ class _FileChecks:
 # ----------------------------------------------------------------------------- great-expectations
 
 
-def _expectations() -> list[Any]:
-    """The manifest suite; each expectation's ``meta['description']`` is used in failure messages."""
+def _expectations(masks: MaskPolicy) -> list[Any]:
+    """The manifest suite for the line's mask policy; each expectation's ``meta['description']`` is used in
+    failure messages."""
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
@@ -65,8 +66,8 @@ def _expectations() -> list[Any]:
                   "duplicate images (identical sha256, e.g. one image in both train and test)", column="sha256"),
         described(gxe.ExpectColumnValuesToBeInSet, "split is not train/test",
                   column="split", value_set=["train", "test"]),
-        described(gxe.ExpectColumnValuesToBeInSet, "label is not good/defect",
-                  column="label", value_set=["good", "defect"]),
+        described(gxe.ExpectColumnValuesToBeInSet, f"label is not {'/'.join(LABELS)}",
+                  column="label", value_set=list(LABELS)),
         described(gxe.ExpectColumnValuesToBeInSet, "subset is not dev/holdout/all",
                   column="subset", value_set=["dev", "holdout", "all"]),
         described(gxe.ExpectColumnValuesToBeInSet, "training image that is not good (templates must be defect-free)",
@@ -75,8 +76,14 @@ def _expectations() -> list[Any]:
                   column="label", value_set=["good"], row_condition=Column("defect_type") == "good"),
         described(gxe.ExpectColumnValuesToNotBeInSet, "defect image filed under defect_type 'good'",
                   column="defect_type", value_set=["good"], row_condition=Column("label") == "defect"),
-        described(gxe.ExpectColumnValueLengthsToBeBetween, "defect image without a mask",
-                  column="mask_path", min_value=1, row_condition=Column("label") == "defect"),
+        described(gxe.ExpectColumnValueLengthsToBeBetween, "mask listed for an image without a defect label",
+                  column="mask_path", max_value=0, row_condition=Column("label") != "defect"),
+        *{"required": [described(gxe.ExpectColumnValueLengthsToBeBetween,
+                                 "defect image without a mask (data.masks is 'required')",
+                                 column="mask_path", min_value=1, row_condition=Column("label") == "defect")],
+          "none": [described(gxe.ExpectColumnValueLengthsToBeBetween, "mask listed although data.masks is 'none'",
+                             column="mask_path", max_value=0)],
+          "optional": []}[masks],
         described(gxe.ExpectColumnValuesToBeBetween, f"width outside {MIN_SIDE}..{MAX_SIDE} px",
                   column="width", min_value=MIN_SIDE, max_value=MAX_SIDE),
         described(gxe.ExpectColumnValuesToBeBetween, f"height outside {MIN_SIDE}..{MAX_SIDE} px",
@@ -88,7 +95,7 @@ def _expectations() -> list[Any]:
     ]
 
 
-def _run_suite(df: pd.DataFrame) -> Any:
+def _run_suite(df: pd.DataFrame, masks: MaskPolicy) -> Any:
     with warnings.catch_warnings():  # GX 1.24 imports deprecated stdlib modules (sre_constants)
         warnings.simplefilter("ignore", DeprecationWarning)
         import great_expectations as gx
@@ -98,7 +105,7 @@ def _run_suite(df: pd.DataFrame) -> Any:
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_definition = (context.data_sources.add_pandas("manifest")
                         .add_dataframe_asset("images").add_batch_definition_whole_dataframe("all"))
-    suite = context.suites.add(gx.ExpectationSuite(name="manifest", expectations=_expectations()))
+    suite = context.suites.add(gx.ExpectationSuite(name="manifest", expectations=_expectations(masks)))
     batch = batch_definition.get_batch(batch_parameters={"dataframe": df})
     # SUMMARY keeps the result small; the index column makes GX name the offending paths.
     return batch.validate(suite, result_format={"result_format": "SUMMARY", "unexpected_index_column_names": ["path"]})
@@ -235,7 +242,10 @@ def _stats(df: pd.DataFrame, checks: _FileChecks, suite_result: Any) -> dict[str
         "height": _range(df["height"]),
         "modes": dict(Counter(map(str, df["mode"]))),
         "manifest_hash": manifest_hash(df),
+        "labels": dict(sorted(Counter(f"{split}/{label}" for split, label in zip(df["split"], df["label"])).items())),
         "masks": {
+            "defect_images_with_mask": int(((df["label"] == "defect") & (df["mask_path"] != "")).sum()),
+            "defect_images_without_mask": int(((df["label"] == "defect") & (df["mask_path"] == "")).sum()),
             "checked": checks.masks_checked,
             "empty": checks.empty_masks,
             "nonbinary_fraction": checks.nonbinary,
@@ -318,7 +328,8 @@ def _stable(obj: Any) -> Any:
 
 
 def validate(
-    manifest_df: pd.DataFrame, root: str | Path, out_json: str | Path, out_html: str | Path
+    manifest_df: pd.DataFrame, root: str | Path, out_json: str | Path, out_html: str | Path,
+    masks: MaskPolicy = "optional",
 ) -> ValidationResult:
     """Check the manifest (great-expectations) and every image and mask under ``root``.
 
@@ -337,7 +348,7 @@ def validate(
     elif not root.is_dir():
         failures = [f"{root}: dataset folder not found; run the download stage first"]
     else:
-        suite_result = _run_suite(df)
+        suite_result = _run_suite(df, masks)
         checks = _check_files(df, root)
         failures = _suite_failures(suite_result) + checks.failures
     stats = _stats(df, checks, suite_result) if not missing else {}

@@ -27,6 +27,10 @@ def _missing_source(d: DataConfig) -> str | None:
     """Why the source is not reachable on this machine, or None when it may be."""
     if d.source == "folder" and d.path and not Path(d.path).expanduser().is_dir():
         return f"data.path {d.path} does not exist on this machine"
+    if d.source == "table" and d.path and not Path(d.path).expanduser().is_file():
+        return f"data.path {d.path} does not exist on this machine"
+    if d.source == "anomalib_folder" and d.normal_dir and not Path(d.normal_dir).expanduser().is_dir():
+        return f"data.normal_dir {d.normal_dir} does not exist on this machine"
     mirror = d.mirror if d.mirror is not None else os.environ.get(MIRROR_ENV)
     if d.source in ("mtd", "mvtec") and mirror and not Path(mirror).expanduser().is_dir():
         return f"the mirror {mirror} does not exist on this machine"

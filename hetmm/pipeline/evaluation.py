@@ -21,9 +21,11 @@ from PIL import Image
 from hetmm.config import ORACLE_RULES, ProductLine, ThresholdConfig
 from hetmm.core.metrics import UndefinedMetricError, as_numpy, aupro, f1_max, image_auroc, pixel_auroc, summarise
 from hetmm.data.images import load_mask
+from hetmm.data.manifest import UNLABELLED
 from hetmm.pipeline.settings import calibration_key
 from hetmm.errors import DataError
 
+PIXEL_METRICS = ("pixel_auroc", "aupro", "pro_official")
 # Where each rule's image threshold comes from (the model card says it in words).
 SOURCES = {"normal_fpr": "validation normals", "synthetic_f1": "synthetic defects", "manual": "manual",
            "f1_max": "test labels (oracle)", "normal_quantile": "test labels (oracle)"}
@@ -95,6 +97,19 @@ def headline(summary: dict, decision: dict) -> dict:
             "oracle_f1_max": summary["f1_max"], "oracle_f1_threshold": summary["f1_threshold"]}
 
 
+HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "pro_official", "f1_at_threshold", "oracle_f1_max", "threshold",
+            "pixel_threshold")
+
+
+def dvc_metrics(evaluation: dict) -> dict:
+    """``metrics.json``, the DVC metric that ``dvc exp show`` / ``metrics diff`` compare: the numeric headline
+    figures and image AUROC, pixel AUROC and AU-PRO per test subset (dev / holdout); the full record, with counts,
+    confusion and the reasons of undefined metrics, is ``evaluation.json``."""
+    subsets = {name: {k: values[k] for k in HEADLINE[:3]}
+               for name, values in evaluation["subsets"].items() if name != "all"}
+    return {**{k: evaluation[k] for k in HEADLINE}, **({"subsets": subsets} if subsets else {})}
+
+
 def predicted_mask(amap: np.ndarray, defective: bool, pixel_threshold: float) -> np.ndarray:
     """A part's defect mask: empty when it passed; else its map ``>= pixel_threshold``, and at least its peak
     (resizing, or a pixel threshold above the map, must not leave a flagged part without a region)."""
@@ -116,13 +131,42 @@ def f1_at(counts: dict) -> float | None:
     return 200.0 * tp / denom if denom else None
 
 
+def scopes(test: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``(labelled, pixel)``, both [M] bool: the images with a good / defect label (the image metrics), and the
+    labelled images whose pixels are known (the pixel metrics): good images and defect images with a mask."""
+    labelled = (test["label"] != UNLABELLED).to_numpy()
+    defect = (test["label"] == "defect").to_numpy()
+    masked = (test["mask_path"].astype(str) != "").to_numpy()
+    return labelled, labelled & (~defect | masked)
+
+
+def summarise_scoped(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray,
+                     labelled: np.ndarray, pixel: np.ndarray) -> dict:
+    """:func:`~hetmm.core.metrics.summarise` with the image metrics over ``labelled`` images and the pixel metrics
+    over ``pixel`` images (:func:`scopes`; all [M]), plus ``n_masked_defects``, ``n_unmasked_defects`` and
+    ``n_unlabelled``. A defect image without a mask would count all its pixels as normal, so it is left out."""
+    out = summarise(scores[labelled], labels[labelled])
+    masked = int((labels & pixel).sum())
+    unmasked = int((labels & labelled).sum()) - masked
+    pix = summarise(scores[pixel], labels[pixel], maps[pixel], masks[pixel])
+    for name in PIXEL_METRICS:
+        out[name] = pix[name]
+        out["undefined"].pop(name, None)
+        if name in pix["undefined"]:
+            out["undefined"][name] = (f"none of the {unmasked} defect image(s) has a mask"
+                                      if masked == 0 and unmasked else pix["undefined"][name])
+    return {**out, "n_masked_defects": masked, "n_unmasked_defects": unmasked,
+            "n_unlabelled": int((~labelled).sum())}
+
+
 def metrics_by_subset(test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> dict:
-    """``summarise`` over every image and, when the split has them, over each subset (dev / holdout)."""
+    """:func:`summarise_scoped` over every image and, when the split has them, over each subset (dev / holdout)."""
     labels = (test["label"] == "defect").to_numpy()
-    out = {"all": summarise(scores, labels, maps, masks)}
+    labelled, pixel = scopes(test)
+    out = {"all": summarise_scoped(scores, labels, maps, masks, labelled, pixel)}
     for subset in sorted(set(test["subset"]) - {"all"}):
-        keep = (test["subset"] == subset).to_numpy()
-        out[subset] = summarise(scores[keep], labels[keep], maps[keep], masks[keep])
+        k = (test["subset"] == subset).to_numpy()
+        out[subset] = summarise_scoped(scores[k], labels[k], maps[k], masks[k], labelled[k], pixel[k])
     return out
 
 
@@ -139,13 +183,14 @@ def gt_masks(test: pd.DataFrame, data: Path, size: tuple[int, int]) -> np.ndarra
 
 
 def per_group_metrics(
-    scores: Any, labels: Any, groups: Sequence[str], maps: Any = None, masks: Any = None
+    scores: Any, labels: Any, groups: Sequence[str], maps: Any = None, masks: Any = None, pixel_ok: Any = None
 ) -> list[dict[str, Any]]:
     """Per defect type: that type's defective images against *all* good images.
 
     scores [M], labels [M] (True = defective), groups [M] (defect type per image; ignored for good
-    images), optional maps / masks [M, H, W]. Returns rows sorted by group: ``{group, n_images,
-    n_good, image_auroc[, pixel_auroc, aupro]}``; a metric undefined on the subset is None.
+    images), optional maps / masks [M, H, W] and ``pixel_ok`` [M] (the images the pixel metrics may use, default
+    all). Returns rows sorted by group: ``{group, n_images, n_good, image_auroc[, pixel_auroc, aupro]}``; a
+    metric undefined on the subset is None.
     """
     s = as_numpy(scores).reshape(-1)
     y = as_numpy(labels).reshape(-1).astype(bool)
@@ -156,6 +201,7 @@ def per_group_metrics(
         raise ValueError("give both maps and masks, or neither")
     a = None if maps is None else as_numpy(maps)
     m = None if masks is None else as_numpy(masks)
+    ok = np.ones_like(y) if pixel_ok is None else np.asarray(pixel_ok, dtype=bool)
 
     def safe(fn: Any, *args: Any) -> float | None:
         try:
@@ -173,7 +219,7 @@ def per_group_metrics(
             "image_auroc": safe(image_auroc, s[subset], y[subset]),
         }
         if a is not None:
-            row["pixel_auroc"] = safe(pixel_auroc, a[subset], m[subset])
-            row["aupro"] = safe(aupro, a[subset], m[subset])
+            row["pixel_auroc"] = safe(pixel_auroc, a[subset & ok], m[subset & ok])
+            row["aupro"] = safe(aupro, a[subset & ok], m[subset & ok])
         rows.append(row)
     return rows

@@ -13,6 +13,7 @@ import time
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
 from hetmm.io import write_json_atomic
+from hetmm.pipeline import cluster
 from hetmm.pipeline.feature_cache import FeatureCache, extract_to_cache
 from hetmm.pipeline.line import StageRun, items, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey
@@ -21,7 +22,10 @@ from hetmm.pipeline.provenance import FeatureKey
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
     df = validated_manifest(paths, line.name)
-    extractor = FeatureExtractor(line.features, resolve_device(ctx.device))
+    if cluster.enabled(ctx.params.cluster):  # backbone actors on the cluster; the cache is written here
+        extractor = cluster.ExtractorPool(line.features, ctx.params.cluster)
+    else:
+        extractor = FeatureExtractor(line.features, resolve_device(ctx.device))
     cache = FeatureCache(paths.features, FeatureKey.of(line.features))
     reason = cache.reason()
     start = time.perf_counter()

@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from hetmm.core.features import FeatureExtractor, content_box
+from hetmm.core.features import content_box
 from hetmm.core.layout import empty_stack
 from hetmm.data.images import load_image
 from hetmm.errors import DataError
@@ -142,17 +144,28 @@ def _read_key(folder: Path) -> dict:
         return {}
 
 
-def extract_images(extractor: FeatureExtractor, files: Sequence[Path], batch_size: int, progress: bool = True,
+def extract_images(extractor: Any, files: Sequence[Path], batch_size: int, progress: bool = True,
                    desc: str = "features") -> Iterator[tuple[list[Image.Image], list[torch.Tensor]]]:
-    """Decode and extract ``files`` batch by batch: yields (images, per-layer features ``[B, C_j, H_j, W_j]``)."""
-    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress) as bar:
+    """Decode and extract ``files`` batch by batch: yields (images, per-layer features ``[B, C_j, H_j, W_j]``).
+
+    ``extractor``: a :class:`FeatureExtractor`, or a pool with ``imap(batches)`` that yields each batch's
+    features in order (:class:`hetmm.pipeline.cluster.ExtractorPool`); images are decoded here either way."""
+    decoded: deque[list[Image.Image]] = deque()
+
+    def batches() -> Iterator[list[Image.Image]]:
         for start in range(0, len(files), batch_size):
-            images = [load_image(path) for path in files[start : start + batch_size]]
-            yield images, extractor(images)
+            decoded.append([load_image(path) for path in files[start : start + batch_size]])
+            yield decoded[-1]
+
+    run = extractor.imap if hasattr(extractor, "imap") else (lambda items: map(extractor, items))
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress) as bar:
+        for layers in run(batches()):
+            images = decoded.popleft()
+            yield images, layers
             bar.update(len(images))
 
 
-def extract_to_cache(extractor: FeatureExtractor, cache: FeatureCache, items: Sequence[tuple[Path, str]],
+def extract_to_cache(extractor: Any, cache: FeatureCache, items: Sequence[tuple[Path, str]],
                      batch_size: int, progress: bool = True) -> tuple[int, int, int]:
     """Compute features for ``(image path, sha256)`` items not cached or cached but damaged; returns
     (computed, reused, repaired). Non-finite features are refused naming the image."""

@@ -9,17 +9,22 @@ Reads the template, the feature cache and the ``matching`` / ``post`` settings; 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from hetmm.config import ProductLine
 from hetmm.core.device import resolve_device
 from hetmm.core.inspector import Inspector
-from hetmm.core.scoring import match_plan
+from hetmm.core.scoring import LayerMatches, match_plan
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
+from hetmm.pipeline import cluster
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import StageRun, split, validated_manifest
 from hetmm.pipeline.match_cache import MatchCache
@@ -32,28 +37,60 @@ def load_inspector(line: ProductLine, template: str | Path, device: str = "auto"
     return Inspector(line, load_current(line, template), resolve_device(device))
 
 
+class LocalMatcher:
+    """Matching in this process; the interface :func:`score_cached` drives (shared with
+    :class:`hetmm.pipeline.cluster.ShardedMatcher`): ``submit`` starts one batch, ``collect`` returns its matches."""
+
+    depth = 1  # batches in flight
+
+    def __init__(self, inspector: Inspector) -> None:
+        self.inspector = inspector
+
+    def submit(self, features: Sequence[torch.Tensor], first_sheet: int = 0) -> LayerMatches:
+        return self.inspector.match(features, first_sheet=first_sheet)
+
+    def collect(self, handle: LayerMatches) -> LayerMatches:
+        return handle
+
+
 def score_cached(inspector: Inspector, cache: FeatureCache, shas: list[str], batch_size: int,
-                 progress: bool = True, desc: str = "infer",
-                 matches: MatchCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool = True, desc: str = "infer", matches: MatchCache | None = None,
+                 matcher: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Scores ``[M]`` and float16 maps ``[M, H, W]`` for cached test images, batch by batch.
 
     With ``matches``, images whose earlier distances it holds are matched against the template's new sheets
-    only, and this run's distances are added to it.
+    only, and this run's distances are added to it. ``matcher`` (default :class:`LocalMatcher`) computes the
+    distances; with ``depth`` > 1 that many batches are in flight at once (a cluster's replicas).
     """
+    matcher = matcher or LocalMatcher(inspector)
     maps, scores = [], []
-    for start in tqdm(range(0, len(shas), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = shas[start : start + batch_size]
-        layers, boxes = cache.load(batch)
-        found = matches.lookup(batch, inspector.device) if matches is not None else None
-        if found is None:
-            found = inspector.match(layers)
-        elif matches.reuse < matches.sheets:
-            found = found.merged(inspector.match(layers, first_sheet=matches.reuse))
+    pending: deque = deque()
+
+    def finish_one() -> None:
+        batch, boxes, found, handle = pending.popleft()
+        if handle is not None:
+            fresh = matcher.collect(handle)
+            found = fresh if found is None else found.merged(fresh)
         if matches is not None:
             matches.add(batch, found)
         out = inspector.finish(found, boxes)
         maps.append(out.maps.half().numpy())
         scores.append(out.scores.numpy())
+
+    for start in tqdm(range(0, len(shas), batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = shas[start : start + batch_size]
+        layers, boxes = cache.load(batch)
+        found = matches.lookup(batch, inspector.device) if matches is not None else None
+        handle = None
+        if found is None:
+            handle = matcher.submit(layers)
+        elif matches.reuse < matches.sheets:
+            handle = matcher.submit(layers, first_sheet=matches.reuse)
+        pending.append((batch, boxes, found, handle))
+        if len(pending) >= matcher.depth:
+            finish_one()
+    while pending:
+        finish_one()
     return np.concatenate(scores), np.concatenate(maps)
 
 
@@ -67,8 +104,11 @@ def run(ctx: StageRun) -> dict:
                                                         m.mode), key)
     matches.resume(paths.outputs / "matches.pt")
     start = time.perf_counter()
+    matcher = None
+    if cluster.enabled(ctx.params.cluster):
+        matcher = cluster.ShardedMatcher(inspector.template, line.matching, ctx.params.cluster)
     scores, maps = score_cached(inspector, FeatureCache(paths.features, key), list(test["sha256"]),
-                                line.features.batch_size, ctx.progress, matches=matches)
+                                line.features.batch_size, ctx.progress, matches=matches, matcher=matcher)
     seconds = time.perf_counter() - start
     bad = np.flatnonzero(~np.isfinite(maps).all(axis=(1, 2)) | ~np.isfinite(scores))
     if len(bad):  # refused before anything is written: the previous outputs stay as they were
@@ -89,5 +129,7 @@ def run(ctx: StageRun) -> dict:
              "images_per_second": round(len(test) / max(seconds, 1e-9), 2),
              "device": str(inspector.device), "template_hash": inspector.template.meta["content_hash"],
              "matching": matches.summary()}
+    if matcher is not None:
+        stats["cluster"] = matcher.describe()
     write_json_atomic(paths.reports / "infer.json", stats)
     return stats

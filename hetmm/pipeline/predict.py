@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from hetmm.config import ProductLine
+from hetmm.config import ClusterConfig, ProductLine
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
+from hetmm.pipeline import cluster
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
 from hetmm.pipeline.infer import load_inspector
@@ -84,10 +85,15 @@ def normalised_score(score: float, threshold: float, low: float, high: float) ->
 
 def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], out: Path, *,
                    template_path: Path | None = None, threshold: float | None = None, device: str = "auto",
-                   progress: bool = True) -> dict:
-    """Score images; write predictions.csv/json, binary masks and overlays under ``out``."""
+                   progress: bool = True, cluster_config: ClusterConfig | None = None) -> dict:
+    """Score images; write predictions.csv/json, binary masks and overlays under ``out``. With an enabled
+    ``cluster_config`` the features and the matching run on the cluster (:mod:`hetmm.pipeline.cluster`)."""
     files = collect_images(inputs)
     inspector = load_inspector(line, template_path or paths.template, device)
+    extractor, match = inspector.extractor, inspector.match
+    if cluster_config is not None and cluster.enabled(cluster_config):
+        extractor = cluster.ExtractorPool(line.features, cluster_config)
+        match = cluster.ShardedMatcher(inspector.template, line.matching, cluster_config).match
     decision = saved_threshold(paths, line.name, inspector.template.meta["content_hash"])
     rule = decision["rule"] if threshold is None else "--threshold"
     threshold = float(decision["threshold"]) if threshold is None else threshold
@@ -97,8 +103,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     version = inspector.template.meta["content_hash"][:12]
     rows = []
     done = 0
-    for images, layers in extract_images(inspector.extractor, files, line.features.batch_size, progress, "predict"):
-        scored = inspector.score_features(layers, inspector.boxes(images))
+    for images, layers in extract_images(extractor, files, line.features.batch_size, progress, "predict"):
+        scored = inspector.finish(match(layers), inspector.boxes(images))
         chunk = files[done : done + len(images)]
         done += len(images)
         for path, image, amap, score in zip(chunk, images, scored.maps.numpy(), scored.scores.numpy()):

@@ -1,8 +1,10 @@
 """Stage ``report``: metrics, the deployed threshold, curves, overlays, per-defect table, ablation and model card.
 
 Reads ``outputs/<line>/`` (scores and maps), the test masks, the stage records, ``models/<line>/calibration.json``
-and the ``threshold`` / ``report`` settings; writes ``reports/<line>/`` (``metrics.json``, ``plots/*.csv``,
-``roc.png``, ``pro.png``, ``overlays/``, ``per_defect.csv``, ``ablation.csv``, ``model_card.{md,json}``) and
+and the ``threshold`` / ``report`` settings; writes ``reports/<line>/`` (``metrics.json`` and ``evaluation.json``
+(:func:`~hetmm.pipeline.evaluation.dvc_metrics`), ``plots/*.csv``,
+``roc.png``, ``pro.png``, ``scores.png``, ``overlays/``, ``per_defect.csv``, ``ablation.csv``,
+``model_card.{md,json}``) and
 ``models/<line>/threshold.json`` (read by ``hetmm predict``; both JSON files: :mod:`hetmm.pipeline.evaluation`).
 Recomputes everything on every run (cheap); the ablation is the only part that reads the template and features
 again. Every figure is computed before the first file is replaced, so a failing run leaves the previous report whole.
@@ -22,17 +24,15 @@ import numpy as np
 import pandas as pd
 
 from hetmm.core.metrics import pro_points, roc_points
-from hetmm.data.images import load_image
 from hetmm.data.manifest import manifest_hash
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
-from hetmm.pipeline import evaluation
+from hetmm.pipeline import evaluation, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
-from hetmm.report import model_card, overlays, plots
+from hetmm.report import model_card, plots
 
-OVERLAY_GROUPS = ("worst_defect", "worst_good", "best_defect")
-ABLATION_COLUMNS = ["variant", "subset", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds"]
+ABLATION_COLUMNS = ["variant", "subset", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds", "build_seconds"]
 
 
 def run(ctx: StageRun) -> dict:
@@ -44,6 +44,7 @@ def run(ctx: StageRun) -> dict:
     scores = test["score"].to_numpy(dtype=np.float64)
     maps = np.load(maps_path).astype(np.float32)
     labels = (test["label"] == "defect").to_numpy()
+    labelled, pixel = evaluation.scopes(test)  # unlabelled images are scored and shown, never in the metrics
     masks = evaluation.gt_masks(test, paths.data, line.features.image_size)
     calibration = evaluation.load_calibration(paths.calibration, line, list(split(manifest(paths), "train")["sha256"]))
     start = time.perf_counter()
@@ -52,22 +53,27 @@ def run(ctx: StageRun) -> dict:
 
     # everything is computed before the first file is replaced, so a failure leaves the previous report whole
     by_subset = evaluation.metrics_by_subset(test, scores, maps, masks)
-    threshold = evaluation.decide(line.threshold, scores, labels, calibration,
+    threshold = evaluation.decide(line.threshold, scores[labelled], labels[labelled], calibration,
                                   read_json(paths.reports / "template.json").get("content_hash"))
     metrics = {**evaluation.headline(by_subset["all"], threshold), "subsets": by_subset}
-    per_type = evaluation.per_group_metrics(scores, labels, test["defect_type"].to_numpy(), maps, masks)
-    roc = roc_points(scores, labels) if 0 < labels.sum() < len(labels) else {"fpr": [], "tpr": []}
-    pro = pro_points(maps, masks) if masks.any() else {"fpr": [], "pro": []}  # no defect masks: empty curve
-    ablation_rows = _ablation(ctx, test, masks)
+    per_type = evaluation.per_group_metrics(scores[labelled], labels[labelled], test["defect_type"][labelled],
+                                            maps[labelled], masks[labelled], pixel[labelled])
+    s_l, y_l = scores[labelled], labels[labelled]
+    roc = roc_points(s_l, y_l) if 0 < y_l.sum() < len(y_l) else {"fpr": [], "tpr": []}
+    pro = pro_points(maps[pixel], masks[pixel]) if masks[pixel].any() else {"fpr": [], "pro": []}  # none: empty
+    table = ablation_rows(ctx, test, masks)
 
-    write_json_atomic(paths.reports / "metrics.json", metrics)
+    write_json_atomic(paths.reports / "evaluation.json", metrics)
+    write_json_atomic(paths.reports / "metrics.json", evaluation.dvc_metrics(metrics))
     write_json_atomic(paths.threshold, threshold)
     with atomic_path(paths.reports / "per_defect.csv") as tmp:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
     with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
-        pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
-    plots.report_curves(paths.reports, line.name, roc, pro, metrics, scores, labels, threshold["threshold"])
-    written = _overlays(ctx, test, scores, maps, masks, threshold)
+        pd.DataFrame(table, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
+    plots.report_curves(paths.reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
+    plots.score_histogram_png(paths.reports / "scores.png", panels.score_groups(test, scores),
+                              threshold["threshold"], f"{line.name}: test image scores")
+    written = panels.report_panels(ctx, test, scores, maps, masks, threshold)
 
     timings = {stage: read_json(paths.reports / f"{stage}.json").get("seconds")
                for stage in ("extract", "template", "infer")}
@@ -77,12 +83,14 @@ def run(ctx: StageRun) -> dict:
         "product_line": line.name,
         "code_version": model_card.code_version(),
         "data": {"manifest_sha256": manifest_hash(df), "images": int(len(df)), "test_images": int(len(test)),
-                 "defective": int(labels.sum())},
+                 "defective": int(labels.sum()), "defective_with_mask": int((labels & pixel).sum()),
+                 "unlabelled": int((~labelled).sum()),
+                 "unlabelled_flagged": int((scores[~labelled] >= threshold["threshold"]).sum())},
         "template": read_json(paths.reports / "template.json"),
         **model_card.decision_sections(threshold, calibration, by_subset["all"], tuned_keys(paths.settings)),
         "metrics": by_subset,
         "per_defect_type": per_type,
-        "ablation": ablation_rows,
+        "ablation": table,
         "timings_seconds": timings,
         "inference": read_json(paths.reports / "infer.json"),
         "environment": _environment(),
@@ -93,32 +101,7 @@ def run(ctx: StageRun) -> dict:
     return metrics
 
 
-def _overlays(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
-              decision: dict) -> list[Path]:
-    """Panels (replacing the old) of the worst cases (missed defects, false alarms) and the best, as deployed."""
-    out_dir = ctx.paths.reports / "overlays"
-    for old in out_dir.glob("*.png") if out_dir.is_dir() else []:
-        old.unlink()
-    count = ctx.line.report.overlays
-    if count <= 0:
-        return []
-    labels = (test["label"] == "defect").to_numpy()
-    lowest_defects = [i for i in np.argsort(scores) if labels[i]]
-    highest_good = [i for i in np.argsort(-scores) if not labels[i]]
-    picks = dict(zip(OVERLAY_GROUPS, overlays.picks(count, lowest_defects, highest_good)))
-    height, width = ctx.line.features.image_size
-    flagged, pixel = scores >= decision["threshold"], decision["pixel_threshold"]
-    cases = [overlays.OverlayCase(
-        name=f"{group}_{rank + 1}", image=load_image(ctx.paths.data / test["path"][i]).resize((width, height)),
-        amap=maps[i], mask=masks[i], score=None, pred_mask=evaluation.predicted_mask(maps[i], flagged[i], pixel),
-        title=f"{group} #{rank + 1}: {test['defect_type'][i]} score {scores[i]:.3f} "
-              f"{'flagged' if flagged[i] else 'passed'} (threshold {decision['threshold']:.3f})")
-        for group, indices in picks.items() for rank, i in enumerate(indices)]
-    vmin, vmax = overlays.anchored_scale(pixel)  # one scale for every panel, the pixel threshold in the middle
-    return overlays.save_overlays(out_dir, cases, vmin=vmin, vmax=vmax, kind="panel", bar_threshold=pixel)
-
-
-def _ablation(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:
+def ablation_rows(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:
     """The ablation table's rows (none when ``report.ablation`` is off)."""
     if not ctx.line.report.ablation:
         return []

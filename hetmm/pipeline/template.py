@@ -13,14 +13,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from hetmm.config import ProductLine
 from hetmm.core.modes import TemplateKind
-from hetmm.core.templates import TemplateSet, build, hot_update, load_template, save_template
+from hetmm.core.templates import BuildOptions, TemplateSet, build, hot_update, load_template, save_template
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.io import write_json_atomic
+from hetmm.pipeline import cluster
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths, StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey, template_code_record
@@ -28,11 +30,13 @@ from hetmm.pipeline.provenance import FeatureKey, template_code_record
 _CODE_PARTS = {"features": "feature code", "templates": "template code"}  # meta["code"] keys -> words
 
 def build_template(line: ProductLine, layers: Sequence[torch.Tensor], sources: Sequence[str],
-                   size: int | None = None, progress: bool = True) -> TemplateSet:
-    """The line's kind of template from per-layer train features ``[N, C_j, H_j, W_j]`` (``size`` overrides K)."""
+                   size: int | None = None, progress: bool = True, pixels: Any = None) -> TemplateSet:
+    """The line's kind of template from per-layer train features ``[N, C_j, H_j, W_j]`` (``size`` overrides K;
+    ``pixels``: the per-pixel selection's executor, e.g. :func:`hetmm.pipeline.cluster.pts_pixels`)."""
     key = FeatureKey.of(line.features)
-    return build(line.templates.kind, layers, sources, size=size or line.templates.size, feature=key.settings,
-                 code=template_code_record(key), progress=progress)
+    options = BuildOptions(size=size or line.templates.size, feature=key.settings, code=template_code_record(key),
+                           progress=progress, pixels=pixels, target_radius=line.templates.target_radius)
+    return build(line.templates.kind, layers, sources, options)
 
 
 def code_change(tset: TemplateSet, key: FeatureKey) -> str | None:
@@ -49,8 +53,14 @@ def record(tset: TemplateSet, action: str, reason: str, new_images: int, seconds
     out = {"action": action, "reason": reason, "kind": tset.meta["kind"], "sheets": sheets,
            "train_images": int(tset.meta["n_images"]), "new_images": new_images,
            "content_hash": tset.meta["content_hash"], "bytes": int(tset.nbytes), "seconds": seconds}
-    if tset.meta["kind"] == TemplateKind.PTS and sheets < requested:
-        out["note"] = f"PTS asked for K={requested} sheets but the line has {sheets} training images: kept them all"
+    if tset.meta["kind"] != TemplateKind.ALL and sheets < min(requested, int(tset.meta["n_images"])):
+        out["note"] = (f"COVER reached templates.target_radius with {sheets} of the K={requested} sheets it may "
+                       "use")
+    elif tset.meta["kind"] != TemplateKind.ALL and sheets < requested:
+        out["note"] = (f"{tset.meta['kind']} asked for K={requested} sheets but the line has {sheets} training "
+                       "images: kept them all")
+    if "coverage" in tset.meta:
+        out["coverage"] = tset.meta["coverage"]
     return out
 
 
@@ -74,8 +84,10 @@ def _plan(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureK
     if not line.templates.hot_update:
         return None, "templates.hot_update is off"
     if old.meta.get("kind") != line.templates.kind or (
-            line.templates.kind == TemplateKind.PTS and old.meta.get("size") != line.templates.size):
-        return None, "template kind or size changed"
+            line.templates.kind != TemplateKind.ALL and old.meta.get("size") != line.templates.size) or (
+            line.templates.kind == TemplateKind.COVER
+            and old.meta.get("target_radius") != line.templates.target_radius):
+        return None, "template kind, size or target radius changed"
     removed = set(old.meta.get("sources", [])) - set(sources)
     if removed:
         return None, f"{len(removed)} training image(s) were removed"
@@ -94,7 +106,11 @@ def run(ctx: StageRun) -> dict:
     new: list[str] = []
     if old is None:
         layers, _ = cache.load(sources, pixel_major=True)
-        action, tset, new = "rebuild", build_template(line, layers, sources, progress=ctx.progress), sources
+        pixels = None
+        if cluster.enabled(ctx.params.cluster):
+            pixels = cluster.pts_pixels(ctx.params.cluster)
+        action, tset, new = "rebuild", build_template(line, layers, sources, progress=ctx.progress,
+                                                      pixels=pixels), sources
         del layers
     elif new := [s for s in sources if s not in set(old.meta.get("sources", []))]:
         layers, _ = cache.load(new)

@@ -14,7 +14,7 @@ from hetmm.pipeline.line import StageRun, manifest
 def run(ctx: StageRun) -> dict:
     paths = ctx.paths
     html = paths.reports / "validation.html"
-    result = validate(manifest(paths), paths.data, paths.reports / "validation.json", html)
+    result = validate(manifest(paths), paths.data, paths.reports / "validation.json", html, ctx.line.data.masks)
     if not result.success:
         # one line (the CLI prints errors as one line); the report lists every failure
         listed = "; ".join(" ".join(str(f).split()) for f in result.failures[:5])

@@ -231,5 +231,26 @@ def report_curves(reports: Path, name: str, roc: Mapping[str, Sequence[float]], 
               "false positive rate", "per-region overlap", f"{name}: PRO (FPR <= 0.3)")
 
 
+def score_histogram_png(path: str | Path, groups: Mapping[str, np.ndarray], threshold: float, title: str,
+                        bins: int = 30) -> Path:
+    """The distribution of image scores per group (``{name: scores [n]}``; e.g. good, defect, unlabelled) as
+    step outlines on shared bins, with the deployed ``threshold`` as a vertical line: how far each kind of image
+    lies from the decision, labelled or not."""
+    finite = [np.asarray(v, dtype=np.float64)[np.isfinite(v)] for v in groups.values()]
+    every = np.concatenate(finite + [np.array([threshold], dtype=np.float64)])
+    lo, hi = float(every.min()), float(every.max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    curves, top = {}, 1.0
+    for (name, _), values in zip(groups.items(), finite):
+        counts = np.histogram(values, edges)[0].astype(np.float64)
+        top = max(top, float(counts.max(initial=0)))
+        # a step outline: each bin's count held across the bin, down to zero at both ends
+        x = np.concatenate([[edges[0]], np.repeat(edges, 2)[1:-1], [edges[-1]]])
+        y = np.concatenate([[0.0], np.repeat(counts, 2), [0.0]])
+        curves[f"{name} ({values.size})"] = (x, y)
+    curves[f"threshold {threshold:.3g}"] = ([threshold, threshold], [0.0, top * 1.05])
+    return curve_png(path, curves, "image score", "images", title, ylim=(0.0, top * 1.08))
+
+
 def _figure(value: Any) -> str:
     return "undefined" if value is None else f"{value:.2f}"

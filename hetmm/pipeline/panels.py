@@ -1,0 +1,57 @@
+"""The report stage's pictures of single test images: which images get a heat-map panel, and the score groups.
+
+``report_panels`` replaces ``reports/<line>/overlays/`` with panels (image | heat map | mask, as deployed) of the
+worst labelled cases (missed defects, false alarms), the best defects and, apart from those, the most anomalous
+unlabelled images: ``report.overlays`` labelled panels and as many unlabelled ones at most.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hetmm.data.images import load_image
+from hetmm.data.manifest import UNLABELLED
+from hetmm.pipeline import evaluation
+from hetmm.pipeline.line import StageRun
+from hetmm.report import overlays
+
+OVERLAY_GROUPS = ("worst_defect", "worst_good", "best_defect")
+
+
+def score_groups(test: pd.DataFrame, scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Image scores [n] per kind of test image (good, defect, unlabelled), kinds without images left out."""
+    groups = {"good": test["label"] == "good", "defect": test["label"] == "defect",
+              UNLABELLED: test["label"] == UNLABELLED}
+    return {name: scores[keep.to_numpy()] for name, keep in groups.items() if keep.any()}
+
+
+def report_panels(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
+                  decision: dict) -> list[Path]:
+    """Write the panels (see the module docstring); ``scores`` [M], ``maps`` / ``masks`` [M, H, W] follow
+    ``test``'s rows. Returns the files written."""
+    out_dir = ctx.paths.reports / "overlays"
+    for old in out_dir.glob("*.png") if out_dir.is_dir() else []:
+        old.unlink()
+    count = ctx.line.report.overlays
+    if count <= 0:
+        return []
+    labels, label = (test["label"] == "defect").to_numpy(), test["label"].to_numpy()
+    lowest_defects = [i for i in np.argsort(scores) if labels[i]]
+    highest_good = [i for i in np.argsort(-scores) if label[i] == "good"]
+    picks = dict(zip(OVERLAY_GROUPS, overlays.picks(count, lowest_defects, highest_good)))
+    picks[UNLABELLED] = [i for i in np.argsort(-scores) if label[i] == UNLABELLED][:count]
+    height, width = ctx.line.features.image_size
+    flagged, pixel = scores >= decision["threshold"], decision["pixel_threshold"]
+    masked = (test["mask_path"].astype(str) != "").to_numpy()
+    cases = [overlays.OverlayCase(
+        name=f"{group}_{rank + 1}", image=load_image(ctx.paths.data / test["path"][i]).resize((width, height)),
+        amap=maps[i], mask=masks[i] if masked[i] or label[i] == "good" else None, score=None,
+        pred_mask=evaluation.predicted_mask(maps[i], flagged[i], pixel),
+        title=f"{group} #{rank + 1}: {test['defect_type'][i]} score {scores[i]:.3f} "
+              f"{'flagged' if flagged[i] else 'passed'} (threshold {decision['threshold']:.3f})")
+        for group, indices in picks.items() for rank, i in enumerate(indices)]
+    vmin, vmax = overlays.anchored_scale(pixel)  # one scale for every panel, the pixel threshold in the middle
+    return overlays.save_overlays(out_dir, cases, vmin=vmin, vmax=vmax, kind="panel", bar_threshold=pixel)
