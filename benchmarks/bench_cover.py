@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -90,8 +91,7 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true", help="rescore --root's line instead of reading its "
                         "committed reports/<line>/ablation.csv")
     args = parser.parse_args()
-    result: dict = {"sizes": args.sizes, "command": "benchmarks/bench_cover.py " + " ".join(
-        f"--{k} {v}" if not isinstance(v, bool) else f"--{k}" for k, v in vars(args).items() if v)}
+    result: dict = {"sizes": args.sizes, "command": " ".join(["benchmarks/bench_cover.py", *sys.argv[1:]])}
     if args.root is not None:  # the table `dvc repro report@<line>` committed, unless --recompute
         committed = args.root / "reports" / args.line / "ablation.csv"
         if args.recompute or not committed.is_file():
