@@ -81,7 +81,8 @@ STAGE_HELP = {
     "validate": "Check the manifest and every image and mask (great-expectations); fails naming the bad files.",
     "tune": "Choose the settings params.yaml leaves open on good training images and synthetic defects.",
     "extract": "Compute features for images not yet in the per-image feature cache.",
-    "template": "Build the ALL or PTS template, or hot-update the previous one with new good images.",
+    "template": "Build the ALL, PTS or COVER template, or hot-update the previous one (method hetmm).",
+    "train": "Train TFA-Net on the good training images, resuming an unfinished run (method tfa_net).",
     "calibrate": "Thresholds from held-out good training images and synthetic defects (no test labels).",
     "infer": "Score the test split: image scores and anomaly maps.",
     "report": "Metrics, threshold, curves, overlays, per-defect table and model card.",
@@ -122,8 +123,11 @@ for _name in STAGES:
 @_friendly
 def run(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."),
         device: DeviceOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False):
-    """All stages in order without DVC (DVC users run `dvc repro`)."""
-    _show(_run_stages(STAGES, line, params, root, device, quiet), as_json)
+    """All of the line's stages in order without DVC (DVC users run `dvc repro`)."""
+    from hetmm.config import load_params
+    from hetmm.pipeline import stages_for
+
+    _show(_run_stages(stages_for(load_params(params).line(line).method), line, params, root, device, quiet), as_json)
 
 
 @app.command()
@@ -205,6 +209,7 @@ def line_add(
                                                  help="Defect images without masks (default: optional)")] = None,
     category: Annotated[Optional[str], typer.Option(metavar="NAME", help="mvtec source: the category")] = None,
     mirror: Annotated[Optional[str], typer.Option(metavar="DIR", help="mtd/mvtec: a local copy")] = None,
+    method: Annotated[str, typer.Option(metavar="hetmm|tfa_net", help="How the line scores images")] = "hetmm",
     params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"), as_json: JsonOpt = False,
 ):
     """Add a line: its complete params entry (every key at its default) and its name in dvc.yaml's line list."""
@@ -213,7 +218,7 @@ def line_add(
     given = {"source": source, "path": path, "category": category, "mirror": mirror, "normal_dir": normal_dir,
              "abnormal_dir": abnormal_dir, "mask_dir": mask_dir, "masks": masks}
     data = {k: v for k, v in given.items() if v is not None}
-    _show(add_line(name, data, params, dvc), as_json)
+    _show(add_line(name, data, params, dvc, method), as_json)
 
 
 @line_app.command("check")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hetmm.core.modes import MatchMode, TemplateKind
+from hetmm.core.modes import MatchMode, Method, TemplateKind
 from hetmm.errors import ConfigError
 
 Source = Literal["demo", "folder", "anomalib_folder", "table", "mvtec", "mtd"]
@@ -154,9 +154,62 @@ class ReportConfig:
     ablation_subset: Literal["all", "dev", "holdout"] = "all"  # score the ablation on one test subset only
 
 
+TFAPreset = Literal["cpu", "paper"]
+# Network size and schedule per preset; a key the line sets wins over its preset's value.
+TFA_PRESETS: dict[str, dict[str, Any]] = {
+    # a fixed number of steps, so the time does not grow with the line: about 12 minutes at 256 px on 2 CPU cores
+    # for a line of any size (benchmarks/bench_tfa.py)
+    "cpu": {"width": 192, "depth": 4, "heads": 4, "decoder_width": 128, "decoder_depth": 2, "steps": 800,
+            "epochs": None, "batch_size": 8, "lr": 1e-3},
+    # the published network and schedule (a GPU's work: 400 epochs)
+    "paper": {"width": 768, "depth": 12, "heads": 12, "decoder_width": 512, "decoder_depth": 8, "steps": None,
+              "epochs": 400, "batch_size": 4, "lr": 1e-4},
+}
+
+
+@dataclass(frozen=True)
+class TFANetConfig:
+    """TFA-Net (``method: tfa_net``): network size, schedule and template image (:mod:`hetmm.pipeline.train`).
+
+    ``None`` takes the preset's value (:data:`TFA_PRESETS`); :meth:`resolved` gives every value. The schedule is
+    ``steps`` optimiser steps, or ``epochs`` passes over the training images when ``steps`` is unset; setting either
+    replaces the preset's schedule.
+    """
+
+    preset: TFAPreset = "cpu"
+    width: int | None = None  # encoder width (token dimension)
+    depth: int | None = None  # encoder blocks
+    heads: int | None = None  # attention heads of the encoder (the decoder keeps the same head width)
+    decoder_width: int | None = None
+    decoder_depth: int | None = None
+    steps: int | None = None  # optimiser steps in all
+    epochs: int | None = None  # ... or passes over the training images
+    logs: int = 40  # validation points (DVCLive steps, resume points) over the run
+    batch_size: int | None = None
+    lr: float | None = None  # Adam learning rate
+    patch: int = 4  # side of a token's patch on the feature grid
+    grid: int | None = None  # side of the common feature grid; None = the finest selected layer's side
+    mask_ratio: float = 0.25  # share of query tokens masked in training (they must come from the template)
+    template: Literal["medoid", "first"] = "medoid"  # the template image among the training images
+    cos_weight: float = 5.0  # loss and map: cos_weight * (1 - cosine) + MSE
+    seed: int = 0
+
+    def resolved(self, features: FeatureConfig) -> dict[str, Any]:
+        """Every setting, preset values and the grid (on ``features``) filled in."""
+        out = dataclasses.asdict(self)
+        preset = dict(TFA_PRESETS[self.preset])
+        if self.steps is not None or self.epochs is not None:  # the line's own schedule
+            preset.pop("steps"), preset.pop("epochs")
+        out.update({k: v for k, v in preset.items() if out[k] is None})
+        if out["grid"] is None:  # the finest selected layer's side (strides 4, 8, 16 for layers 1, 2, 3)
+            out["grid"] = min(features.image_size) // 2 ** (min(features.layers) + 1)
+        return out
+
+
 @dataclass(frozen=True)
 class ProductLine:
     name: str
+    method: Method = Method.HETMM
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     templates: TemplateConfig = field(default_factory=TemplateConfig)
@@ -165,12 +218,16 @@ class ProductLine:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tfa_net: TFANetConfig = field(default_factory=TFANetConfig)
     # dotted keys the params.yaml entry sets (``matching.mode``): the tuner never changes these
     pinned: frozenset[str] = frozenset()
 
     def tunable(self) -> tuple[str, ...]:
-        """The keys of :data:`TUNABLE` the tuner may choose for this line (none when tuning is off)."""
-        return tuple(k for k in TUNABLE if k not in self.pinned) if self.tune.enabled else ()
+        """The keys of :data:`TUNABLE` the tuner may choose for this line (none when tuning is off, and none for
+        TFA-Net: the tuner searches HETMM's matching)."""
+        if not self.tune.enabled or self.method != Method.HETMM:
+            return ()
+        return tuple(k for k in TUNABLE if k not in self.pinned)
 
 
 # What the tuner searches, in the order it settles them; a key is tuned unless the line's entry sets it.
@@ -354,10 +411,33 @@ def validate_line(line: ProductLine, key: str) -> None:
         raise ConfigError(f"{key}.threshold.value: normal_quantile needs a quantile in (0, 1]")
     if rule == "manual" and value is None:
         raise ConfigError(f"{key}.threshold.value: the manual rule needs the threshold value")
+    _validate_tfa(line, key)
     if d.source == "folder" and not d.path:
         raise ConfigError(f"{key}.data.path: the folder source needs the path of an MVTec-layout tree")
     if d.source == "mvtec" and not d.category:
         raise ConfigError(f"{key}.data.category: the mvtec source needs a category name")
+
+
+def _validate_tfa(line: ProductLine, key: str) -> None:
+    net = line.tfa_net.resolved(line.features)
+    for name in ("width", "depth", "heads", "decoder_width", "decoder_depth", "batch_size", "patch", "logs",
+                 "steps" if net["steps"] is not None else "epochs"):
+        if not 1 <= net[name] <= 10_000_000:
+            raise ConfigError(f"{key}.tfa_net.{name}: must be a positive integer, got {net[name]}")
+    if net["width"] % net["heads"] or net["decoder_width"] % max(1, net["heads"] * net["decoder_width"]
+                                                                  // net["width"]):
+        raise ConfigError(f"{key}.tfa_net.heads: width ({net['width']}) and decoder_width must split into "
+                          f"{net['heads']} heads of equal size")
+    if not 0.0 < net["lr"] < 1.0:
+        raise ConfigError(f"{key}.tfa_net.lr: the learning rate lies in (0, 1), got {net['lr']}")
+    if not 0.0 <= net["mask_ratio"] < 1.0:
+        raise ConfigError(f"{key}.tfa_net.mask_ratio: the masked share of query tokens lies in [0, 1)")
+    if net["cos_weight"] < 0:
+        raise ConfigError(f"{key}.tfa_net.cos_weight: must be >= 0")
+    grid, side = net["grid"], min(line.features.image_size) // 4
+    if grid < net["patch"] or grid % net["patch"] or grid > side:
+        raise ConfigError(f"{key}.tfa_net.grid: the feature grid ({grid}; default: the finest layer's side) must be "
+                          f"a multiple of tfa_net.patch ({net['patch']}) and at most {side}")
 
 
 AUTO = "auto"  # a tunable key's value that leaves it to the tuner (so `dvc exp run -S` can set every key)

@@ -31,7 +31,6 @@ needs_mtd = pytest.mark.skipif(not (MTD / "MT_Free" / "Imgs").is_dir(), reason=f
 torch.set_num_threads(1)
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
 
-from hetmm.pipeline import STAGES  # noqa: E402
 
 # The demo line of the repository's params.yaml (128 px, PTS K=10): real ImageNet features.
 DEMO_LINE: dict[str, Any] = {
@@ -75,11 +74,13 @@ def write_params(root: Path, lines: dict[str, dict], device: str = "cpu"):
     return load_params(path)
 
 
-def run_stages(params, name: str, root: Path, stages=STAGES) -> dict[str, Any]:
-    """Run pipeline stages of one line in ``root`` (no progress bars); returns each stage's result."""
-    from hetmm.pipeline import stage
+def run_stages(params, name: str, root: Path, stages=None) -> dict[str, Any]:
+    """Run pipeline stages of one line in ``root`` (default: every stage of its method; no progress bars); returns
+    each stage's result."""
+    from hetmm.pipeline import stage, stages_for
     from hetmm.pipeline.line import StageRun
 
+    stages = stages_for(params.line(name).method) if stages is None else stages
     return {s: stage(s)(StageRun.for_line(params, name, root, "cpu", progress=False, stage=s)) for s in stages}
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import MTD, REPO, SUBPROCESS_ENV
-from hetmm.pipeline import STAGES
+from hetmm.pipeline import stages_for
 from hetmm.pipeline.lines import set_dvc_lines
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,10 @@ DEMO_PINNED = {
 def repo_copy(tmp_path) -> Path:
     """The repository's tracked files in a new git repository; params.yaml keeps the demo line and, when the
     shared MTD copy is there, a tiny MTD slice read from it."""
+    return _repo(tmp_path, with_mtd=True)
+
+
+def _repo(tmp_path: Path, lines: dict | None = None, with_mtd: bool = False) -> Path:
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, text=True)
@@ -86,8 +90,8 @@ def repo_copy(tmp_path) -> Path:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    lines = {"demo": DEMO_PINNED}
-    if (MTD / "MT_Free" / "Imgs").is_dir():  # a second, tiny line shows that one line's change leaves the other be
+    lines = lines or {"demo": DEMO_PINNED}
+    if with_mtd and (MTD / "MT_Free" / "Imgs").is_dir():  # a second, tiny line shows that one line's change leaves the other be
         mtd = params["product_lines"]["mtd"]
         mtd["data"].update({"mirror": str(MTD), "subset": "dev", "limit": 2})
         mtd["features"].update({"image_size": [64, 64], "blocks": "last"})
@@ -96,7 +100,7 @@ def repo_copy(tmp_path) -> Path:
         lines["mtd"] = mtd
     params["product_lines"] = lines
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    set_dvc_lines(list(lines), root / "dvc.yaml")
+    set_dvc_lines({name: body.get("method", "hetmm") for name, body in lines.items()}, root / "dvc.yaml")
     (root / "dvc.lock").unlink(missing_ok=True)
     _run(root, "git", "init", "-q")
     _commit(root, "copy of the repository, demo line only")
@@ -120,7 +124,7 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
     # 1. first reproduction: every stage of the line runs, metrics are sane
     first = _run(root, dvc, "repro")
     lines = set(yaml.safe_load((root / "params.yaml").read_text())["product_lines"])
-    assert _ran(first.stdout) == {f"{s}@{line}" for s in STAGES for line in lines}
+    assert _ran(first.stdout) == {f"{s}@{line}" for s in stages_for("hetmm") for line in lines}
     metrics = json.loads((root / "reports/demo/evaluation.json").read_text())
     assert metrics["n_images"] == 26 and metrics["image_auroc"] >= 95.0 and metrics["pixel_auroc"] >= 97.0
     assert (root / "dvc.lock").is_file() and (root / "reports/demo/model_card.json").is_file()
@@ -291,3 +295,31 @@ def test_a_new_lines_cached_outputs_are_git_ignored_before_dvc_lists_them():
     assert all(ignored(f"{folder}/bolts/part.pt") for folder in ("data", "features", "outputs"))
     assert not any(ignored(f"models/bolts/{name}") for name in ("settings.yaml", "calibration.json", "threshold.json"))
     assert not ignored("reports/bolts/metrics.json")
+
+
+def test_a_tfa_net_line_trains_in_dvc_with_dvclive_metrics_and_experiments(tmp_path):
+    """A TFA-Net line runs its own chain (train, no template) under `dvc repro`; DVCLive's figures are DVC metrics
+    and plots, and `dvc exp run -S` on a training param retrains and compares."""
+    tiny = {"method": "tfa_net", "data": {"source": "demo", "seed": 0},
+            "features": {"image_size": [128, 128]}, "report": {"overlays": 1, "ablation": False},
+            "tfa_net": {"width": 32, "depth": 1, "heads": 2, "decoder_width": 32, "decoder_depth": 1, "steps": 10,
+                        "logs": 2},
+            "tune": {"max_validation": 3, "min_synthetic": 6}}
+    root = _repo(tmp_path, {"tiny": tiny})
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    first = _run(root, dvc, "repro")
+    assert _ran(first.stdout) == {f"{s}@tiny" for s in stages_for("tfa_net")}
+    assert json.loads((root / "reports/tiny/tfa_net.json").read_text())["action"] == "trained"
+    metrics = json.loads(_run(root, dvc, "metrics", "show", "--json").stdout)
+    figures = next(iter(metrics.values()))["data"]["reports/tiny/training/metrics.json"]["data"]
+    assert figures["step"] == 1 and figures["train"]["loss"] > 0 and "image_auroc" in figures["val"]
+    assert _ran(_run(root, dvc, "repro").stdout) == {"download@tiny"}  # nothing retrains
+    _commit(root, "tiny tfa line")
+    _run(root, dvc, "exp", "run", "-S", "product_lines.tiny.tfa_net.steps=16", "-n", "longer")
+    shown = json.loads(_run(root, dvc, "exp", "show", "--json").stdout)
+    runs = [e for baseline in shown for e in (baseline.get("experiments") or [])]
+    longer = next(r["revs"][0]["data"] for r in runs if r.get("name") == "longer")
+    assert longer["params"]["params.yaml"]["data"]["product_lines"]["tiny"]["tfa_net"]["steps"] == 16
+    assert "reports/tiny/training/metrics.json" in longer["metrics"]
+    plots = _run(root, dvc, "plots", "diff", "longer", "--json", "--split").stdout
+    assert "reports/tiny/training/plots/metrics/train/loss.tsv" in plots

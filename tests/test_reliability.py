@@ -19,7 +19,6 @@ from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.lock import LineBusyError, line_lock
 from hetmm.pipeline.predict import predict_images
-from hetmm.pipeline import STAGES as ALL_STAGES
 from hetmm.pipeline.provenance import FeatureKey
 
 
@@ -52,7 +51,7 @@ def test_a_threshold_chosen_for_another_template_is_refused(run_copy, tmp_path):
     predict_images(params.line("line"), paths, [_image(src)], tmp_path / "ok", device="cpu", progress=False)
     rebuilt = write_params(root, {"line": folder_line(src, k=6)})  # a rebuild; infer and report not rerun
     assert run_stages(rebuilt, "line", root, ("template",))["template"]["action"] == "rebuild"
-    with pytest.raises(DataError, match=r"threshold\.json: the threshold was chosen for template .* report@line"):
+    with pytest.raises(DataError, match=r"threshold\.json: the threshold was chosen for model .* report@line"):
         predict_images(rebuilt.line("line"), paths, [_image(src)], tmp_path / "stale", device="cpu", progress=False)
     run_stages(rebuilt, "line", root, ("calibrate", "infer", "report"))
     out = predict_images(rebuilt.line("line"), paths, [_image(src)], tmp_path / "fresh", device="cpu", progress=False)
@@ -152,7 +151,7 @@ def test_windows_wider_than_the_map_run_end_to_end(folder_src, tmp_path):
     root = tmp_path / "repo"
     params = write_params(root, {"line": folder_line(folder_src, size=64, matching={
         "forward_windows": [13, 13, 13], "backward_windows": [13, 7, 13]})})
-    out = run_stages(params, "line", root, ALL_STAGES)
+    out = run_stages(params, "line", root)
     assert out["infer"]["images"] == 26 and np.isfinite(out["report"]["image_auroc"])
 
 

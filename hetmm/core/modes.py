@@ -1,4 +1,4 @@
-"""Names of the method's swappable parts, defined once: matching modes and template kinds.
+"""Names of the swappable parts, defined once: methods, matching modes and template kinds.
 
 Torch-free, so that parsing ``params.yaml`` stays fast. The configuration, the scoring plan, the template builders
 and the ablation table all read these enums.
@@ -25,3 +25,10 @@ class TemplateKind(StrEnum):
     ALL = "ALL"  # every training image is a sheet
     PTS = "PTS"  # Pixel-level Template Selection: K sheets per pixel (OPTICS medoids + hard normals)
     COVER = "COVER"  # K sheets per pixel that cover the training vectors: greedy k-center (farthest-first)
+
+
+class Method(StrEnum):
+    """How a product line scores images: training-free template matching, or a network trained on its good images."""
+
+    HETMM = "hetmm"  # template mutual matching (the templates stage builds the template set)
+    TFA_NET = "tfa_net"  # Template-based Feature Aggregation Network (the train stage fits it)

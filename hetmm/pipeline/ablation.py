@@ -2,7 +2,8 @@
 
 Every matching mode (:class:`~hetmm.core.modes.MatchMode`) on the line's template, then an ALL template and PTS
 templates and COVER templates of each ``report.ablation_sizes``, and nearest-patch matching over the COVER bank of
-at most 60 sheets, all scored on the same cached test features.
+at most 60 sheets, all scored on the same cached test features. A TFA-Net line's table has the trained network and
+HETMM (ALL template, the line's matching) side by side on the same features.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from hetmm.config import ProductLine
-from hetmm.core.inspector import Inspector
+from hetmm.core.inspector import Inspector, Scorer
 from hetmm.core.modes import MatchMode, TemplateKind
 from hetmm.core.templates import TemplateSet
 from hetmm.errors import ConfigError
@@ -23,7 +24,7 @@ from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.infer import score_cached
 from hetmm.pipeline.template import build_template
 
-def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train_shas: list[str],
+def ablation(line: ProductLine, inspector: Scorer, cache: FeatureCache, train_shas: list[str],
              test: pd.DataFrame, masks: np.ndarray, progress: bool = True) -> list[dict]:
     """Rows (:data:`hetmm.pipeline.report.ABLATION_COLUMNS`), one per variant, on ``report.ablation_subset`` of the test images."""
     subset = line.report.ablation_subset
@@ -40,13 +41,12 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
         start = time.perf_counter()
         scores, maps = score_cached(variant, cache, shas, line.features.batch_size, progress, desc=name)
         metrics = summarise_scoped(scores, labels, maps.astype(np.float32), masks, labelled, pixel)
-        return {"variant": name, "subset": subset, "sheets": int(variant.template.layers[0].shape[0]),
+        sheets = int(variant.template.layers[0].shape[0]) if isinstance(variant, Inspector) else 1
+        return {"variant": name, "subset": subset, "sheets": sheets,
                 "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
                 "aupro": metrics["aupro"], "seconds": round(time.perf_counter() - start, 1),
                 "build_seconds": build_seconds}
 
-    rows = [row(f"mode={mode}", inspector.with_settings(matching=replace(line.matching, mode=mode)))
-            for mode in MatchMode]
     train_layers, _ = cache.load(train_shas, pixel_major=True)
 
     def of_kind(kind: TemplateKind) -> ProductLine:
@@ -58,6 +58,11 @@ def ablation(line: ProductLine, inspector: Inspector, cache: FeatureCache, train
         return tset, round(time.perf_counter() - start, 1)
 
     tset, seconds = built(TemplateKind.ALL)
+    if not isinstance(inspector, Inspector):
+        return [row(f"method={line.method}", inspector), row("method=hetmm template=ALL", Inspector(
+            of_kind(TemplateKind.ALL), tset, inspector.device), seconds)]
+    rows = [row(f"mode={mode}", inspector.with_settings(matching=replace(line.matching, mode=mode)))
+            for mode in MatchMode]
     rows.append(row("template=ALL", inspector.with_settings(template=tset), seconds))
     covers = {}
     for kind in (TemplateKind.PTS, TemplateKind.COVER):

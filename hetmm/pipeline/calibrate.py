@@ -1,8 +1,9 @@
 """Stage ``calibrate``: thresholds and score normalisation from good training images alone (no test labels).
 
 The validation normals (the tuner's seeded share of the training images, :func:`hetmm.data.splits.validation_split`)
-are scored against a template of the *other* training images, built like the line's own (same kind and size), and
-so are synthetic defects made on them (:mod:`hetmm.data.synthetic`). Writes ``models/<line>/calibration.json``:
+are scored against a template of the *other* training images, built like the line's own (same kind and size), or
+by the line's TFA-Net (trained on those other images only), and so are synthetic defects made on them
+(:mod:`hetmm.pipeline.validation_set`). Writes ``models/<line>/calibration.json``:
 
 * image thresholds: ``normal_fpr`` (the ``1 - tune rate`` quantile of the normals' scores: the false-alarm rate
   allowed on good parts, ``threshold.value``, default 1 %) and ``synthetic_f1`` (F1-max on normals + synthetic);
@@ -20,14 +21,12 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from hetmm.core.device import resolve_device
-from hetmm.core.inspector import Inspector
+from hetmm.core.inspector import Inspector, Scorer
+from hetmm.core.modes import Method
 from hetmm.core.metrics import UndefinedMetricError, aupro, f1_max, image_auroc, pixel_auroc
-from hetmm.data.images import load_image
 from hetmm.data.splits import validation_split
-from hetmm.data.synthetic import DefectFamily, synthesize
 from hetmm.errors import DataError
 from hetmm.io import write_json_atomic
 from hetmm.pipeline.feature_cache import FeatureCache
@@ -35,6 +34,8 @@ from hetmm.pipeline.line import StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey
 from hetmm.pipeline.settings import calibration_key
 from hetmm.pipeline.template import build_template
+from hetmm.pipeline.tfa_model import load_model
+from hetmm.pipeline.validation_set import synthetic_defects
 
 DEFAULT_FPR = 0.01
 BATCH = 8
@@ -51,33 +52,35 @@ def run(ctx: StageRun) -> dict:
     start = time.perf_counter()
     key = FeatureKey.of(line.features)
     cache = FeatureCache(paths.features, key)
-    layers, _ = cache.load(templates, pixel_major=True)
-    tset = build_template(line, layers, templates, progress=ctx.progress)
-    del layers
-    inspector = Inspector(line, tset, resolve_device(ctx.device))
+    scorer, sheets = _scorer(ctx, cache, templates)
     good_layers, boxes = cache.load(normals)
-    good = inspector.score_features(good_layers, boxes)
-    path_of = dict(zip(train["sha256"], train["path"]))
-    images = [np.asarray(load_image(paths.data / path_of[s])) for s in normals]
-    defects = synthesize(images, tune.seed, per_image=tune.per_image(len(images), len(DefectFamily)))
+    good = scorer.score_features(good_layers, boxes)
+    images, defect_masks, families = synthetic_defects(line, paths, train, normals)
     maps, scores = [good.maps], [good.scores]
-    for i in range(0, len(defects), BATCH):
-        out = inspector.predict([Image.fromarray(d.image) for d in defects[i : i + BATCH]])
+    for i in range(0, len(images), BATCH):
+        out = scorer.predict(images[i : i + BATCH])
         maps.append(out.maps)
         scores.append(out.scores)
     all_maps, all_scores = torch.cat(maps).numpy(), torch.cat(scores).numpy().astype(np.float64)
-    height, width = line.features.image_size
-    masks = np.zeros(all_maps.shape, dtype=bool)
-    for i, d in enumerate(defects, start=len(normals)):
-        resized = Image.fromarray(d.mask.astype(np.uint8) * 255).resize((width, height), Image.BILINEAR)
-        masks[i] = np.asarray(resized) >= 128
+    masks = np.concatenate([np.zeros((len(normals), *defect_masks.shape[1:]), dtype=bool), defect_masks])
     labels = np.arange(len(all_scores)) >= len(normals)
     record = _thresholds(line, all_scores, labels, all_maps, masks)
-    record.update(key=calibration_key(line, list(train["sha256"])), validation_normals=normals, templates=len(templates), synthetic=len(defects),
-                  families=sorted({d.family.value for d in defects}), sheets=int(tset.layers[0].shape[0]),
+    record.update(key=calibration_key(line, list(train["sha256"])), validation_normals=normals, templates=len(templates), synthetic=len(images),
+                  families=families, sheets=sheets,
                   seconds=round(time.perf_counter() - start, 2))
     write_json_atomic(paths.calibration, record)
     return {k: record[k] for k in ("image", "pixel", "synthetic_metrics")}
+
+
+def _scorer(ctx: StageRun, cache: FeatureCache, templates: list[str]) -> tuple[Scorer, int | None]:
+    """The scorer of the validation normals, which must never have seen them: a HETMM template of the other
+    training images (built like the line's), or the line's trained TFA-Net (trained on those same images)."""
+    line, device = ctx.line, resolve_device(ctx.device)
+    if line.method == Method.TFA_NET:
+        return load_model(line, ctx.paths.tfa_net, device, expect_images=templates), None
+    layers, _ = cache.load(templates, pixel_major=True)
+    tset = build_template(line, layers, templates, progress=ctx.progress)
+    return Inspector(line, tset, device), int(tset.layers[0].shape[0])
 
 
 def _thresholds(line, scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> dict:

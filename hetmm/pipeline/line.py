@@ -38,6 +38,10 @@ class LinePaths:
         return self.models / "template.pt"
 
     @property
+    def tfa_net(self) -> Path:
+        return self.models / "tfa_net.pt"
+
+    @property
     def threshold(self) -> Path:
         return self.models / "threshold.json"
 

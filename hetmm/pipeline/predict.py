@@ -1,9 +1,10 @@
-"""``hetmm predict`` and ``hetmm update``: new images against a line's saved template, outside the DVC stages.
+"""``hetmm predict`` and ``hetmm update``: new images against a line's saved model, outside the DVC stages.
 
-Both refuse a template whose feature settings or feature code differ from the installed ones
-(:func:`hetmm.pipeline.template.load_current`), naming what differs and the command that rebuilds it.
+Both refuse a model (template set or TFA-Net) whose feature settings or code differ from the installed ones
+(:func:`hetmm.pipeline.template.load_current`, :func:`hetmm.pipeline.tfa_model.load_model`), naming what differs and
+the command that rebuilds it. ``update`` is HETMM's hot update; a TFA-Net line is retrained instead.
 
-``predict`` applies the decision the report stage saved in ``models/<line>/threshold.json`` for this very template:
+``predict`` applies the decision the report stage saved in ``models/<line>/threshold.json`` for this very model:
 a part is defective when its raw ``score >= threshold`` (``--threshold`` overrides that value only); its mask is the
 map ``>= pixel_threshold`` (:func:`hetmm.pipeline.evaluation.predicted_mask`); ``normalised_score`` maps the score
 to [0, 1] with 0.5 exactly at the threshold (:func:`normalised_score`).
@@ -24,14 +25,16 @@ from PIL import Image
 from hetmm.config import ClusterConfig, ProductLine
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
+from hetmm.core.inspector import Inspector
+from hetmm.core.modes import Method
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
-from hetmm.errors import DataError
+from hetmm.errors import ConfigError, DataError
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
 from hetmm.pipeline import cluster
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
-from hetmm.pipeline.infer import load_inspector
+from hetmm.pipeline.infer import load_scorer
 from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.template import load_current, record
 from hetmm.report.model_card import code_version
@@ -67,8 +70,8 @@ def saved_threshold(paths: LinePaths, line: str, template_hash: str) -> dict:
                         f"score range from it); {rerun}")
     record = json.loads(paths.threshold.read_text())
     if record.get("template_hash") != template_hash:
-        raise DataError(f"{paths.threshold}: the threshold was chosen for template {str(record.get('template_hash'))[:12]} "
-                        f"but {paths.template} is {template_hash[:12]} (rebuilt since the last report); {rerun}")
+        raise DataError(f"{paths.threshold}: the threshold was chosen for model {str(record.get('template_hash'))[:12]} "
+                        f"but the line's model is {template_hash[:12]} (rebuilt since the last report); {rerun}")
     if "pixel_threshold" not in record or not {"min", "max"} <= set(record.get("normalisation", {})):
         raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold or score "
                         f"normalisation); {rerun}")
@@ -89,18 +92,20 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     """Score images; write predictions.csv/json, binary masks and overlays under ``out``. With an enabled
     ``cluster_config`` the features and the matching run on the cluster (:mod:`hetmm.pipeline.cluster`)."""
     files = collect_images(inputs)
-    inspector = load_inspector(line, template_path or paths.template, device)
+    model = template_path or (paths.tfa_net if line.method == Method.TFA_NET else paths.template)
+    inspector = load_scorer(line, paths, device, model)
     extractor, match = inspector.extractor, inspector.match
     if cluster_config is not None and cluster.enabled(cluster_config):
         extractor = cluster.ExtractorPool(line.features, cluster_config)
-        match = cluster.ShardedMatcher(inspector.template, line.matching, cluster_config).match
-    decision = saved_threshold(paths, line.name, inspector.template.meta["content_hash"])
+        if isinstance(inspector, Inspector):  # TFA-Net's network is small: it runs here
+            match = cluster.ShardedMatcher(inspector.template, line.matching, cluster_config).match
+    decision = saved_threshold(paths, line.name, inspector.version)
     rule = decision["rule"] if threshold is None else "--threshold"
     threshold = float(decision["threshold"]) if threshold is None else threshold
     pixel = float(decision["pixel_threshold"])
     low, high = float(decision["normalisation"]["min"]), float(decision["normalisation"]["max"])
     vmin, vmax = anchored_scale(pixel)  # the same colours mean the same thing on every image
-    version = inspector.template.meta["content_hash"][:12]
+    version = inspector.version[:12]
     rows = []
     done = 0
     for images, layers in extract_images(extractor, files, line.features.batch_size, progress, "predict"):
@@ -116,7 +121,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
             with atomic_path(out / "masks" / f"{stem}.png") as tmp:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
             verdict = "flagged" if defective else "passed"
-            title = f"{path.name}: {verdict}, score {score:.4g} vs threshold {threshold:.4g} (template {version})"
+            title = f"{path.name}: {verdict}, score {score:.4g} vs threshold {threshold:.4g} ({'model' if line.method == Method.TFA_NET else 'template'} {version})"
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
                 panel(image, full, None, None, title, pred_mask=mask, vmin=vmin, vmax=vmax,
                       threshold=pixel).save(tmp, format="PNG")
@@ -129,8 +134,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
         df.to_csv(tmp, index=False)
     summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
                "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
-               "template_hash": inspector.template.meta["content_hash"],
-               "template": str(template_path or paths.template), "code_version": code_version(), "out": str(out)}
+               "method": str(line.method), "template_hash": inspector.version, "template": str(model), "code_version": code_version(), "out": str(out)}
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
     return summary
 
@@ -138,6 +142,10 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
 def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], *,
                     template_path: Path | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Insert new good images into a saved template without rebuilding it (atomic replace)."""
+    if line.method != Method.HETMM:
+        raise ConfigError(f"product_lines.{line.name}.method: {line.method} learns from its training images and has "
+                          f"no template to hot-update; add the images to the line's data and run `dvc repro "
+                          f"train@{line.name}`")
     files = collect_images(inputs)
     target = Path(template_path or paths.template)
     tset = load_current(line, target)

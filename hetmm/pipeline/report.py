@@ -27,7 +27,7 @@ from hetmm.core.metrics import pro_points, roc_points
 from hetmm.data.manifest import manifest_hash
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
-from hetmm.pipeline import evaluation, panels
+from hetmm.pipeline import MODEL_FILES, MODEL_STAGES, evaluation, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, plots
@@ -53,8 +53,9 @@ def run(ctx: StageRun) -> dict:
 
     # everything is computed before the first file is replaced, so a failure leaves the previous report whole
     by_subset = evaluation.metrics_by_subset(test, scores, maps, masks)
+    model = read_json(paths.reports / f"{MODEL_FILES[line.method]}.json")  # the template's or TFA-Net's record
     threshold = evaluation.decide(line.threshold, scores[labelled], labels[labelled], calibration,
-                                  read_json(paths.reports / "template.json").get("content_hash"))
+                                  model.get("content_hash"))
     metrics = {**evaluation.headline(by_subset["all"], threshold), "subsets": by_subset}
     per_type = evaluation.per_group_metrics(scores[labelled], labels[labelled], test["defect_type"][labelled],
                                             maps[labelled], masks[labelled], pixel[labelled])
@@ -75,18 +76,20 @@ def run(ctx: StageRun) -> dict:
                               threshold["threshold"], f"{line.name}: test image scores")
     written = panels.report_panels(ctx, test, scores, maps, masks, threshold)
 
-    timings = {stage: read_json(paths.reports / f"{stage}.json").get("seconds")
-               for stage in ("extract", "template", "infer")}
+    timings = {"extract": read_json(paths.reports / "extract.json").get("seconds"),
+               MODEL_STAGES[line.method]: model.get("seconds"),
+               "infer": read_json(paths.reports / "infer.json").get("seconds")}
     timings["report"] = round(time.perf_counter() - start, 2)
     df = manifest(paths)
     card = {
         "product_line": line.name,
+        "method": str(line.method),
         "code_version": model_card.code_version(),
         "data": {"manifest_sha256": manifest_hash(df), "images": int(len(df)), "test_images": int(len(test)),
                  "defective": int(labels.sum()), "defective_with_mask": int((labels & pixel).sum()),
                  "unlabelled": int((~labelled).sum()),
                  "unlabelled_flagged": int((scores[~labelled] >= threshold["threshold"]).sum())},
-        "template": read_json(paths.reports / "template.json"),
+        "template": model,  # the template set's record, or TFA-Net's (kind tfa_net, one template image)
         **model_card.decision_sections(threshold, calibration, by_subset["all"], tuned_keys(paths.settings)),
         "metrics": by_subset,
         "per_defect_type": per_type,
@@ -107,13 +110,13 @@ def ablation_rows(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[
         return []
     from hetmm.pipeline.ablation import ablation  # imported here: the rest of the report stage needs no torch
     from hetmm.pipeline.feature_cache import FeatureCache
-    from hetmm.pipeline.infer import load_inspector
+    from hetmm.pipeline.infer import load_scorer
     from hetmm.pipeline.provenance import FeatureKey
 
-    inspector = load_inspector(ctx.line, ctx.paths.template, ctx.device)
+    scorer = load_scorer(ctx.line, ctx.paths, ctx.device)
     cache = FeatureCache(ctx.paths.features, FeatureKey.of(ctx.line.features))
     train = list(split(manifest(ctx.paths), "train")["sha256"])
-    return ablation(ctx.line, inspector, cache, train, test, masks, ctx.progress)
+    return ablation(ctx.line, scorer, cache, train, test, masks, ctx.progress)
 
 
 def _environment() -> dict:

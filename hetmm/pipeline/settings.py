@@ -19,7 +19,7 @@ from hetmm.config import ProductLine, build_config, validate_line
 from hetmm.errors import ConfigError
 from hetmm.io import atomic_path, sha256_json
 
-SECTIONS = ("data", "features", "templates", "matching", "post", "threshold", "report", "tune")
+SECTIONS = ("method", "data", "features", "templates", "matching", "post", "threshold", "report", "tune", "tfa_net")
 
 
 def _plain(value: Any) -> Any:
@@ -33,8 +33,9 @@ def _plain(value: Any) -> Any:
 
 
 def sections(line: ProductLine) -> dict[str, dict[str, Any]]:
-    """Every section of ``line`` as plain YAML values (defaults resolved)."""
-    return {name: _plain(dataclasses.asdict(getattr(line, name))) for name in SECTIONS}
+    """Every section of ``line`` as plain YAML values (defaults resolved); ``method`` is a plain value."""
+    return {name: _plain(getattr(line, name) if name == "method" else dataclasses.asdict(getattr(line, name)))
+            for name in SECTIONS}
 
 
 def line_digest(line: ProductLine) -> str:
@@ -49,7 +50,7 @@ def section_digest(line: ProductLine, names: tuple[str, ...], images: list[str])
 
 
 # What the calibrate stage's thresholds depend on (besides the feature and matching code, which DVC tracks).
-CALIBRATION_SECTIONS = ("features", "templates", "matching", "post", "threshold", "tune")
+CALIBRATION_SECTIONS = ("method", "features", "templates", "matching", "post", "threshold", "tune", "tfa_net")
 
 
 def calibration_key(line: ProductLine, train: list[str]) -> str:

@@ -22,7 +22,7 @@ from hetmm.core.modes import TemplateKind
 from hetmm.core.templates import BuildOptions, TemplateSet, build, hot_update, load_template, save_template
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.io import write_json_atomic
-from hetmm.pipeline import cluster
+from hetmm.pipeline import cluster, require_method
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths, StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey, template_code_record
@@ -96,6 +96,7 @@ def _plan(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureK
 
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
+    require_method(line, "template")
     sources = list(split(validated_manifest(paths, line.name), "train")["sha256"])
     if not sources:
         raise DataError(f"{paths.manifest}: line {line.name!r} has no training (good) images")

@@ -16,6 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from hetmm.core.modes import Method
 from hetmm.data.images import load_image
 from hetmm.data.splits import seeded_sample, validation_split
 from hetmm.data.synthetic import DefectFamily, synthesize
@@ -45,7 +46,9 @@ def run(ctx: StageRun) -> dict:
     tunable = line.tunable()
     record: dict
     if not tunable:
-        why = "tune.enabled is false" if not line.tune.enabled else "every tunable key is pinned in params.yaml"
+        why = ("tune.enabled is false" if not line.tune.enabled else
+               f"method {line.method} has no tunable keys" if line.method != Method.HETMM else
+               "every tunable key is pinned in params.yaml")
         record = {"action": "none", "reason": why, "chosen": {}}
     elif previous.get("key") == key and previous.get("action") in ("searched", "reused"):
         record = {**previous, "action": "reused", "reason": "same training images, settings and code as the "
