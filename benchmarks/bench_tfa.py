@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--hazelnut", type=Path)
     parser.add_argument("--timing", type=int, help="training images of the timed MTD line")
     parser.add_argument("--mirror", default="/work/shared/data/mtd")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     result: dict = {"command": " ".join(["benchmarks/bench_tfa.py", *sys.argv[1:]])}
     for name, hetmm in zip(args.line, args.hetmm_line + [None] * len(args.line)):
@@ -100,7 +101,7 @@ def main() -> None:
             result["timing"]["extract_seconds"] = out["extract"]["stage_seconds"]
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "ablation"} if isinstance(v, dict) else v)
                       for k, v in result.items()}, indent=2))
-    write_json_atomic(RESULTS, result)
+    write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def test_training_lowers_the_loss_and_the_model_finds_the_demo_defects(trained):
     threshold = json.loads((root / "models/line/threshold.json").read_text())
     assert threshold["template_hash"] == record["content_hash"]
     card = json.loads((root / "reports/line/model_card.json").read_text())
-    assert card["method"] == "tfa_net" and card["template"]["kind"] == "tfa_net"
+    assert card["method"] == "tfa_net" and card["template"]["kind"] == "tfa_net" and card["title"] == "TFA-Net model card"
 
 
 def test_unchanged_training_is_kept_and_other_features_are_refused(trained, tmp_path):

@@ -82,6 +82,7 @@ def run(ctx: StageRun) -> dict:
     timings["report"] = round(time.perf_counter() - start, 2)
     df = manifest(paths)
     card = {
+        "title": f"{'TFA-Net' if line.method == 'tfa_net' else 'HETMM'} model card",
         "product_line": line.name,
         "method": str(line.method),
         "code_version": model_card.code_version(),
