@@ -314,6 +314,16 @@ def test_a_tfa_net_line_trains_in_dvc_with_dvclive_metrics_and_experiments(tmp_p
     figures = next(iter(metrics.values()))["data"]["reports/tiny/training/metrics.json"]["data"]
     assert figures["step"] == 1 and figures["train"]["loss"] > 0 and "image_auroc" in figures["val"]
     assert _ran(_run(root, dvc, "repro").stdout) == {"download@tiny"}  # nothing retrains
+    # a comment in the network's code: DVC reruns the stage, the code key is unchanged, the model is kept
+    net_code = root / "hetmm/core/tfa_net.py"
+    net_code.write_text(net_code.read_text() + "\n# a comment changes no statement\n")
+    assert "train@tiny" in _ran(_run(root, dvc, "repro").stdout)
+    assert json.loads((root / "reports/tiny/tfa_net.json").read_text())["action"] == "unchanged"
+    # a statement: the model's code key changes and it is retrained, with the reason recorded
+    net_code.write_text(net_code.read_text() + "_UNUSED_CONSTANT = 1\n")
+    _run(root, dvc, "repro")
+    record = json.loads((root / "reports/tiny/tfa_net.json").read_text())
+    assert record["action"] == "trained" and "code changed" in record["reason"]
     _commit(root, "tiny tfa line")
     _run(root, dvc, "exp", "run", "-S", "product_lines.tiny.tfa_net.steps=16", "-n", "longer")
     shown = json.loads(_run(root, dvc, "exp", "show", "--json").stdout)
