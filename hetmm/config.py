@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hetmm.core.modes import MatchMode, Method, TemplateKind
+from hetmm.modes import MatchMode, Method, TemplateKind
 from hetmm.errors import ConfigError
 
 Source = Literal["demo", "folder", "anomalib_folder", "table", "mvtec", "mtd"]

@@ -17,12 +17,13 @@ from hetmm.pipeline.provenance import imported_modules
 PACKAGE = REPO / "hetmm"
 # what each layer may import from hetmm (prefixes); the pipeline and the CLI may import everything below them
 ALLOWED = {
-    "hetmm.core": ("hetmm.core", "hetmm.config", "hetmm.errors", "hetmm.io"),
+    "hetmm.core": ("hetmm.core", "hetmm.modes", "hetmm.config", "hetmm.errors", "hetmm.io"),
     "hetmm.data": ("hetmm.data", "hetmm.errors", "hetmm.io"),
     "hetmm.report": ("hetmm.report", "hetmm.core.metrics", "hetmm.errors", "hetmm.io", "hetmm"),
-    "hetmm.config": ("hetmm.core.modes", "hetmm.errors"),
-    "hetmm.pipeline": ("hetmm.pipeline", "hetmm.core", "hetmm.data", "hetmm.report", "hetmm.config", "hetmm.errors",
-                       "hetmm.io"),
+    "hetmm.config": ("hetmm.modes", "hetmm.errors"),
+    "hetmm.modes": (),
+    "hetmm.pipeline": ("hetmm.pipeline", "hetmm.core", "hetmm.data", "hetmm.report", "hetmm.modes", "hetmm.config",
+                       "hetmm.errors", "hetmm.io"),
 }
 
 

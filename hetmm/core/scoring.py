@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hetmm.core.matching import match_layer, nearest_patch
-from hetmm.core.modes import MatchMode
+from hetmm.modes import MatchMode
 
 RULES = ("max", "block_mean")
 
@@ -181,7 +181,7 @@ def match_plan(
 ) -> list[LayerPlan]:
     """What :func:`match_layers` computes: one :class:`LayerPlan` per layer of non-zero weight.
 
-    Modes (:class:`~hetmm.core.modes.MatchMode`, the paper's Table 8 ablation):
+    Modes (:class:`~hetmm.modes.MatchMode`, the paper's Table 8 ablation):
         ``mutual``: forward and backward windows as given, mixed by alpha.
         ``forward``: forward only (alpha 1; the backward window is ignored).
         ``backward``: backward only (alpha 0; the forward window is ignored).

@@ -1,7 +1,7 @@
 """The DVC stages of a product line, one module per stage, each with ``run(ctx) -> dict`` (the stage's record).
 
 ``download -> validate -> tune -> extract -> template | train -> calibrate -> infer -> report``: a line's method
-(:class:`~hetmm.core.modes.Method`) decides whether ``template`` (HETMM) or ``train`` (TFA-Net) makes its model. A stage reads the line's folders
+(:class:`~hetmm.modes.Method`) decides whether ``template`` (HETMM) or ``train`` (TFA-Net) makes its model. A stage reads the line's folders
 (:class:`~hetmm.pipeline.line.LinePaths`), calls the method (:mod:`hetmm.core`) and writes its outputs atomically.
 Persisted artifacts (feature cache, template, stored matches) are keyed on their settings *and* the code that made
 them (:mod:`hetmm.pipeline.provenance`); a stage reuses one only when both match and records why it did or did not.

@@ -1,6 +1,6 @@
 """The paper's Table 8 for a line, run by the report stage when ``report.ablation`` is on.
 
-Every matching mode (:class:`~hetmm.core.modes.MatchMode`) on the line's template, then an ALL template and PTS
+Every matching mode (:class:`~hetmm.modes.MatchMode`) on the line's template, then an ALL template and PTS
 templates and COVER templates of each ``report.ablation_sizes``, and nearest-patch matching over the COVER bank of
 at most 60 sheets, all scored on the same cached test features. A TFA-Net line's table has the trained network and
 HETMM (ALL template, the line's matching) side by side on the same features.
@@ -16,7 +16,7 @@ import pandas as pd
 
 from hetmm.config import ProductLine
 from hetmm.core.inspector import Inspector, Scorer
-from hetmm.core.modes import MatchMode, TemplateKind
+from hetmm.modes import MatchMode, TemplateKind
 from hetmm.core.templates import TemplateSet
 from hetmm.errors import ConfigError
 from hetmm.pipeline.evaluation import scopes, summarise_scoped

@@ -24,7 +24,7 @@ import torch
 
 from hetmm.core.device import resolve_device
 from hetmm.core.inspector import Inspector, Scorer
-from hetmm.core.modes import Method
+from hetmm.modes import Method
 from hetmm.core.metrics import UndefinedMetricError, aupro, f1_max, image_auroc, pixel_auroc
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from hetmm.config import ProductLine
 from hetmm.core.device import resolve_device
 from hetmm.core.inspector import Inspector, Scorer
-from hetmm.core.modes import Method
+from hetmm.modes import Method
 from hetmm.core.scoring import LayerMatches, match_plan
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic

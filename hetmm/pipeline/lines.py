@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hetmm.config import AUTO, DataConfig, ProductLine, _check_value, build_config, check_line_name, validate_line
-from hetmm.core.modes import Method
+from hetmm.modes import Method
 from hetmm.errors import ConfigError
 from hetmm.pipeline import MODEL_FILES
 from hetmm.io import write_text_atomic

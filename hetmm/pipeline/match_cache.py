@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hetmm.core.modes import TemplateKind
+from hetmm.modes import TemplateKind
 from hetmm.core.scoring import LayerMatches, LayerPlan
 from hetmm.core.templates import TemplateSet
 from hetmm.io import atomic_path

@@ -26,7 +26,7 @@ from hetmm.config import ClusterConfig, ProductLine
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
 from hetmm.core.inspector import Inspector
-from hetmm.core.modes import Method
+from hetmm.modes import Method
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import ConfigError, DataError

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hetmm.config import ProductLine
-from hetmm.core.modes import TemplateKind
+from hetmm.modes import TemplateKind
 from hetmm.core.templates import BuildOptions, TemplateSet, build, hot_update, load_template, save_template
 from hetmm.errors import DataError, HetmmError, TemplateMismatchError
 from hetmm.io import write_json_atomic

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from hetmm.core.modes import Method
+from hetmm.modes import Method
 from hetmm.data.images import load_image
 from hetmm.data.splits import seeded_sample, validation_split
 from hetmm.data.synthetic import DefectFamily, synthesize

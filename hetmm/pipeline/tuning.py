@@ -35,7 +35,7 @@ from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.inspector import restore_geometry
 from hetmm.core.matching import match_layer, nearest_patch
 from hetmm.core.metrics import aupro, image_auroc, pixel_auroc
-from hetmm.core.modes import MatchMode, TemplateKind
+from hetmm.modes import MatchMode, TemplateKind
 from hetmm.core.scoring import fuse_layers, gaussian_blur, image_scores, match_plan
 from hetmm.pipeline import settings
 

@@ -1,6 +1,6 @@
 """Template sets: ALL, PTS and COVER construction, hot update and the checked file format.
 
-:func:`build` is the one entry point that picks a builder by :class:`~hetmm.core.modes.TemplateKind`
+:func:`build` is the one entry point that picks a builder by :class:`~hetmm.modes.TemplateKind`
 (the registry :data:`BUILDERS`); a new kind is one more entry there.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hetmm.core.modes import TemplateKind
+from hetmm.modes import TemplateKind
 from hetmm.core.templates.optics import optics_labels
 from hetmm.core.templates.selection import select_prototypes
 from hetmm.core.templates.store import (TemplateSet, build_all, build_cover, build_pts, hot_update, load_template,
