@@ -27,9 +27,9 @@ import yaml
 
 from hetmm.config import load_params
 from hetmm.io import write_json_atomic
-from hetmm.pipeline import stage
+from hetmm.pipeline.stages import stage
 from hetmm.pipeline.line import StageRun
-from hetmm.pipeline.report import ablation_rows
+from hetmm.pipeline.ablation import line_ablation
 
 RESULTS = Path(__file__).parent / "results" / "cover.json"
 SIZES = [10, 20, 40, 60, 200]
@@ -44,7 +44,7 @@ def _table(root: Path, name: str, sizes: list[int], subset: str) -> list[dict]:
 
     test = pd.read_csv(ctx.paths.outputs / "scores.csv", keep_default_na=False)
     masks = evaluation.gt_masks(test, ctx.paths.data, ctx.line.features.image_size)
-    return ablation_rows(ctx, test, masks)
+    return line_ablation(ctx.line, ctx.paths, ctx.device, test, masks)
 
 
 def _fresh(tmp: Path, name: str, data: dict) -> Path:

@@ -13,13 +13,13 @@ is reported as the lifetime peak).
 Phases:
 
 * ``baseline``     nothing more.
-* ``build_all``    ``hetmm.pipeline.template`` with ``templates.kind: ALL`` (rebuild): load the N train images'
+* ``build_all``    the ``template`` stage with ``templates.kind: ALL`` (rebuild): load the N train images'
                    cached features, stack them, build, save. Template = the stacked features (N sheets).
 * ``build_pts``    the same with PTS-60. Its *input* is the same stacked ALL-sized features; the template
                    written is K = 60 sheets.
-* ``infer_all``/``infer_pts``      ``hetmm.pipeline.infer.load_inspector`` + ``score_cached`` (the DVC infer
+* ``infer_all``/``infer_pts``      ``hetmm.pipeline.models.load_scorer`` + ``score_cached`` (the DVC infer
                    stage's path: cached query features) over ``--infer-images`` test images.
-* ``predict_all``/``predict_pts``  ``load_inspector`` + ``Inspector.predict`` on decoded test images (backbone
+* ``predict_all``/``predict_pts``  ``load_scorer`` + ``Inspector.predict`` on decoded test images (backbone
                    + matching) over the same images, batch ``features.batch_size``.
 
 "Template size" is the in-memory size of the template tensors (``TemplateSet.nbytes``: float32 layers plus,
@@ -139,9 +139,10 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from hetmm.core.features import FeatureExtractor
     from hetmm.pipeline.feature_cache import FeatureCache
-    from hetmm.pipeline.infer import load_inspector, score_cached
+    from hetmm.pipeline.batch_scoring import score_cached
+    from hetmm.pipeline.models import load_scorer
     from hetmm.pipeline.provenance import FeatureKey
-    from hetmm.pipeline.template import run as template
+    from hetmm.pipeline.stages import stage
 
     phase = args.phase
     kind = {"all": "ALL", "pts": "PTS"}.get(phase.rsplit("_", 1)[-1])
@@ -156,10 +157,10 @@ def worker(args: argparse.Namespace) -> dict:
            "peak_reset": _reset_peak()}
     start = time.perf_counter()
     if phase.startswith("build"):
-        info = template(_run(line, paths))
+        info = stage("template")(_run(line, paths))
         out.update(template_bytes=info["bytes"], action=info["action"], train_images=info["train_images"])
     elif phase.startswith("infer"):
-        inspector = load_inspector(line, paths.template, "cpu")
+        inspector = load_scorer(line, paths, "cpu")
         out["after_load_rss"] = _rss()
         shas = list(_test_rows(paths, args.infer_images)["sha256"])
         cache = FeatureCache(paths.features, FeatureKey.of(line.features))
@@ -168,7 +169,7 @@ def worker(args: argparse.Namespace) -> dict:
     elif phase.startswith("predict"):
         from hetmm.data.images import load_image
 
-        inspector = load_inspector(line, paths.template, "cpu")
+        inspector = load_scorer(line, paths, "cpu")
         inspector._extractor = extractor
         out["after_load_rss"] = _rss()
         rows = _test_rows(paths, args.infer_images)
@@ -195,7 +196,7 @@ def setup(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from hetmm.pipeline import stage
+    from hetmm.pipeline.stages import stage
 
     line, paths = _line(args), _paths(args)
     info = {}

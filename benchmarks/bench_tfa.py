@@ -26,7 +26,7 @@ import yaml
 
 from hetmm.config import load_params
 from hetmm.io import write_json_atomic
-from hetmm.pipeline import stage, stages_for
+from hetmm.pipeline.stages import stage, stages_for
 from hetmm.pipeline.line import StageRun
 
 RESULTS = Path(__file__).parent / "results" / "tfa.json"

@@ -13,7 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from hetmm.pipeline import STAGES
+from hetmm.pipeline.stages import STAGES
 
 HELP_FLAGS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(help="Training-free defect inspection (HETMM) as a per-product-line pipeline.",
@@ -92,7 +92,7 @@ STAGE_HELP = {
 def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, device: str | None,
                 quiet: bool) -> dict:
     from hetmm.config import load_params
-    from hetmm.pipeline import stage
+    from hetmm.pipeline.stages import stage
     from hetmm.pipeline.line import StageRun
     from hetmm.pipeline.lock import line_lock
 
@@ -125,7 +125,7 @@ def run(line: LineArg, params: ParamsOpt = Path("params.yaml"), root: RootOpt = 
         device: DeviceOpt = None, quiet: QuietOpt = False, as_json: JsonOpt = False):
     """All of the line's stages in order without DVC (DVC users run `dvc repro`)."""
     from hetmm.config import load_params
-    from hetmm.pipeline import stages_for
+    from hetmm.pipeline.stages import stages_for
 
     _show(_run_stages(stages_for(load_params(params).line(line).method), line, params, root, device, quiet), as_json)
 

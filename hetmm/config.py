@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hetmm.methods import spec
 from hetmm.modes import MatchMode, Method, TemplateKind
 from hetmm.errors import ConfigError
 
@@ -225,7 +226,7 @@ class ProductLine:
     def tunable(self) -> tuple[str, ...]:
         """The keys of :data:`TUNABLE` the tuner may choose for this line (none when tuning is off, and none for
         TFA-Net: the tuner searches HETMM's matching)."""
-        if not self.tune.enabled or self.method != Method.HETMM:
+        if not self.tune.enabled or not spec(self.method).tuning:
             return ()
         return tuple(k for k in TUNABLE if k not in self.pinned)
 

@@ -16,7 +16,7 @@ from which every window size k <= 2D+1 follows by max-reductions (spec §4.5):
 
 Everything after the offset table is the package's code: the matching modes (``match_plan``), layer
 fusion (``fuse_layers``), blur (``gaussian_blur``) and image scores (``image_scores``) from
-``hetmm.core.scoring``, ``resize: pad`` geometry from ``hetmm.core.inspector.restore_geometry``, image
+``hetmm.core.scoring``, ``resize: pad`` geometry from ``hetmm.core.scoring.post_process``, image
 AUROC and AU-PRO from ``hetmm.core.metrics``, images and masks read by ``hetmm.data.images``; masks are
 resized bilinearly to the model resolution and thresholded at 0.5, as in ``hetmm.pipeline.evaluation``.
 Pixel AUROC is the one metric computed here, on the maps' device (see :func:`device_auroc`).
@@ -56,10 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hetmm.config import FeatureConfig  # noqa: E402
 from hetmm.core.device import resolve_device  # noqa: E402
 from hetmm.core.features import FeatureExtractor, content_box  # noqa: E402
-from hetmm.core.inspector import restore_geometry  # noqa: E402
 from hetmm.core.matching import nearest_patch  # noqa: E402
 from hetmm.core.metrics import UndefinedMetricError, aupro, image_auroc, pixel_auroc  # noqa: E402
-from hetmm.core.scoring import fuse_layers, gaussian_blur, image_scores, match_plan  # noqa: E402
+from hetmm.core.scoring import LayerMatches, PostPlan, image_scores, match_plan, post_process  # noqa: E402
 from hetmm.data.images import load_image, load_mask  # noqa: E402
 from hetmm.data.splits import load_mtd_split  # noqa: E402
 
@@ -300,24 +299,22 @@ class Combo:
 def fuse(m: Matched, combo: Combo, size: tuple[int, int], boxes=None) -> torch.Tensor:
     """Fused, geometry-restored, blurred anomaly maps [B, H, W] at the image size.
 
-    The modes, fusion, restore and blur are the package's (``match_plan``, ``fuse_layers``,
-    ``restore_geometry``, ``gaussian_blur``); only the distances come from the offset tables.
+    The modes and the recipe after matching are the package's (``match_plan``, ``post_process``); only the
+    distances come from the offset tables.
     """
-    forward, backward, alphas, weights = [], [], [], []
+    found = LayerMatches([], [], [], 0)
     for step in match_plan(combo.kf, combo.kb, combo.alphas, combo.weights, combo.mode):
         layer = combo.layers[step.layer]
         if step.patch:
             fwd, bwd = m.patch[layer], None
         else:
             fwd, bwd = m.distances(layer, step.forward_window, step.backward_window)
-        forward.append(fwd)
-        backward.append(bwd)
-        alphas.append(step.alpha)
-        weights.append(step.weight)
-    total = fuse_layers(forward, backward, alphas, weights, size)
-    if boxes is not None:
-        total = restore_geometry(total, boxes)
-    return gaussian_blur(total, combo.sigma)
+        found.forward.append(fwd)
+        found.backward.append(bwd)
+        found.plan.append(step)
+        found.batch = (fwd if fwd is not None else bwd).shape[0]
+    plan = PostPlan(tuple(size), boxes is not None, combo.sigma, None, "max", None)
+    return post_process(found, plan, boxes)[0]
 
 
 def score_images(maps: torch.Tensor, rule: str) -> torch.Tensor:

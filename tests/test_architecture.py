@@ -20,10 +20,11 @@ ALLOWED = {
     "hetmm.core": ("hetmm.core", "hetmm.modes", "hetmm.config", "hetmm.errors", "hetmm.io"),
     "hetmm.data": ("hetmm.data", "hetmm.errors", "hetmm.io"),
     "hetmm.report": ("hetmm.report", "hetmm.core.metrics", "hetmm.errors", "hetmm.io", "hetmm"),
-    "hetmm.config": ("hetmm.modes", "hetmm.errors"),
+    "hetmm.config": ("hetmm.config", "hetmm.methods", "hetmm.modes", "hetmm.errors"),
+    "hetmm.methods": ("hetmm.modes",),
     "hetmm.modes": (),
-    "hetmm.pipeline": ("hetmm.pipeline", "hetmm.core", "hetmm.data", "hetmm.report", "hetmm.modes", "hetmm.config",
-                       "hetmm.errors", "hetmm.io"),
+    "hetmm.pipeline": ("hetmm.pipeline", "hetmm.core", "hetmm.data", "hetmm.report", "hetmm.methods", "hetmm.modes",
+                       "hetmm.config", "hetmm.errors", "hetmm.io"),
 }
 
 
@@ -54,8 +55,8 @@ def _imports(name: str, skip_commands: bool = False, parents: bool = True) -> se
         tree.body = [node for node in tree.body if not _is_command(node)]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = imported_modules(tree, package)
-    if any(isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "import_module" for n in ast.walk(tree)):
-        found |= {m for m in MODULES if m.startswith("hetmm.pipeline.")}  # stage(): any stage module
+    if name == "hetmm.pipeline.stages":  # stage(): any stage module, by import_module
+        found |= {m for m in MODULES if m.startswith("hetmm.pipeline.stages.")}
     out = found & set(MODULES)
     for module in list(out) if parents else []:
         parts = module.split(".")
@@ -101,7 +102,7 @@ def test_no_import_cycles_between_modules():
 def _stage_closure(stage: str) -> set[Path]:
     """Files of every module that ``hetmm <stage>`` can run: the CLI less its other commands, then the stage module
     with everything it imports (lazy imports too)."""
-    todo = ["hetmm.cli", f"hetmm.pipeline.{stage}"]
+    todo = ["hetmm.cli", f"hetmm.pipeline.stages.{stage}"]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -109,8 +110,8 @@ def _stage_closure(stage: str) -> set[Path]:
             continue
         seen.add(name)
         imported = _imports(name, skip_commands=name == "hetmm.cli")
-        if name == "hetmm.pipeline":  # its stage() imports the one stage that runs, not all of them
-            imported = {m for m in imported if not m.startswith("hetmm.pipeline.")}
+        if name == "hetmm.pipeline.stages":  # its stage() imports the one stage that runs, not all of them
+            imported = {m for m in imported if not m.startswith("hetmm.pipeline.stages.")}
         todo += sorted(imported)
     return {MODULES[name].relative_to(REPO) for name in seen}
 
@@ -136,7 +137,7 @@ def test_dvc_resource_dependencies():
 
 
 def test_light_stages_import_neither_torch_nor_great_expectations():
-    probe = ("import sys\nfrom hetmm.pipeline import stage\n"
+    probe = ("import sys\nfrom hetmm.pipeline.stages import stage\n"
              "for name in ('download', 'validate', 'report'):\n    stage(name)\n"
              "print(sorted(m for m in ('torch', 'great_expectations') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -151,5 +152,44 @@ def test_every_module_says_what_it_is_for(name):
 
 @pytest.mark.parametrize("stage", sorted(DVC))
 def test_stage_modules_stay_small(stage):
-    lines = MODULES[f"hetmm.pipeline.{stage}"].read_text().count("\n")
-    assert lines <= 150, f"hetmm/pipeline/{stage}.py has {lines} lines"
+    lines = MODULES[f"hetmm.pipeline.stages.{stage}"].read_text().count("\n")
+    assert lines <= 150, f"hetmm/pipeline/stages/{stage}.py has {lines} lines"
+
+
+def test_only_the_stage_registry_and_the_cli_import_stage_modules():
+    stage_modules = {m for m in MODULES if m.startswith("hetmm.pipeline.stages.")}
+    assert len(stage_modules) == 9
+    importers = {name: sorted(_imports(name, parents=False) & stage_modules) for name in MODULES
+                 if name not in ("hetmm.pipeline.stages", "hetmm.cli")}
+    offenders = {name: found for name, found in importers.items() if found}
+    assert not offenders, f"stage modules are imported by more than the stage registry and the CLI: {offenders}"
+
+
+def test_every_method_loader_lives_in_the_module_that_loads_models():
+    # hetmm.methods names its loaders as strings (it imports no pipeline code); hetmm.pipeline.models, the only
+    # caller of MethodSpec.load, holds them all, so the dependency closures above see every loader
+    from hetmm.methods import METHODS
+
+    calls = sorted(name for name, path in MODULES.items() if ").load()(" in path.read_text())
+    assert calls == ["hetmm.pipeline.models"]
+    for method, spec in METHODS.items():
+        assert spec.loader.partition(":")[0] == "hetmm.pipeline.models", method
+        assert callable(spec.load())
+
+
+def test_method_dispatch_goes_through_the_registry():
+    # the method's name is compared nowhere outside hetmm/methods.py and the enum itself: every branch asks spec()
+    compares = []
+    for name, path in MODULES.items():
+        if name in ("hetmm.methods", "hetmm.modes"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(x, ast.Attribute) and x.attr in ("HETMM", "TFA_NET")
+                    or isinstance(x, ast.Constant) and x.value in ("hetmm", "tfa_net")
+                    for x in [node.left, *node.comparators]):
+                compares.append(f"{path.relative_to(REPO)}:{node.lineno}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance" and any(
+                    getattr(a, "id", "") in ("Inspector", "TFAInspector") for a in ast.walk(node.args[1])):
+                compares.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not compares, f"method branches outside the registry: {compares}"

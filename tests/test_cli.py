@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import DEMO_LINE, REPO, SUBPROCESS_ENV, copy_run, folder_line, write_params
 from hetmm.cli import app
-from hetmm.pipeline import STAGES
+from hetmm.pipeline.stages import STAGES
 from hetmm.core.templates import load_template
 from hetmm.report.audit import audit_history
 
@@ -160,7 +160,7 @@ def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_ru
     assert summary["images"] == len(table) == 26 and len(summary["predictions"]) == 26
     assert summary["threshold"] == threshold["threshold"]
     assert summary["pixel_threshold"] == threshold["pixel_threshold"] and summary["threshold_rule"] == "f1_max"
-    assert summary["template_hash"] == load_template(demo_run / "models/demo/template.pt").meta["content_hash"]
+    assert summary["model_hash"] == load_template(demo_run / "models/demo/template.pt").meta["content_hash"]
     assert len(list((out / "masks").glob("*.png"))) == 26 and len(list((out / "overlays").glob("*.png"))) == 26
 
     # verdicts follow the threshold, and match the infer stage's scores of the same files
@@ -237,7 +237,7 @@ def test_update_inserts_new_good_images_once(demo_run, tmp_path):
         assert result.exit_code == 0, result.output
     card = json.loads((root / "reports/demo/model_card.json").read_text())
     assert card["template"]["content_hash"] == after.meta["content_hash"]
-    assert json.loads((root / "models/demo/threshold.json").read_text())["template_hash"] == after.meta["content_hash"]
+    assert json.loads((root / "models/demo/threshold.json").read_text())["model_hash"] == after.meta["content_hash"]
 
 
 # --------------------------------------------------------------------------- audit
@@ -271,7 +271,7 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert [r["subject"] for r in rows] == ["second template", "first template"]
-    assert [r["template_hash"] for r in rows] == [second["template"]["content_hash"],
+    assert [r["model_hash"] for r in rows] == [second["template"]["content_hash"],
                                                   first["template"]["content_hash"]]
     assert all(len(r["commit"]) == 40 and r["author"] == "t <t@example.com>" for r in rows)
     assert rows[0]["threshold"] == second["threshold"]["threshold"] and rows[0]["aupro"] == \
@@ -285,7 +285,7 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     table = invoke("audit", "--root", root)
     assert table.exit_code == 0
     lines = table.output.strip().split("\n")
-    assert len(lines) == 3 and "template_hash" in lines[0]
+    assert len(lines) == 3 and "model_hash" in lines[0]
     assert first["template"]["content_hash"][:12] in table.output and second["template"]["content_hash"][:12] in lines[1]
     assert_one_line_error(invoke("audit", "other_line", "--root", root, "--json"), "other_line", "demo")
 
@@ -319,15 +319,15 @@ def test_audit_answers_which_versions_inspected_a_line_in_a_period_on_every_bran
     commit("c" * 64, "2026-03-10T09:00:00+00:00", 1.2)
 
     every = json.loads(invoke("audit", "bolts", "--root", root, "--json").output)
-    assert [(r["template_hash"][0], r["ref"]) for r in every] == [
+    assert [(r["model_hash"][0], r["ref"]) for r in every] == [
         ("c", "refs/heads/main"), ("e", "refs/heads/exp-alphas"), ("b", "refs/heads/main"), ("a", "refs/heads/main")]
     assert every[0]["author"] == "Ana <ana@example.com>" and every[0]["threshold"] == 1.2
     # February: b was committed in it, a was in use when it began; e ran on an experiment branch in it
     feb = json.loads(invoke("audit", "bolts", "--since", "2026-02-01", "--until", "2026-02-28", "--root", root,
                             "--json").output)
-    assert [r["template_hash"][0] for r in feb] == ["e", "b", "a"]
+    assert [r["model_hash"][0] for r in feb] == ["e", "b", "a"]
     late = json.loads(invoke("audit", "--since", "2026-03-05", "--root", root, "--json").output)
-    assert [r["template_hash"][0] for r in late] == ["c", "e", "b"]  # e, b: in use on their refs on March 5
+    assert [r["model_hash"][0] for r in late] == ["c", "e", "b"]  # e, b: in use on their refs on March 5
     assert_one_line_error(invoke("audit", "--since", "last tuesday", "--root", root), "--since", "ISO")
     assert_one_line_error(invoke("audit", "bolts", "--until", "2025-12-31", "--root", root), "bolts", "period")
     table = invoke("audit", "--root", root).output.splitlines()

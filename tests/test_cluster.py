@@ -26,7 +26,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from hetmm.pipeline import cluster as hcluster  # noqa: E402
 from hetmm.pipeline.cluster import ShardedMatcher, WorkerLost, shard_ranges  # noqa: E402
-from hetmm.pipeline.infer import load_inspector  # noqa: E402
+from hetmm.pipeline.models import load_scorer  # noqa: E402
 from hetmm.pipeline.feature_cache import FeatureCache  # noqa: E402
 from hetmm.pipeline.provenance import FeatureKey  # noqa: E402
 from hetmm.core.templates import load_template  # noqa: E402
@@ -101,7 +101,7 @@ def _matcher_setup(tmp_path: Path, demo_tree: Path):
     from hetmm.pipeline.line import StageRun
 
     ctx = StageRun.for_line(load_params(root / "params.yaml"), "line", root, "cpu", progress=False, stage="infer")
-    inspector = load_inspector(ctx.line, ctx.paths.template, "cpu")
+    inspector = load_scorer(ctx.line, ctx.paths, "cpu")
     cache = FeatureCache(ctx.paths.features, FeatureKey.of(ctx.line.features))
     test = pd.read_csv(root / "outputs/line/scores.csv")
     layers, _ = cache.load(list(test["sha256"][:8]))
@@ -146,7 +146,7 @@ def test_past_its_retries_a_dead_worker_fails_the_stage_and_nothing_is_written(r
 
     monkeypatch.setattr(hcluster, "ShardedMatcher", lambda t, m, c: Dying(t, m, config))
     from hetmm.config import load_params
-    from hetmm.pipeline import stage
+    from hetmm.pipeline.stages import stage
     from hetmm.pipeline.line import StageRun
 
     root = tmp_path / "base"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import MTD, REPO, SUBPROCESS_ENV
-from hetmm.pipeline import stages_for
+from hetmm.pipeline.stages import stages_for
 from hetmm.pipeline.lines import set_dvc_lines
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import DEMO_LINE, copy_run, folder_line, run_stages, write_params
 from hetmm.config import load_params
 from hetmm.errors import ConfigError, DataError, HetmmError
-from hetmm.pipeline import stage
+from hetmm.pipeline.stages import stage
 from hetmm.pipeline.line import LinePaths, StageRun
 from hetmm.core.templates import load_template
 
@@ -61,7 +61,7 @@ def test_demo_line_all_stages_write_their_files_and_sane_metrics(demo_run):
     assert tset.meta["content_hash"] == template["content_hash"] and len(tset.meta["sources"]) == 24
 
     infer = _json(paths.reports / "infer.json")
-    assert infer["images"] == 26 and infer["template_hash"] == template["content_hash"]
+    assert infer["images"] == 26 and infer["model_hash"] == template["content_hash"]
     assert infer["matching"]["sheets_matched"] == 10
     assert not (paths.outputs / "matches.pt").exists()  # PTS distances are never reused, so not kept
     scores = pd.read_csv(paths.outputs / "scores.csv", keep_default_na=False)
@@ -79,7 +79,7 @@ def test_demo_line_all_stages_write_their_files_and_sane_metrics(demo_run):
     assert 0 <= metrics["f1_max"] <= 100
     threshold = _json(paths.models / "threshold.json")
     assert threshold["threshold"] == metrics["threshold"]
-    assert threshold["template_hash"] == template["content_hash"]
+    assert threshold["model_hash"] == template["content_hash"]
     flagged = scores["score"] >= threshold["threshold"]
     confusion = threshold["confusion"]
     assert sum(confusion.values()) == 26
@@ -306,7 +306,7 @@ def test_torn_template_is_refused_by_infer_and_rebuilt_by_the_template_stage(goo
     assert out["template"]["action"] == "rebuild"
     assert "corrupt" in out["template"]["reason"] and "unusable" in out["template"]["reason"]
     assert _json(paths.reports / "template.json")["reason"] == out["template"]["reason"]
-    assert out["infer"]["template_hash"] == out["template"]["content_hash"]
+    assert out["infer"]["model_hash"] == out["template"]["content_hash"]
     assert np.isfinite(pd.read_csv(paths.outputs / "scores.csv")["score"]).all()
 
 

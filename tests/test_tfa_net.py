@@ -20,7 +20,7 @@ import torch
 
 from hetmm.core.tfa_net import NetShape, TFANet, error_maps, medoid, random_mask, to_grid
 from hetmm.errors import ConfigError, TemplateMismatchError
-from hetmm.pipeline import stages_for
+from hetmm.pipeline.stages import stages_for
 from conftest import run_stages, write_params
 
 TINY = {"width": 64, "depth": 2, "heads": 4, "decoder_width": 64, "decoder_depth": 1, "batch_size": 8}
@@ -93,7 +93,7 @@ def test_training_lowers_the_loss_and_the_model_finds_the_demo_defects(trained):
     rows = (root / "reports/line/ablation.csv").read_text().splitlines()
     assert rows[1].startswith("method=tfa_net,") and rows[2].startswith("method=hetmm template=ALL,")
     threshold = json.loads((root / "models/line/threshold.json").read_text())
-    assert threshold["template_hash"] == record["content_hash"]
+    assert threshold["model_hash"] == record["content_hash"]
     card = json.loads((root / "reports/line/model_card.json").read_text())
     assert card["method"] == "tfa_net" and card["template"]["kind"] == "tfa_net" and card["title"] == "TFA-Net model card"
 
@@ -120,7 +120,7 @@ def test_predict_and_update_on_a_tfa_line(trained, tmp_path):
     images = sorted((root / "data/line/test").rglob("*.png"))[:3]
     summary = predict_images(line, paths, images, tmp_path / "pred", device="cpu", progress=False)
     assert summary["images"] == 3 and summary["method"] == "tfa_net"
-    assert summary["template_hash"] == out["train"]["content_hash"]
+    assert summary["model_hash"] == out["train"]["content_hash"]
     assert len(list((tmp_path / "pred/overlays").glob("*.png"))) == 3
     with pytest.raises(ConfigError, match=r"product_lines\.line\.method: tfa_net .* train@line"):
         update_template(line, paths, images[:1], device="cpu")

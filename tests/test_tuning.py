@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import folder_line, run_stages, write_params
 from hetmm.errors import ConfigError
-from hetmm.pipeline import stage
+from hetmm.pipeline.stages import stage
 from hetmm.pipeline.line import LinePaths, StageRun
 
 TUNE_STAGES = ("download", "validate", "tune")
@@ -152,21 +152,63 @@ def test_a_new_line_entry_leaves_every_tunable_key_to_the_tuner():
 
 def _direct_search(demo_tree, train_images: int, floor: float):
     """One real search called directly: ``train_images`` is how many sheets ALL would deploy."""
-    import numpy as np
-
     from hetmm.config import parse_params
-    from hetmm.data.synthetic import synthesize
     from hetmm.pipeline import tuning
 
     entry = tuned_line(demo_tree)
     entry["templates"] = {}  # kind and size left to the tuner
     entry["tune"].update(min_images_per_second=floor)
     line = parse_params({"product_lines": {"line": entry}}).line("line")
-    images = [Image.open(p).convert("RGB") for p in sorted((demo_tree / "train/good").glob("*.png"))]
-    normals, templates = images[:3], images[3:9]
-    defects = synthesize([np.asarray(im) for im in normals], 0, per_image=3)
-    evalset = tuning.evaluation_set(normals, [(Image.fromarray(d.image), d.mask) for d in defects])
+    templates, evalset = _search_images(demo_tree, line)
     return tuning.search(line, templates, evalset, train_images, native_side=160)
+
+
+def _search_images(demo_tree: Path, line, crop: tuple[int, int] | None = None):
+    """Six template images and the tuner's validation set on three others (cropped to ``crop`` = (width, height))."""
+    from hetmm.pipeline import tuning
+    from hetmm.pipeline.validation_set import make_validation
+
+    images = [Image.open(p).convert("RGB") for p in sorted((demo_tree / "train/good").glob("*.png"))]
+    if crop is not None:
+        images = [im.crop((0, 0, *crop)) for im in images]
+    normals, templates = images[:3], images[3:9]
+    return templates, tuning.evaluation_set(make_validation(normals, line.tune, tuning.EVAL_SIZE))
+
+
+@pytest.mark.parametrize("keys", [
+    {},  # mutual, the fixture's windows, blur 2
+    {"matching.mode": "patch", "post.blur_sigma": 0.0},
+    {"features.resize": "pad", "matching.mode": "backward", "post.blur_sigma": 4.0},
+    {"matching.mode": "forward", "matching.weights": (1.0, 0.0, 0.5), "post.image_score": "block_mean",
+     "post.block": 8},
+], ids=["mutual", "patch", "pad-backward-blur", "forward-block-mean"])
+def test_the_tuner_scores_its_validation_set_exactly_as_the_deployed_scorer(demo_tree, keys):
+    """The maps and scores a search optimises are the ones ``infer`` and ``predict`` would produce: the tuner's
+    cached per-window distances go through the deployed post-processing, compared with Inspector.score_features
+    on the same features and an ALL template of the same images."""
+    import torch
+
+    from hetmm.config import parse_params
+    from hetmm.core.inspector import Inspector
+    from hetmm.core.templates import BuildOptions, build
+    from hetmm.modes import TemplateKind
+    from hetmm.pipeline import settings, tuning
+
+    entry = tuned_line(demo_tree, post__blur_sigma=2.0,
+                       matching__forward_windows=[5, 3, 3], matching__backward_windows=[3, 3, 1])
+    line = settings.apply(parse_params({"product_lines": {"line": entry}}).line("line"), keys)
+    templates, evalset = _search_images(demo_tree, line, crop=(160, 112))  # not square: pad leaves borders
+    run = tuning._Search(line, templates, evalset, len(templates), torch.device("cpu"), None)
+    feats = run._features(line.features)
+    maps, scores, _ = run._maps(line, feats, floor=0.0)
+    tset = build(TemplateKind.ALL, feats.templates, [str(i) for i in range(len(templates))],
+                 BuildOptions(size=len(templates), feature=line.features.fingerprint()))
+    deployed = Inspector(line, tset).score_features(feats.queries, feats.boxes)
+    assert maps.shape == deployed.maps.shape == (len(evalset.images), *line.features.image_size)
+    assert torch.allclose(maps, deployed.maps, rtol=0, atol=1e-6)
+    assert torch.allclose(scores, deployed.scores, rtol=0, atol=1e-6)
+    if line.features.resize == "pad":
+        assert any(box[2:] != tuple(line.features.image_size) for box in feats.boxes)
 
 
 def test_the_template_is_sized_first_and_every_candidate_meets_the_floor_at_that_size(demo_tree):

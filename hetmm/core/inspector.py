@@ -13,13 +13,12 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from hetmm.config import MatchingConfig, PostConfig, ProductLine
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.layout import pixel_major_
-from hetmm.core.scoring import LayerMatches, fuse_matches, gaussian_blur, image_scores, match_layers
+from hetmm.core.scoring import Box, LayerMatches, PostPlan, match_layers, post_process
 from hetmm.core.templates import TemplateSet
 
 
@@ -31,26 +30,17 @@ class Scored:
     scores: torch.Tensor
 
 
-def restore_geometry(maps: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
-    """Crop each map ``[B, H, W]`` to its content box and stretch it back to ``[H, W]``.
-
-    With ``resize: pad`` the canvas border is not part of the product and must not score; after this the
-    map has the same geometry as a squash-resized image, so masks and overlays line up the same way.
-    """
-    height, width = maps.shape[-2:]
-    out = maps.clone()
-    for i, (top, left, h, w) in enumerate(boxes):
-        if (h, w) != (height, width):
-            crop = maps[i : i + 1, None, top : top + h, left : left + w]
-            out[i] = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=True)[0, 0]
-    return out
+def post_plan(line: ProductLine) -> PostPlan:
+    """The line's post-processing settings as :func:`~hetmm.core.scoring.post_process` takes them."""
+    f, p = line.features, line.post
+    return PostPlan(tuple(f.image_size), f.resize == "pad", p.blur_sigma, p.blur_kernel, p.image_score, p.block)
 
 
 class Scorer(ABC):
     """What every method shares: the line's backbone, image geometry and the post-processing of raw maps.
 
-    A method implements ``match(features) -> raw`` and ``finish(raw, boxes) -> Scored`` (via :meth:`post_process`)
-    and :attr:`version`, the content hash of its model (template set or trained network).
+    A method implements ``match(features) -> raw`` and ``finish(raw, boxes) -> Scored`` (via :meth:`post_process`),
+    :attr:`version`, the content hash of its model (template set or trained network), and :attr:`sheets`.
     """
 
     def __init__(self, line: ProductLine, device: torch.device | str = "cpu",
@@ -64,6 +54,11 @@ class Scorer(ABC):
     def version(self) -> str: ...
 
     @property
+    @abstractmethod
+    def sheets(self) -> int:
+        """Template images a query is compared with (template sheets; one for TFA-Net's template image)."""
+
+    @property
     def extractor(self) -> FeatureExtractor:
         if self._extractor is None:  # built lazily: scoring cached features needs no backbone
             self._extractor = FeatureExtractor(self.line.features, self.device)
@@ -73,25 +68,21 @@ class Scorer(ABC):
     def match(self, features: Sequence[torch.Tensor]) -> object: ...
 
     @abstractmethod
-    def finish(self, raw: object, boxes: Sequence[tuple[int, int, int, int]] | None = None) -> Scored: ...
+    def finish(self, raw: object, boxes: Sequence[Box] | None = None) -> Scored: ...
 
-    def post_process(self, maps: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]] | None) -> Scored:
-        """Maps ``[B, H, W]`` at the image size -> geometry restored, blurred, with image scores."""
-        post = self.line.post
-        maps = maps.to(self.device)
-        if boxes is not None and self.line.features.resize == "pad":
-            maps = restore_geometry(maps, boxes)
-        if post.blur_sigma > 0:
-            maps = gaussian_blur(maps, post.blur_sigma, post.blur_kernel)
-        scores = image_scores(maps, post.image_score, post.block)
+    def post_process(self, raw: torch.Tensor | LayerMatches, boxes: Sequence[Box] | None) -> Scored:
+        """Maps ``[B, H, W]`` at the image size, or matches to fuse -> :func:`~hetmm.core.scoring.post_process`."""
+        if isinstance(raw, torch.Tensor):
+            raw = raw.to(self.device)
+        maps, scores = post_process(raw, post_plan(self.line), boxes)
         return Scored(maps.float().cpu(), scores.float().cpu())
 
     def score_features(self, features: Sequence[torch.Tensor],
-                       boxes: Sequence[tuple[int, int, int, int]] | None = None) -> Scored:
+                       boxes: Sequence[Box] | None = None) -> Scored:
         """Per-layer features ``[B, C_j, H_j, W_j]`` -> :class:`Scored`."""
         return self.finish(self.match(features), boxes)
 
-    def boxes(self, images: Sequence[Image.Image]) -> list[tuple[int, int, int, int]]:
+    def boxes(self, images: Sequence[Image.Image]) -> list[Box]:
         f = self.line.features
         return [content_box(im.size, f.image_size, f.resize) for im in images]
 
@@ -116,6 +107,10 @@ class Inspector(Scorer):
     def version(self) -> str:
         return self.template.meta["content_hash"]
 
+    @property
+    def sheets(self) -> int:
+        return int(self.template.layers[0].shape[0])
+
     def with_settings(self, matching: MatchingConfig | None = None, post: PostConfig | None = None,
                       template: TemplateSet | None = None) -> "Inspector":
         """A variant sharing this inspector's backbone (ablations, parameter sweeps)."""
@@ -132,6 +127,6 @@ class Inspector(Scorer):
         return match_layers(query, sheets, m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode)
 
     @torch.no_grad()
-    def finish(self, matches: LayerMatches, boxes: Sequence[tuple[int, int, int, int]] | None = None) -> Scored:
+    def finish(self, matches: LayerMatches, boxes: Sequence[Box] | None = None) -> Scored:
         """Fusion, geometry, blur and image scores of :meth:`match`'s output."""
-        return self.post_process(fuse_matches(matches, self.line.features.image_size), boxes)
+        return self.post_process(matches, boxes)

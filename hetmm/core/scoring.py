@@ -5,7 +5,9 @@ query features are matched against the templates (:mod:`hetmm.core.matching`), t
 
     S = Σ_j λ_j · Up(α_j · F_j + (1 - α_j) · B_j)      Up = bilinear, align_corners=True
 
-with plain numbers and lists as settings, so scoring does not depend on configuration classes.
+:func:`post_process` is the one recipe after matching (fuse -> geometry -> blur -> image score) that every scorer,
+the tuner and calibration run. Settings are plain numbers and lists (:class:`PostPlan`), so scoring does not depend
+on configuration classes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from hetmm.core.matching import match_layer, nearest_patch
 from hetmm.modes import MatchMode
 
 RULES = ("max", "block_mean")
+Box = tuple[int, int, int, int]  # (top, left, height, width) of an image's content on the model canvas
 
 
 def fuse_layers(
@@ -252,3 +255,42 @@ def fuse_matches(matches: LayerMatches, out_size: tuple[int, int] | int) -> torc
         return torch.zeros(matches.batch, *size)
     return fuse_layers(matches.forward, matches.backward, [p.alpha for p in matches.plan],
                        [p.weight for p in matches.plan], out_size)
+
+
+def restore_geometry(maps: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
+    """Crop each map ``[B, H, W]`` to its content box and stretch it back to ``[H, W]``.
+
+    With ``resize: pad`` the canvas border is not part of the product and must not score; after this the
+    map has the same geometry as a squash-resized image, so masks and overlays line up the same way.
+    """
+    height, width = maps.shape[-2:]
+    out = maps.clone()
+    for i, (top, left, h, w) in enumerate(boxes):
+        if (h, w) != (height, width):
+            crop = maps[i : i + 1, None, top : top + h, left : left + w]
+            out[i] = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=True)[0, 0]
+    return out
+
+
+class PostPlan(NamedTuple):
+    """Everything after matching, as plain values."""
+
+    size: tuple[int, int]  # (H, W) of the maps: the model's input size
+    pad: bool  # images were letterboxed (``resize: pad``): crop the maps to their content boxes
+    blur_sigma: float  # 0 = no blur
+    blur_kernel: int | None
+    rule: str  # image score rule (:data:`RULES`)
+    block: int | None
+
+
+def post_process(maps: torch.Tensor | LayerMatches, plan: PostPlan, boxes: Sequence[Box] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw maps ``[B, H, W]`` at ``plan.size`` (or :class:`LayerMatches`, fused first) -> post-processed maps
+    ``[B, H, W]`` float32 and image scores ``[B]``: geometry restored (pad, with ``boxes``), blurred, scored."""
+    if isinstance(maps, LayerMatches):
+        maps = fuse_matches(maps, plan.size)
+    if boxes is not None and plan.pad:
+        maps = restore_geometry(maps, boxes)
+    if plan.blur_sigma > 0:
+        maps = gaussian_blur(maps, plan.blur_sigma, plan.blur_kernel)
+    return maps, image_scores(maps, plan.rule, plan.block)

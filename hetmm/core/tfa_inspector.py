@@ -31,6 +31,10 @@ class TFAInspector(Scorer):
     def version(self) -> str:
         return self._version
 
+    @property
+    def sheets(self) -> int:
+        return 1
+
     @torch.no_grad()
     def match(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-layer features ``[B, C_j, H_j, W_j]`` -> reconstruction error ``[B, G, G]``."""

@@ -78,10 +78,10 @@ def choose_threshold(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarr
 
 
 def decide(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarray, calibration: dict,
-           template_hash: str | None) -> dict:
-    """``threshold.json``: :func:`choose_threshold` plus the test ``confusion`` at it and the template it is for."""
+           model_hash: str | None) -> dict:
+    """``threshold.json``: :func:`choose_threshold` plus the test ``confusion`` at it and the model it is for."""
     out = choose_threshold(rule, scores, labels, calibration)
-    out.update(confusion=confusion(scores, labels, out["threshold"]), template_hash=template_hash)
+    out.update(confusion=confusion(scores, labels, out["threshold"]), model_hash=model_hash)
     return out
 
 

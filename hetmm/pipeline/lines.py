@@ -20,11 +20,12 @@ from typing import Any
 from hetmm.config import AUTO, DataConfig, ProductLine, _check_value, build_config, check_line_name, validate_line
 from hetmm.modes import Method
 from hetmm.errors import ConfigError
-from hetmm.pipeline import MODEL_FILES
+from hetmm.methods import METHODS, spec
 from hetmm.io import write_text_atomic
 
 # One flow mapping per list, each on its own line: every line -> its model file's stem (``template`` or
 # ``tfa_net``), then the lines of each model stage (DVC cannot filter a foreach, so each stage gets its own list).
+_STAGE_LISTS = {"templated": "template", "trained": "train"}  # dvc.yaml anchor -> the model stage it runs
 _LISTS = {"lines": re.compile(r"^(?P<head>\s*foreach:\s*&lines\s*)\{(?P<body>[^\n]*)\}\s*$", re.M),
           "templated": re.compile(r"^(?P<head>\s*foreach:\s*&templated\s*)\[(?P<body>[^\]\n]*)\]\s*$", re.M),
           "trained": re.compile(r"^(?P<head>\s*foreach:\s*&trained\s*)\[(?P<body>[^\]\n]*)\]\s*$", re.M)}
@@ -40,7 +41,7 @@ def _match(text: str, name: str, dvc_yaml: str | Path) -> re.Match:
 def dvc_line_methods(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, Method]:
     """The product lines ``dvc.yaml`` runs, with the method its stages are wired for."""
     body = _match(Path(dvc_yaml).read_text(), "lines", dvc_yaml)["body"]
-    by_stem = {stem: Method(method) for method, stem in MODEL_FILES.items()}
+    by_stem = {s.model_file: method for method, s in METHODS.items()}
     out = {}
     for entry in filter(None, (e.strip() for e in body.split(","))):
         name, _, stem = (part.strip() for part in entry.partition(":"))
@@ -63,9 +64,9 @@ def set_dvc_lines(lines: Mapping[str, str] | Sequence[str], dvc_yaml: str | Path
         check_line_name(name)
     dvc_yaml = Path(dvc_yaml)
     text = dvc_yaml.read_text()
-    bodies = {"lines": "{" + ", ".join(f"{n}: {MODEL_FILES[m]}" for n, m in methods.items()) + "}",
-              "templated": f"[{', '.join(n for n, m in methods.items() if m == Method.HETMM)}]",
-              "trained": f"[{', '.join(n for n, m in methods.items() if m == Method.TFA_NET)}]"}
+    bodies = {"lines": "{" + ", ".join(f"{n}: {spec(m).model_file}" for n, m in methods.items()) + "}"}
+    for anchor, stage in _STAGE_LISTS.items():
+        bodies[anchor] = f"[{', '.join(n for n, m in methods.items() if spec(m).model_stage == stage)}]"
     for name, body in bodies.items():
         match = _match(text, name, dvc_yaml)
         text = text[:match.start()] + match["head"] + body + text[match.end():]

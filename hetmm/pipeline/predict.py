@@ -1,7 +1,7 @@
 """``hetmm predict`` and ``hetmm update``: new images against a line's saved model, outside the DVC stages.
 
 Both refuse a model (template set or TFA-Net) whose feature settings or code differ from the installed ones
-(:func:`hetmm.pipeline.template.load_current`, :func:`hetmm.pipeline.tfa_model.load_model`), naming what differs and
+(:func:`hetmm.pipeline.models.load_scorer`), naming what differs and
 the command that rebuilds it. ``update`` is HETMM's hot update; a TFA-Net line is retrained instead.
 
 ``predict`` applies the decision the report stage saved in ``models/<line>/threshold.json`` for this very model:
@@ -25,18 +25,17 @@ from PIL import Image
 from hetmm.config import ClusterConfig, ProductLine
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
-from hetmm.core.inspector import Inspector
-from hetmm.modes import Method
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import ConfigError, DataError
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
+from hetmm.methods import spec
 from hetmm.pipeline import cluster
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
-from hetmm.pipeline.infer import load_scorer
 from hetmm.pipeline.line import LinePaths
-from hetmm.pipeline.template import load_current, record
+from hetmm.pipeline.line_template import load_current, record
+from hetmm.pipeline.models import load_scorer, model_path
 from hetmm.report.model_card import code_version
 from hetmm.report.overlays import anchored_scale, panel
 
@@ -60,18 +59,19 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     return found
 
 
-def saved_threshold(paths: LinePaths, line: str, template_hash: str) -> dict:
+def saved_threshold(paths: LinePaths, line: str, model_hash: str) -> dict:
     """The report stage's decision (``threshold``, ``pixel_threshold``, ``normalisation``, ``rule``), refused unless
-    it was made for this very template. Needed even with ``--threshold``: the pixel threshold and the score range
-    come from it."""
+    it was made for this very model. Needed even with ``--threshold``: the pixel threshold and the score range
+    come from it. Files written before the key was renamed name the model ``template_hash``."""
     rerun = f"run `dvc repro report@{line}` (or `hetmm infer {line}` and `hetmm report {line}`)"
     if not paths.threshold.is_file():
         raise DataError(f"{paths.threshold}: no saved threshold (predict reads the image and pixel thresholds and the "
                         f"score range from it); {rerun}")
     record = json.loads(paths.threshold.read_text())
-    if record.get("template_hash") != template_hash:
-        raise DataError(f"{paths.threshold}: the threshold was chosen for model {str(record.get('template_hash'))[:12]} "
-                        f"but the line's model is {template_hash[:12]} (rebuilt since the last report); {rerun}")
+    chosen_for = record.get("model_hash", record.get("template_hash"))
+    if chosen_for != model_hash:
+        raise DataError(f"{paths.threshold}: the threshold was chosen for model {str(chosen_for)[:12]} "
+                        f"but the line's model is {model_hash[:12]} (rebuilt since the last report); {rerun}")
     if "pixel_threshold" not in record or not {"min", "max"} <= set(record.get("normalisation", {})):
         raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold or score "
                         f"normalisation); {rerun}")
@@ -92,24 +92,25 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     """Score images; write predictions.csv/json, binary masks and overlays under ``out``. With an enabled
     ``cluster_config`` the features and the matching run on the cluster (:mod:`hetmm.pipeline.cluster`)."""
     files = collect_images(inputs)
-    model = template_path or (paths.tfa_net if line.method == Method.TFA_NET else paths.template)
-    inspector = load_scorer(line, paths, device, model)
-    extractor, match = inspector.extractor, inspector.match
+    method = spec(line.method)
+    model = template_path or model_path(line, paths)
+    scorer = load_scorer(line, paths, device, model)
+    extractor, match = scorer.extractor, scorer.match
     if cluster_config is not None and cluster.enabled(cluster_config):
         extractor = cluster.ExtractorPool(line.features, cluster_config)
-        if isinstance(inspector, Inspector):  # TFA-Net's network is small: it runs here
-            match = cluster.ShardedMatcher(inspector.template, line.matching, cluster_config).match
-    decision = saved_threshold(paths, line.name, inspector.version)
+        if method.sharding:  # a method without sharding (TFA-Net's small network) matches here
+            match = cluster.ShardedMatcher(scorer.template, line.matching, cluster_config).match
+    decision = saved_threshold(paths, line.name, scorer.version)
     rule = decision["rule"] if threshold is None else "--threshold"
     threshold = float(decision["threshold"]) if threshold is None else threshold
     pixel = float(decision["pixel_threshold"])
     low, high = float(decision["normalisation"]["min"]), float(decision["normalisation"]["max"])
     vmin, vmax = anchored_scale(pixel)  # the same colours mean the same thing on every image
-    version = inspector.version[:12]
+    version = scorer.version[:12]
     rows = []
     done = 0
     for images, layers in extract_images(extractor, files, line.features.batch_size, progress, "predict"):
-        scored = inspector.finish(match(layers), inspector.boxes(images))
+        scored = scorer.finish(match(layers), scorer.boxes(images))
         chunk = files[done : done + len(images)]
         done += len(images)
         for path, image, amap, score in zip(chunk, images, scored.maps.numpy(), scored.scores.numpy()):
@@ -121,7 +122,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
             with atomic_path(out / "masks" / f"{stem}.png") as tmp:
                 Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
             verdict = "flagged" if defective else "passed"
-            title = f"{path.name}: {verdict}, score {score:.4g} vs threshold {threshold:.4g} ({'model' if line.method == Method.TFA_NET else 'template'} {version})"
+            title = (f"{path.name}: {verdict}, score {score:.4g} vs threshold {threshold:.4g} "
+                     f"({method.model_noun} {version})")
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
                 panel(image, full, None, None, title, pred_mask=mask, vmin=vmin, vmax=vmax,
                       threshold=pixel).save(tmp, format="PNG")
@@ -134,7 +136,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
         df.to_csv(tmp, index=False)
     summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
                "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
-               "method": str(line.method), "template_hash": inspector.version, "template": str(model), "code_version": code_version(), "out": str(out)}
+               "method": str(line.method), "model_hash": scorer.version, "model": str(model),
+               "code_version": code_version(), "out": str(out)}
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
     return summary
 
@@ -142,7 +145,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
 def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], *,
                     template_path: Path | None = None, device: str = "auto", progress: bool = True) -> dict:
     """Insert new good images into a saved template without rebuilding it (atomic replace)."""
-    if line.method != Method.HETMM:
+    if not spec(line.method).hot_update:
         raise ConfigError(f"product_lines.{line.name}.method: {line.method} learns from its training images and has "
                           f"no template to hot-update; add the images to the line's data and run `dvc repro "
                           f"train@{line.name}`")

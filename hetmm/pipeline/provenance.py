@@ -9,8 +9,8 @@ statement does. Artifacts and the code they depend on:
   + :mod:`hetmm.data.images` (decoding);
 * templates: the feature key + :mod:`hetmm.core.templates`;
 * stored matching distances: the feature key + the template code + :mod:`hetmm.core.inspector` (matching, scoring);
-* a TFA-Net model: its settings, training images, the feature key + :mod:`hetmm.pipeline.train` (the network and
-  its training loop);
+* a TFA-Net model: its settings, training images, the feature key + :mod:`hetmm.pipeline.tfa_training` (the
+  training loop) and :mod:`hetmm.core.tfa_net` (the network);
 * a tuning search: its settings + :mod:`hetmm.pipeline.tuning`, the synthetic defects, the validation split, image
   decoding and the features and matching it runs.
 """
@@ -117,14 +117,16 @@ def match_code() -> str:
 @cache
 def tuning_code() -> str:
     # by name: the tune stage computes its key without importing torch
-    return code_digest("hetmm.pipeline.tuning", "hetmm.pipeline.settings", "hetmm.data.synthetic",
-                       "hetmm.data.splits", "hetmm.data.images", "hetmm.core.features", "hetmm.core.inspector")
+    return code_digest("hetmm.pipeline.tuning", "hetmm.pipeline.settings", "hetmm.pipeline.validation_set",
+                       "hetmm.data.synthetic", "hetmm.data.splits", "hetmm.data.images", "hetmm.core.features",
+                       "hetmm.core.inspector")
 
 
 @cache
 def tfa_code() -> str:
-    # the training loop and the network (hetmm.core.tfa_net, followed from its imports)
-    return code_digest("hetmm.pipeline.train", "hetmm.pipeline.tfa_model")
+    # what the weights depend on: the training loop and the network (hetmm.core.tfa_net, followed from its
+    # imports); not the train stage's validation, logging and records, nor the scorer
+    return code_digest("hetmm.pipeline.tfa_training", "hetmm.pipeline.tfa_model")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 A model file holds the network's shape and weights, the template image's grid features and ``meta``: the *key*
 (settings, training images, feature key and code, :func:`model_key`), the feature key and the content hash that
 thresholds and reports name. :func:`load_model` refuses a file whose feature settings, feature code or TFA-Net code
-differ from the installed ones, naming the command that retrains it. Both files are written atomically and read
-with ``weights_only`` (tensors and plain values, never pickled code).
+differ from the installed ones, naming the command that retrains it (:mod:`hetmm.pipeline.models` makes the network
+a scorer). Both files are written atomically and read with ``weights_only`` (tensors and plain values, never pickled
+code).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 
 from hetmm.config import ProductLine
-from hetmm.core.tfa_inspector import TFAInspector
 from hetmm.core.tfa_net import NetShape, TFANet
 from hetmm.errors import TemplateMismatchError
 from hetmm.io import atomic_path, sha256_json
@@ -60,9 +60,10 @@ def read(path: Path) -> dict[str, Any] | None:
     return body if body is not None and body.get("format") == FORMAT else None
 
 
-def load_model(line: ProductLine, path: Path, device: torch.device | str = "cpu",
-               expect_images: list[str] | None = None) -> TFAInspector:
-    """The line's trained model as a scorer; refuses a missing file or one made by other settings or code."""
+def load_model(line: ProductLine, path: Path, expect_images: list[str] | None = None
+               ) -> tuple[TFANet, torch.Tensor, dict[str, Any]]:
+    """The line's trained network (CPU), its template grid features and ``meta``; refuses a missing file or one made
+    by other settings or code (with ``expect_images``: or trained on other images)."""
     fix = f"retrain it with `dvc repro train@{line.name}` (or `hetmm train {line.name}`)"
     body = read(path)
     if body is None:
@@ -76,7 +77,7 @@ def load_model(line: ProductLine, path: Path, device: torch.device | str = "cpu"
         raise TemplateMismatchError(f"{path}: trained with other settings or images than the line has now; {fix}")
     net = TFANet(NetShape(**body["shape"]))
     net.load_state_dict(body["state"])
-    return TFAInspector(line, net, body["template"], meta["content_hash"], device)
+    return net, body["template"], meta
 
 
 def resume_path(path: Path) -> Path:

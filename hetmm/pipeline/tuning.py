@@ -32,12 +32,13 @@ from PIL import Image
 from hetmm.config import FeatureConfig, ProductLine
 from hetmm.core.backbones import build_backbone
 from hetmm.core.features import FeatureExtractor, content_box
-from hetmm.core.inspector import restore_geometry
+from hetmm.core.inspector import post_plan
 from hetmm.core.matching import match_layer, nearest_patch
 from hetmm.core.metrics import aupro, image_auroc, pixel_auroc
 from hetmm.modes import MatchMode, TemplateKind
-from hetmm.core.scoring import fuse_layers, gaussian_blur, image_scores, match_plan
+from hetmm.core.scoring import LayerMatches, match_plan, post_process
 from hetmm.pipeline import settings
+from hetmm.pipeline.validation_set import ValidationImages
 
 EVAL_SIZE = (256, 256)  # every candidate's maps and masks are compared at this resolution
 MARGIN = 0.1  # objective points a new value must gain over the current one (below the synthetic set's noise)
@@ -194,14 +195,13 @@ class _Search:
                                                            for k in sorted(self.tunable)}}
         try:
             feats = self._features(line.features)
-            maps, cost = self._maps(line, feats)
+            maps, scores, cost = self._maps(line, feats)
         except TooSlow:
             record.update(excluded="too slow for tune.min_images_per_second", objective=None)
             self.candidates.append(record)
             return record
-        scores = image_scores(maps, line.post.image_score, line.post.block).numpy()
         small = F.interpolate(maps[:, None], size=EVAL_SIZE, mode="bilinear", align_corners=False)[:, 0].numpy()
-        metrics = {"image_auroc": image_auroc(scores, self.evalset.labels),
+        metrics = {"image_auroc": image_auroc(scores.numpy(), self.evalset.labels),
                    "pixel_auroc": pixel_auroc(small, self.evalset.masks),
                    "aupro": aupro(small, self.evalset.masks)}
         rate = 1.0 / (feats.seconds_per_image + cost)
@@ -213,12 +213,14 @@ class _Search:
         self.progress(f"{phase} {key}: objective {record['objective']}")
         return record
 
-    def _maps(self, line: ProductLine, feats: _Features, floor: float | None = None) -> tuple[torch.Tensor, float]:
-        """Anomaly maps ``[Q, H, W]`` of ``line`` and its matching cost per image (seconds, full template);
-        ``floor`` overrides the throughput floor (0: measure whatever it costs)."""
+    def _maps(self, line: ProductLine, feats: _Features, floor: float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Anomaly maps ``[Q, H, W]`` and image scores ``[Q]`` of ``line`` (the deployed recipe,
+        :func:`~hetmm.core.scoring.post_process`, on distances computed once per window) and its matching cost per
+        image (seconds, full template); ``floor`` overrides the throughput floor (0: measure whatever it costs)."""
         m, sheets = line.matching, self.sheets(line)
         floor = self.floor if floor is None else floor
-        forward, backward, alphas, weights, cost = [], [], [], [], 0.0
+        found, cost = LayerMatches([], [], [], len(self.evalset.images)), 0.0
         for step in match_plan(m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode):
             fwd = bwd = None
             if step.patch:
@@ -230,17 +232,13 @@ class _Search:
                         pair = feats.geometry(step.layer, False, window, sheets, floor)
                         fwd, bwd = (pair[0], bwd) if take == 0 else (fwd, pair[1])
                         cost += feats.cost[(step.layer, "window", window)] / 2  # one pass gives both directions
-            forward.append(fwd)
-            backward.append(bwd)
-            alphas.append(step.alpha)
-            weights.append(step.weight)
-        if not forward:
+            found.forward.append(fwd)
+            found.backward.append(bwd)
+            found.plan.append(step)
+        if not found.plan:
             raise TooSlow("no layer")  # every weight 0: not a usable candidate
-        maps = fuse_layers(forward, backward, alphas, weights, line.features.image_size)
-        if line.features.resize == "pad":
-            maps = restore_geometry(maps, feats.boxes)
-        maps = gaussian_blur(maps, line.post.blur_sigma, line.post.blur_kernel)
-        return maps, cost * sheets
+        maps, scores = post_process(found, post_plan(line), feats.boxes)
+        return maps, scores, cost * sheets
 
     # ----------------------------------------------------------------- coordinate descent
 
@@ -307,7 +305,7 @@ class _Search:
         if self.floor <= 0:
             return everything, ["templates: ALL (no throughput floor)"]
         feats = self._features(line.features)
-        per_sheet = self._maps(line, feats, floor=0.0)[1] / self.sheets(line)
+        per_sheet = self._maps(line, feats, floor=0.0)[2] / self.sheets(line)
 
         def rate(sheets: int) -> float:
             return 1.0 / (feats.seconds_per_image + per_sheet * sheets)
@@ -377,13 +375,9 @@ def search(line: ProductLine, templates: Sequence[Image.Image], evalset: EvalSet
                   seconds=round(run.clock() - run.start, 1), notes=notes)
 
 
-def evaluation_set(normals: Sequence[Image.Image], defects: Sequence[tuple[Image.Image, np.ndarray]]) -> EvalSet:
-    """Normals (label 0) and synthetic ``(image, mask [H, W] bool)`` defects as an :class:`EvalSet`."""
-    masks = [np.zeros(EVAL_SIZE, dtype=bool)] * len(normals)
-    height, width = EVAL_SIZE
-    for _, mask in defects:
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.BILINEAR)
-        masks.append(np.asarray(resized) >= 128)
-    labels = np.array([0] * len(normals) + [1] * len(defects), dtype=bool)
-    return EvalSet([*normals, *(im for im, _ in defects)], labels, np.stack(masks))
-
+def evaluation_set(images: ValidationImages) -> EvalSet:
+    """Validation normals (label 0) and the synthetic defects made on them (label 1) as an :class:`EvalSet`
+    (``images`` made at :data:`EVAL_SIZE`)."""
+    normals = np.zeros((len(images.normals), *EVAL_SIZE), dtype=bool)
+    labels = np.array([0] * len(images.normals) + [1] * len(images.defects), dtype=bool)
+    return EvalSet([*images.normals, *images.defects], labels, np.concatenate([normals, images.masks]))

@@ -18,7 +18,7 @@ from pathlib import Path
 from hetmm.errors import ConfigError, HetmmError
 
 CARD = "model_card.json"
-TABLE = ("commit", "date", "author", "ref", "line", "template", "template_hash", "data_hash", "code", "threshold",
+TABLE = ("commit", "date", "author", "ref", "line", "template", "model_hash", "data_hash", "code", "threshold",
          "image_auroc", "pixel_auroc", "aupro")
 
 
@@ -77,7 +77,7 @@ def _row(card: dict, commit: str, author: str, when: str, ref: str, subject: str
     return {
         "commit": commit, "date": when, "author": author, "ref": ref, "subject": subject,
         "line": card.get("product_line"), "template": f"{template.get('kind')}x{template.get('sheets')}",
-        "template_hash": template.get("content_hash"), "template_action": template.get("action"),
+        "model_hash": template.get("content_hash"), "template_action": template.get("action"),
         "data_hash": card.get("data", {}).get("manifest_sha256"), "code": card.get("code_version"),
         "threshold": threshold.get("threshold"), "threshold_rule": threshold.get("rule"),
         "backbone": params.get("features", {}).get("backbone"),
@@ -104,7 +104,7 @@ def _in_period(rows: list[dict], since: datetime | None, until: datetime | None)
 def format_table(rows: list[dict]) -> str:
     if not rows:
         return "no model cards in git history (commit reports/<line>/model_card.json after `dvc repro`)"
-    short = {"commit": 10, "template_hash": 12, "data_hash": 12, "code": 12}
+    short = {"commit": 10, "model_hash": 12, "data_hash": 12, "code": 12}
     cells = [[_cell(r[c], short.get(c)) for c in TABLE] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(TABLE)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(TABLE, widths))]

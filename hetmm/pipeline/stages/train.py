@@ -16,20 +16,18 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hetmm.core.device import resolve_device
-from hetmm.core.metrics import image_auroc, pixel_auroc
-from hetmm.core.tfa_inspector import TFAInspector
-from hetmm.core.tfa_net import NetShape, TFANet, loss, medoid, random_mask, to_grid
+from hetmm.core.tfa_net import to_grid
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
-from hetmm.pipeline import require_method, tfa_model
+from hetmm.pipeline import tfa_model, tfa_training
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey, tfa_code
-from hetmm.pipeline.validation_set import validation_features
+from hetmm.pipeline.stages import require_method
+from hetmm.pipeline.validation_set import tfa_validation, validation_features
 
 
 def run(ctx: StageRun) -> dict:
@@ -53,12 +51,9 @@ def run(ctx: StageRun) -> dict:
     cfg = line.tfa_net.resolved(line.features)
     cache = FeatureCache(paths.features, FeatureKey.of(line.features))
     grids = to_grid(cache.load(fit)[0], cfg["grid"])
-    chosen = medoid(grids) if cfg["template"] == "medoid" else 0
+    chosen = tfa_training.template_index(grids, cfg)
     template = grids[chosen : chosen + 1].clone()
-    torch.manual_seed(cfg["seed"])
-    net = TFANet(NetShape(int(grids.shape[1]), cfg["grid"], cfg["patch"], cfg["width"], cfg["depth"], cfg["heads"],
-                          cfg["decoder_width"], cfg["decoder_depth"])).to(device)
-    optimiser = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    net, optimiser = tfa_training.initial(grids, cfg, device)
     resume = tfa_model.resume_path(paths.tfa_net)
     state = tfa_model.resume_state(resume, key)
     if state is not None:
@@ -74,37 +69,19 @@ def run(ctx: StageRun) -> dict:
     history = state["history"] if state is not None else []
     for figures in history:
         _log(live, figures)
-    size, seed = cfg["batch_size"], cfg["seed"] << 32
-    per_epoch = -(-len(grids) // size)
-    steps = cfg["steps"] or cfg["epochs"] * per_epoch
-    every, running = -(-steps // cfg["logs"]), []
-    template_dev = template.to(device)
-    net.train()
-    for step in tqdm(range(done, steps), desc=f"train {line.name}", unit="step", initial=done, total=steps,
-                     disable=not ctx.progress):
-        # the order of each epoch and the mask of each step come from their own seeds: a resumed run draws the
-        # same batches an uninterrupted one would
-        epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(grids), generator=torch.Generator().manual_seed(seed + epoch))
-        query = grids[order[offset * size : (offset + 1) * size]].to(device)
-        generator = torch.Generator().manual_seed(seed + (1 << 31) + step)
-        mask = random_mask(len(query), net.tokens, cfg["mask_ratio"], generator, device)
-        batch_loss = loss(net(query, template_dev, mask), query, cfg["cos_weight"])
-        optimiser.zero_grad(set_to_none=True)
-        batch_loss.backward()
-        optimiser.step()
-        running.append(float(batch_loss.detach()))
-        if (step + 1) % every and step + 1 < steps:
-            continue
-        figures = {"train/loss": float(np.mean(running)), "epoch": (step + 1) / per_epoch,
-                   **_validate(line, net, template, device, validation)}
-        net.train()
-        running = []
+    steps, per_epoch, _ = tfa_training.schedule(len(grids), cfg)
+
+    def point(step: int, losses: list[float]) -> None:
+        figures = {"train/loss": float(np.mean(losses)), "epoch": step / per_epoch,
+                   **tfa_validation(line, net, template, device, validation)}
         history.append(figures)
         _log(live, figures)
         with atomic_path(resume) as tmp:
-            torch.save({"key": key, "step": step + 1, "net": net.state_dict(), "optimiser": optimiser.state_dict(),
+            torch.save({"key": key, "step": step, "net": net.state_dict(), "optimiser": optimiser.state_dict(),
                         "history": history}, tmp)
+
+    tfa_training.fit(net, optimiser, grids, template.to(device), cfg, done, point, f"train {line.name}",
+                     ctx.progress)
     live.end()
     record = {"kind": "tfa_net", "sheets": 1, "action": "resumed" if state is not None else "trained",
               "reason": f"resumed after step {done}" if state is not None else _why_train(saved),
@@ -128,17 +105,3 @@ def _log(live, figures: dict[str, float]) -> None:
 
 def _why_train(saved: dict | None) -> str:
     return "no previous model" if saved is None else "settings, training images or code changed"
-
-
-def _validate(line, net: TFANet, template: torch.Tensor, device, validation: dict) -> dict[str, float]:
-    """Validation loss on the normals (unmasked) and image / pixel AUROC on normals + synthetic defects."""
-    scorer = TFAInspector(line, net, template, "", device)
-    good_layers, good_boxes = validation["good"]
-    raw = scorer.match(good_layers)  # the per-pixel loss: its mean is the validation loss
-    outs = [scorer.finish(raw, good_boxes)] + [scorer.score_features(f, b) for f, b in validation["defects"]]
-    scores = torch.cat([o.scores for o in outs]).numpy()
-    maps = torch.cat([o.maps for o in outs]).numpy()
-    n = len(good_boxes)
-    masks = np.concatenate([np.zeros((n, *validation["masks"].shape[1:]), dtype=bool), validation["masks"]])
-    return {"val/loss": float(raw.mean()), "val/image_auroc": image_auroc(scores, np.arange(len(scores)) >= n),
-            "val/pixel_auroc": pixel_auroc(maps, masks)}

@@ -13,14 +13,10 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-from PIL import Image
-
-from hetmm.modes import Method
 from hetmm.data.images import load_image
 from hetmm.data.splits import seeded_sample, validation_split
-from hetmm.data.synthetic import DefectFamily, synthesize
 from hetmm.io import sha256_json, write_json_atomic
+from hetmm.methods import spec
 from hetmm.pipeline import settings
 from hetmm.pipeline.line import StageRun, read_json, split, validated_manifest
 from hetmm.pipeline.provenance import tuning_code
@@ -47,7 +43,7 @@ def run(ctx: StageRun) -> dict:
     record: dict
     if not tunable:
         why = ("tune.enabled is false" if not line.tune.enabled else
-               f"method {line.method} has no tunable keys" if line.method != Method.HETMM else
+               f"method {line.method} has no tunable keys" if not spec(line.method).tuning else
                "every tunable key is pinned in params.yaml")
         record = {"action": "none", "reason": why, "chosen": {}}
     elif previous.get("key") == key and previous.get("action") in ("searched", "reused"):
@@ -69,6 +65,7 @@ def run(ctx: StageRun) -> dict:
 
 def _search(ctx: StageRun, train, shas: list[str]) -> dict:
     from hetmm.pipeline import tuning  # torch: only when a search runs
+    from hetmm.pipeline.validation_set import validation_images
 
     line, paths, tune = ctx.line, ctx.paths, ctx.line.tune
     templates, normals = validation_split(shas, tune.validation_share, tune.max_validation, tune.seed)
@@ -78,20 +75,17 @@ def _search(ctx: StageRun, train, shas: list[str]) -> dict:
     templates = seeded_sample(templates, tune.max_templates, tune.seed, "tuning templates")
     path_of = dict(zip(train["sha256"], train["path"]))
     start = time.perf_counter()
-    normal_images = [load_image(paths.data / path_of[s]) for s in normals]
-    defects = synthesize([np.asarray(im) for im in normal_images], tune.seed, 
-                          per_image=tune.per_image(len(normal_images), len(DefectFamily)))
-    evalset = tuning.evaluation_set(normal_images, [(Image.fromarray(d.image), d.mask) for d in defects])
+    images = validation_images(line, paths, train, normals, tuning.EVAL_SIZE)
+    evalset = tuning.evaluation_set(images)
     template_images = [load_image(paths.data / path_of[s]) for s in templates]
-    native = max(max(im.size) for im in normal_images)
+    native = max(max(im.size) for im in images.normals)
     say = (lambda m: print(f"tune {line.name}: {m}", file=sys.stderr)) if ctx.progress else None
     result = tuning.search(line, template_images, evalset, len(set(shas)), native, _device(ctx), say)
-    families = sorted({d.family.value for d in defects})
     return {"action": "searched", "reason": "tunable keys: " + ", ".join(line.tunable()),
             "chosen": result.chosen, "baseline": result.baseline, "best": result.best,
             "objective": "mean of image AUROC, pixel AUROC and AU-PRO on validation normals + synthetic defects",
-            "validation": {"normals": normals, "templates": len(templates), "synthetic": len(defects),
-                           "families": families},
+            "validation": {"normals": normals, "templates": len(templates), "synthetic": len(images.defects),
+                           "families": images.families},
             "stopped": result.stopped, "notes": result.notes,
             "seconds": round(time.perf_counter() - start, 1), "work_seconds": result.seconds,
             "candidates": result.candidates}

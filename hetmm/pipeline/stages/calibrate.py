@@ -24,18 +24,18 @@ import torch
 
 from hetmm.core.device import resolve_device
 from hetmm.core.inspector import Inspector, Scorer
-from hetmm.modes import Method
 from hetmm.core.metrics import UndefinedMetricError, aupro, f1_max, image_auroc, pixel_auroc
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError
 from hetmm.io import write_json_atomic
+from hetmm.methods import spec
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import StageRun, split, validated_manifest
+from hetmm.pipeline.line_template import build_template
+from hetmm.pipeline.models import load_tfa_scorer, model_path
 from hetmm.pipeline.provenance import FeatureKey
 from hetmm.pipeline.settings import calibration_key
-from hetmm.pipeline.template import build_template
-from hetmm.pipeline.tfa_model import load_model
-from hetmm.pipeline.validation_set import synthetic_defects
+from hetmm.pipeline.validation_set import validation_images
 
 DEFAULT_FPR = 0.01
 BATCH = 8
@@ -55,7 +55,8 @@ def run(ctx: StageRun) -> dict:
     scorer, sheets = _scorer(ctx, cache, templates)
     good_layers, boxes = cache.load(normals)
     good = scorer.score_features(good_layers, boxes)
-    images, defect_masks, families = synthetic_defects(line, paths, train, normals)
+    synthetic = validation_images(line, paths, train, normals)
+    images, defect_masks, families = synthetic.defects, synthetic.masks, synthetic.families
     maps, scores = [good.maps], [good.scores]
     for i in range(0, len(images), BATCH):
         out = scorer.predict(images[i : i + BATCH])
@@ -76,8 +77,8 @@ def _scorer(ctx: StageRun, cache: FeatureCache, templates: list[str]) -> tuple[S
     """The scorer of the validation normals, which must never have seen them: a HETMM template of the other
     training images (built like the line's), or the line's trained TFA-Net (trained on those same images)."""
     line, device = ctx.line, resolve_device(ctx.device)
-    if line.method == Method.TFA_NET:
-        return load_model(line, ctx.paths.tfa_net, device, expect_images=templates), None
+    if spec(line.method).trained:  # fitted on the other training images already
+        return load_tfa_scorer(line, model_path(line, ctx.paths), device, expect_images=templates), None
     layers, _ = cache.load(templates, pixel_major=True)
     tset = build_template(line, layers, templates, progress=ctx.progress)
     return Inspector(line, tset, device), int(tset.layers[0].shape[0])

@@ -27,13 +27,13 @@ from hetmm.core.metrics import pro_points, roc_points
 from hetmm.data.manifest import manifest_hash
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
-from hetmm.pipeline import MODEL_FILES, MODEL_STAGES, evaluation, panels
+from hetmm.methods import spec
+from hetmm.pipeline import evaluation, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, plots
 
 ABLATION_COLUMNS = ["variant", "subset", "sheets", "image_auroc", "pixel_auroc", "aupro", "seconds", "build_seconds"]
-
 
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
@@ -53,7 +53,8 @@ def run(ctx: StageRun) -> dict:
 
     # everything is computed before the first file is replaced, so a failure leaves the previous report whole
     by_subset = evaluation.metrics_by_subset(test, scores, maps, masks)
-    model = read_json(paths.reports / f"{MODEL_FILES[line.method]}.json")  # the template's or TFA-Net's record
+    method = spec(line.method)
+    model = read_json(paths.reports / f"{method.model_file}.json")  # the model stage's record
     threshold = evaluation.decide(line.threshold, scores[labelled], labels[labelled], calibration,
                                   model.get("content_hash"))
     metrics = {**evaluation.headline(by_subset["all"], threshold), "subsets": by_subset}
@@ -62,7 +63,11 @@ def run(ctx: StageRun) -> dict:
     s_l, y_l = scores[labelled], labels[labelled]
     roc = roc_points(s_l, y_l) if 0 < y_l.sum() < len(y_l) else {"fpr": [], "tpr": []}
     pro = pro_points(maps[pixel], masks[pixel]) if masks[pixel].any() else {"fpr": [], "pro": []}  # none: empty
-    table = ablation_rows(ctx, test, masks)
+    table = []
+    if line.report.ablation:
+        from hetmm.pipeline.ablation import line_ablation  # torch: only when the ablation runs
+
+        table = line_ablation(line, paths, ctx.device, test, masks, ctx.progress)
 
     write_json_atomic(paths.reports / "evaluation.json", metrics)
     write_json_atomic(paths.reports / "metrics.json", evaluation.dvc_metrics(metrics))
@@ -77,12 +82,12 @@ def run(ctx: StageRun) -> dict:
     written = panels.report_panels(ctx, test, scores, maps, masks, threshold)
 
     timings = {"extract": read_json(paths.reports / "extract.json").get("seconds"),
-               MODEL_STAGES[line.method]: model.get("seconds"),
+               method.model_stage: model.get("seconds"),
                "infer": read_json(paths.reports / "infer.json").get("seconds")}
     timings["report"] = round(time.perf_counter() - start, 2)
     df = manifest(paths)
     card = {
-        "title": f"{'TFA-Net' if line.method == 'tfa_net' else 'HETMM'} model card",
+        "title": f"{method.title} model card",
         "product_line": line.name,
         "method": str(line.method),
         "code_version": model_card.code_version(),
@@ -103,21 +108,6 @@ def run(ctx: StageRun) -> dict:
     }
     model_card.model_card(paths.reports / "model_card.md", paths.reports / "model_card.json", card)
     return metrics
-
-
-def ablation_rows(ctx: StageRun, test: pd.DataFrame, masks: np.ndarray) -> list[dict]:
-    """The ablation table's rows (none when ``report.ablation`` is off)."""
-    if not ctx.line.report.ablation:
-        return []
-    from hetmm.pipeline.ablation import ablation  # imported here: the rest of the report stage needs no torch
-    from hetmm.pipeline.feature_cache import FeatureCache
-    from hetmm.pipeline.infer import load_scorer
-    from hetmm.pipeline.provenance import FeatureKey
-
-    scorer = load_scorer(ctx.line, ctx.paths, ctx.device)
-    cache = FeatureCache(ctx.paths.features, FeatureKey.of(ctx.line.features))
-    train = list(split(manifest(ctx.paths), "train")["sha256"])
-    return ablation(ctx.line, scorer, cache, train, test, masks, ctx.progress)
 
 
 def _environment() -> dict:

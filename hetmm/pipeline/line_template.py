@@ -1,16 +1,14 @@
-"""Stage ``template``: build the line's template set, hot-update the previous one, or keep it.
+"""A line's template set: built as its settings say, reused, hot-updated or rebuilt, loaded for inspection.
 
-Reads the feature cache, ``data/<line>/manifest.csv`` and the ``features`` / ``templates`` settings; writes
-``models/<line>/template.pt`` (persisted) and ``reports/<line>/template.json`` (``action``: ``rebuild``,
-``hot_update`` or ``unchanged``, and the ``reason``). The previous template is kept or hot-updated only when its
-feature settings, feature code and template code (:mod:`hetmm.pipeline.provenance`) equal the current ones, its kind
-and size are unchanged and no training image was removed; otherwise it is rebuilt.
+:func:`build_template` makes the line's kind of template from training features; :func:`plan_update` decides between
+keeping, hot-updating and rebuilding the saved one (only when its feature settings, feature code and template code
+(:mod:`hetmm.pipeline.provenance`) equal the current ones, its kind and size are unchanged and no training image was
+removed); :func:`load_current` loads it for inspection, refusing one made from other features; :func:`record` is
+what the template stage (and ``hetmm update``) writes to ``reports/<line>/template.json``.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,10 @@ from typing import Any
 import torch
 
 from hetmm.config import ProductLine
+from hetmm.core.templates import BuildOptions, TemplateSet, build, load_template
+from hetmm.errors import HetmmError, TemplateMismatchError
 from hetmm.modes import TemplateKind
-from hetmm.core.templates import BuildOptions, TemplateSet, build, hot_update, load_template, save_template
-from hetmm.errors import DataError, HetmmError, TemplateMismatchError
-from hetmm.io import write_json_atomic
-from hetmm.pipeline import cluster, require_method
-from hetmm.pipeline.feature_cache import FeatureCache
-from hetmm.pipeline.line import LinePaths, StageRun, split, validated_manifest
+from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.provenance import FeatureKey, template_code_record
 
 _CODE_PARTS = {"features": "feature code", "templates": "template code"}  # meta["code"] keys -> words
@@ -64,7 +59,7 @@ def record(tset: TemplateSet, action: str, reason: str, new_images: int, seconds
     return out
 
 
-def _plan(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureKey) -> tuple[TemplateSet | None, str]:
+def plan_update(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureKey) -> tuple[TemplateSet | None, str]:
     """Decide between reuse, hot update and rebuild; returns (existing template or None, reason)."""
     if not paths.template.is_file():
         return None, "no previous template"
@@ -92,39 +87,6 @@ def _plan(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureK
     if removed:
         return None, f"{len(removed)} training image(s) were removed"
     return old, "previous template is a subset of the training images"
-
-
-def run(ctx: StageRun) -> dict:
-    line, paths = ctx.line, ctx.paths
-    require_method(line, "template")
-    sources = list(split(validated_manifest(paths, line.name), "train")["sha256"])
-    if not sources:
-        raise DataError(f"{paths.manifest}: line {line.name!r} has no training (good) images")
-    key = FeatureKey.of(line.features)
-    cache = FeatureCache(paths.features, key)
-    start = time.perf_counter()
-    old, reason = _plan(line, paths, sources, key)
-    new: list[str] = []
-    if old is None:
-        layers, _ = cache.load(sources, pixel_major=True)
-        pixels = None
-        if cluster.enabled(ctx.params.cluster):
-            pixels = cluster.pts_pixels(ctx.params.cluster)
-        action, tset, new = "rebuild", build_template(line, layers, sources, progress=ctx.progress,
-                                                      pixels=pixels), sources
-        del layers
-    elif new := [s for s in sources if s not in set(old.meta.get("sources", []))]:
-        layers, _ = cache.load(new)
-        action, tset = "hot_update", hot_update(old, layers, new)
-    else:
-        action, tset = "unchanged", old
-    if action != "unchanged":
-        save_template(paths.template, tset)
-    info = record(tset, action, reason, len(new), round(time.perf_counter() - start, 2))
-    write_json_atomic(paths.reports / "template.json", info)
-    if "note" in info:  # also under DVC, where progress is off
-        print(f"note: {info['note']}", file=sys.stderr)
-    return info
 
 
 def load_current(line: ProductLine, path: str | Path) -> TemplateSet:
