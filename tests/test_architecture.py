@@ -18,9 +18,9 @@ PACKAGE = REPO / "hetmm"
 # what each layer may import from hetmm (prefixes); the pipeline and the CLI may import everything below them
 ALLOWED = {
     "hetmm.core": ("hetmm.core", "hetmm.modes", "hetmm.config", "hetmm.errors", "hetmm.io"),
-    "hetmm.data": ("hetmm.data", "hetmm.errors", "hetmm.io"),
+    "hetmm.data": ("hetmm.data", "hetmm.modes", "hetmm.errors", "hetmm.io"),
     "hetmm.report": ("hetmm.report", "hetmm.core.metrics", "hetmm.errors", "hetmm.io", "hetmm"),
-    "hetmm.config": ("hetmm.modes", "hetmm.errors"),
+    "hetmm.config": ("hetmm.config", "hetmm.modes", "hetmm.errors"),
     "hetmm.modes": (),
     "hetmm.pipeline": ("hetmm.pipeline", "hetmm.core", "hetmm.data", "hetmm.report", "hetmm.modes", "hetmm.config",
                        "hetmm.errors", "hetmm.io"),
