@@ -19,7 +19,8 @@ PACKAGE = REPO / "hetmm"
 ALLOWED = {
     "hetmm.core": ("hetmm.core", "hetmm.modes", "hetmm.config", "hetmm.errors", "hetmm.io"),
     "hetmm.data": ("hetmm.data", "hetmm.modes", "hetmm.errors", "hetmm.io"),
-    "hetmm.report": ("hetmm.report", "hetmm.core.metrics", "hetmm.errors", "hetmm.io", "hetmm"),
+    "hetmm.report": ("hetmm.report", "hetmm.core.metrics", "hetmm.core.thresholds", "hetmm.modes", "hetmm.errors",
+                     "hetmm.io", "hetmm"),
     "hetmm.config": ("hetmm.config", "hetmm.modes", "hetmm.errors"),
     "hetmm.modes": (),
     "hetmm.pipeline": ("hetmm.pipeline", "hetmm.core", "hetmm.data", "hetmm.report", "hetmm.modes", "hetmm.config",
