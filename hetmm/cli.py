@@ -13,6 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from hetmm.modes import DataSource
 from hetmm.pipeline.stages import STAGES
 
 HELP_FLAGS = {"help_option_names": ["-h", "--help"]}
@@ -77,7 +78,7 @@ def _show(result: dict, as_json: bool) -> None:
 
 
 STAGE_HELP = {
-    "download": "Fetch the line's images (demo, folder, mvtec or mtd source) into data/<line>/ with a manifest.",
+    "download": f"Fetch the line's images (source {', '.join(DataSource)}) into data/<line>/ with a manifest.",
     "validate": "Check the manifest and every image and mask (great-expectations); fails naming the bad files.",
     "tune": "Choose the settings params.yaml leaves open on good training images and synthetic defects.",
     "extract": "Compute features for images not yet in the per-image feature cache.",
@@ -198,8 +199,8 @@ DvcOpt = Annotated[Path, typer.Option("--dvc", metavar="FILE", help="dvc.yaml to
 def line_add(
     name: Annotated[str, typer.Argument(metavar="NAME", help="New line name: letters, digits, '-' and '_'")],
     source: Annotated[str, typer.Option(
-        metavar="SOURCE", help="Where the images come from: folder, anomalib_folder, table, mvtec, mtd or demo"
-    )] = "folder",
+        metavar="SOURCE", help=f"Where the images come from: {', '.join(DataSource)}"
+    )] = DataSource.FOLDER,
     path: Annotated[Optional[str], typer.Option(
         metavar="PATH", help="folder: an MVTec-layout tree; table: the CSV/parquet file")] = None,
     normal_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: good images")] = None,

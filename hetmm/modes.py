@@ -1,4 +1,5 @@
-"""Names of the swappable parts, defined once: methods, matching modes and template kinds.
+"""Names of the swappable parts, defined once: methods, matching modes, template kinds, threshold rules, data
+sources.
 
 Torch-free, so that parsing ``params.yaml`` stays fast. The configuration, the scoring plan, the template builders
 and the ablation table all read these enums.
@@ -32,3 +33,29 @@ class Method(StrEnum):
 
     HETMM = "hetmm"  # template mutual matching (the templates stage builds the template set)
     TFA_NET = "tfa_net"  # Template-based Feature Aggregation Network (the train stage fits it)
+
+
+class ThresholdRule(StrEnum):
+    """How the deployed image threshold is chosen (``hetmm.core.thresholds.RULES`` computes each)."""
+
+    NORMAL_FPR = "normal_fpr"  # calibration: the false-alarm rate ``value`` on validation normals
+    SYNTHETIC_F1 = "synthetic_f1"  # calibration: F1-max on validation normals and synthetic defects
+    F1_MAX = "f1_max"  # oracle: F1-max on the test labels
+    NORMAL_QUANTILE = "normal_quantile"  # oracle: the ``value`` quantile of the good test images' scores
+    MANUAL = "manual"  # the ``value`` given
+
+    @property
+    def oracle(self) -> bool:
+        """Whether the rule reads the test labels: its threshold (and any figure at it) is not a deployable choice."""
+        return self in (ThresholdRule.F1_MAX, ThresholdRule.NORMAL_QUANTILE)
+
+
+class DataSource(StrEnum):
+    """Where a product line's images come from (``hetmm.data.sources.SOURCES`` builds each)."""
+
+    DEMO = "demo"  # synthetic textures, no network
+    FOLDER = "folder"  # a local MVTec-layout tree
+    ANOMALIB_FOLDER = "anomalib_folder"  # anomalib's Folder layout
+    TABLE = "table"  # a CSV or parquet file of images
+    MVTEC = "mvtec"  # one MVTec AD category
+    MTD = "mtd"  # Magnetic Tile Defects with the committed split

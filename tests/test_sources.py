@@ -198,3 +198,56 @@ def test_mtd_incomplete_mirror_names_the_missing_file(tmp_path):
     assert str(tmp_path / "mirror" / "MT_Free" / "Imgs") in str(err.value)
     with pytest.raises(ConfigError, match="'subset' must be one of"):
         fetch("mtd", tmp_path / "mtd", mirror=str(tmp_path / "mirror"), subset="test")
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_the_registry_builds_every_source_and_the_config_knows_what_each_needs(tmp_path):
+    import inspect
+
+    from hetmm.config import parse_params
+    from hetmm.config.sections import SOURCE_NEEDS
+    from hetmm.modes import DataSource
+
+    assert list(sources.SOURCES) == list(DataSource)
+    for source, spec in sources.SOURCES.items():
+        required = {n for n, d in sources.source_options(source).items() if d is inspect.Parameter.empty}
+        needed = {SOURCE_NEEDS[source][0]} if source in SOURCE_NEEDS else set()
+        assert required <= needed, source  # what the builder cannot run without, the params check refuses first
+        assert spec.local is None or spec.local in sources.source_options(source), source
+        if needed:
+            with pytest.raises(ConfigError, match=rf"product_lines\.x\.data\.{min(needed)}: the {source} source needs"):
+                parse_params({"product_lines": {"x": {"data": {"source": str(source)}}}}).line("x")
+    with pytest.raises(ConfigError, match="anomalib_folder source needs it"):  # the builder's own check agrees
+        fetch("anomalib_folder", tmp_path / "x")
+
+
+def test_missing_local_inputs_are_named_per_source(tmp_path, monkeypatch):
+    folder, table = tmp_path / "tree", tmp_path / "parts.csv"
+    folder.mkdir()
+    table.write_text("path,label\n")
+    assert sources.missing_input("demo", {"path": str(tmp_path / "gone")}) is None
+    assert sources.missing_input("folder", {"path": str(folder)}) is None
+    assert sources.missing_input("folder", {"path": str(table)}) == f"data.path {table} does not exist on this machine"
+    assert sources.missing_input("table", {"path": str(table)}) is None
+    assert sources.missing_input("table", {"path": str(folder)}) == f"data.path {folder} does not exist on this machine"
+    assert sources.missing_input("anomalib_folder", {"normal_dir": str(tmp_path / "x")}).startswith("data.normal_dir")
+    assert sources.missing_input("mtd", {"mirror": None}) is None  # the network
+    monkeypatch.setenv(sources.MIRROR_ENV, str(tmp_path / "mirror"))
+    assert sources.missing_input("mvtec", {"mirror": None}) == f"the mirror {tmp_path / 'mirror'} does not exist on " \
+                                                               "this machine"
+    assert sources.missing_input("mvtec", {"mirror": str(folder)}) is None
+
+
+def test_download_help_lists_every_source_of_the_registry():
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("hetmm")
+    command = [str(exe)] if exe.is_file() else [sys.executable, "-m", "hetmm.cli"]
+    proc = subprocess.run([*command, "download", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"(source {', '.join(sources.SOURCES)})" in proc.stdout

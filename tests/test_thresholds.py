@@ -11,6 +11,7 @@ import pytest
 
 from conftest import DEMO_LINE, copy_run, run_stages, write_params
 from hetmm.config import ORACLE_RULES, ThresholdConfig, parse_params
+from hetmm.core import thresholds
 from hetmm.errors import DataError
 from hetmm.pipeline import evaluation
 from hetmm.pipeline.line import LinePaths
@@ -42,7 +43,7 @@ def test_every_rule_takes_pixel_threshold_and_range_from_calibration(rule):
                 "f1_max": 0.4,  # the lowest defect score: every defect caught, one false alarm (F1 8/9)
                 "normal_quantile": 0.25}[rule.rule]
     assert out["threshold"] == pytest.approx(expected)
-    assert out["source"] == ("test labels (oracle)" if out["oracle"] else evaluation.SOURCES[rule.rule])
+    assert out["source"] == ("test labels (oracle)" if out["oracle"] else thresholds.RULES[rule.rule].source)
     json.dumps(out)  # written as threshold.json
 
 

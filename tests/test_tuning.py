@@ -192,11 +192,11 @@ def test_the_tuner_scores_its_validation_set_exactly_as_the_deployed_scorer(demo
     from hetmm.core.inspector import Inspector
     from hetmm.core.templates import BuildOptions, build
     from hetmm.modes import TemplateKind
-    from hetmm.pipeline import settings, tuning
+    from hetmm.pipeline import tuning
 
     entry = tuned_line(demo_tree, post__blur_sigma=2.0,
                        matching__forward_windows=[5, 3, 3], matching__backward_windows=[3, 3, 1])
-    line = settings.apply(parse_params({"product_lines": {"line": entry}}).line("line"), keys)
+    line = parse_params({"product_lines": {"line": entry}}).line("line").with_keys(keys)
     templates, evalset = _search_images(demo_tree, line, crop=(160, 112))  # not square: pad leaves borders
     run = tuning._Search(line, templates, evalset, len(templates), torch.device("cpu"), None)
     feats = run._features(line.features)

@@ -12,7 +12,8 @@ only renamed to ``<name>.png``. A fetch assembles everything in a hidden staging
 ``dest`` and renames it into place at the end: a failed fetch never leaves a half-filled ``dest``,
 and an earlier good ``dest`` survives it.
 
-Sources (``fetch(source, dest, **options)``):
+Sources (``fetch(source, dest, **options)``; the registry :data:`SOURCES` is keyed by
+:class:`~hetmm.modes.DataSource`):
 
 * ``demo``   synthetic textures built from ``skimage.data.gravel()`` (CC0); no network.
 * ``folder`` a local MVTec-layout tree, ``path=...``.
@@ -36,6 +37,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from tqdm import tqdm
 from hetmm.data.images import image_facts
 from hetmm.data.manifest import MaskPolicy, SampleRef, Subset, build_manifest, discover_mvtec, write_manifest
 from hetmm.errors import ConfigError, DataError
+from hetmm.modes import DataSource
 from hetmm.data import user_sources
 from hetmm.data.splits import MTD_CLASSES, load_mtd_split
 
@@ -120,8 +123,8 @@ def fetch(source: str, dest: str | Path, masks: MaskPolicy = "optional", **optio
 def source_options(source: str) -> dict[str, Any]:
     """Options of one source with their defaults (``inspect.Parameter.empty`` when required)."""
     if source not in SOURCES:
-        raise ConfigError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
-    params = list(inspect.signature(SOURCES[source]).parameters.values())[2:]  # after (out, scratch)
+        raise ConfigError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    params = list(inspect.signature(SOURCES[source].build).parameters.values())[2:]  # after (out, scratch)
     return {p.name: p.default for p in params if p.name != "masks"}  # masks: fetch's own option
 
 
@@ -138,7 +141,7 @@ def _builder(source: str, options: dict[str, Any]) -> tuple[Builder, dict[str, A
     missing = [k for k, default in own.items() if default is inspect.Parameter.empty and k not in options]
     if missing:
         raise ConfigError(f"data source {source!r}: missing required option(s) {missing}")
-    return SOURCES[source], {k: v for k, v in options.items() if k in own}
+    return SOURCES[source].build, {k: v for k, v in options.items() if k in own}
 
 
 def _remove_stale_staging(dest: Path) -> None:
@@ -458,5 +461,40 @@ def _demo(
     return refs
 
 
-SOURCES: dict[str, Builder] = {"demo": _demo, "folder": _folder, "anomalib_folder": user_sources.anomalib_folder,
-                               "table": user_sources.table, "mvtec": _mvtec, "mtd": _mtd}
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data source: its builder ``(out, scratch, **options) -> refs``, and the option naming the local input it
+    reads, if any (a folder, or a file when ``file``); ``mirror`` may also come from ``$HETMM_MIRROR``."""
+
+    build: Builder
+    local: str | None = None
+    file: bool = False
+
+
+SOURCES: dict[DataSource, Source] = {
+    DataSource.DEMO: Source(_demo),
+    DataSource.FOLDER: Source(_folder, "path"),
+    DataSource.ANOMALIB_FOLDER: Source(user_sources.anomalib_folder, "normal_dir"),
+    DataSource.TABLE: Source(user_sources.table, "path", file=True),
+    DataSource.MVTEC: Source(_mvtec, "mirror"),
+    DataSource.MTD: Source(_mtd, "mirror"),
+}
+
+
+def missing_input(source: str, options: dict[str, Any]) -> str | None:
+    """Why the local input that ``source`` reads under ``options`` is not on this machine, or None when it may be
+    (a source without one, or an unset mirror: the network)."""
+    local = SOURCES[source].local
+    value = options.get(local) if local else None
+    if local == "mirror" and value is None:
+        value = os.environ.get(MIRROR_ENV)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file() if SOURCES[source].file else path.is_dir():
+        return None
+    return f"the mirror {value} does not exist on this machine" if local == "mirror" else \
+        f"data.{local} {value} does not exist on this machine"

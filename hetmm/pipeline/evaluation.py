@@ -3,8 +3,9 @@
 The deployed decision (:func:`choose_threshold`) is an image threshold plus a pixel threshold for defect masks and
 the score range for normalised scores. The pixel threshold and the range always come from the calibrate stage
 (``models/<line>/calibration.json``: validation normals and synthetic defects); the image threshold does too unless
-the rule is ``manual`` or an oracle rule (:data:`~hetmm.config.ORACLE_RULES`, read off the test labels, flagged
-``oracle``). A part is flagged when ``score >= threshold``; a flagged part's mask is its map ``>= pixel_threshold``.
+the rule is ``manual`` or an oracle rule (:attr:`ThresholdRule.oracle <hetmm.modes.ThresholdRule.oracle>`, read off
+the test labels, flagged ``oracle``); each rule is defined once in :data:`hetmm.core.thresholds.RULES`. A part is
+flagged when ``score >= threshold``; a flagged part's mask is its map ``>= pixel_threshold``.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from hetmm.config import ORACLE_RULES, ProductLine, ThresholdConfig
-from hetmm.core.metrics import UndefinedMetricError, as_numpy, aupro, f1_max, image_auroc, pixel_auroc, summarise
+from hetmm.config import ProductLine, ThresholdConfig
+from hetmm.core.metrics import UndefinedMetricError, as_numpy, aupro, image_auroc, pixel_auroc, summarise
+from hetmm.core.thresholds import RULES
 from hetmm.data.images import load_mask
 from hetmm.data.manifest import UNLABELLED
 from hetmm.pipeline.settings import calibration_key
 from hetmm.errors import DataError
+from hetmm.modes import ThresholdRule
 
 PIXEL_METRICS = ("pixel_auroc", "aupro", "pro_official")
-# Where each rule's image threshold comes from (the model card says it in words).
-SOURCES = {"normal_fpr": "validation normals", "synthetic_f1": "synthetic defects", "manual": "manual",
-           "f1_max": "test labels (oracle)", "normal_quantile": "test labels (oracle)"}
 
 
 def load_calibration(path: Path, line: ProductLine, train: list[str]) -> dict:
@@ -53,25 +53,9 @@ def choose_threshold(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarr
     """The deployed decision: ``{rule, source, oracle, threshold, pixel_threshold, normalisation: {min, max}}``
     plus the rule's own figures. ``scores`` / ``labels`` (the test split) are read by the oracle rules only."""
     image = calibration["image"]
-    out: dict[str, Any] = {"rule": rule.rule, "source": SOURCES[rule.rule], "oracle": rule.rule in ORACLE_RULES}
-    if rule.rule == "normal_fpr":
-        out.update(threshold=float(image["normal_fpr"]), false_alarm_rate=image["false_alarm_rate"])
-    elif rule.rule == "synthetic_f1":
-        out.update(threshold=float(image["synthetic_f1"]), synthetic_f1=image["synthetic_f1_score"])
-    elif rule.rule == "manual":
-        out["threshold"] = float(rule.value)
-    elif rule.rule == "normal_quantile":
-        good = scores[~labels]
-        if good.size == 0:
-            raise ValueError("threshold rule normal_quantile needs good test images")
-        out.update(threshold=float(np.quantile(good, rule.value)), quantile=rule.value)
-    elif labels.all() or not labels.any():
-        good = scores[~labels] if (~labels).any() else scores
-        # Without both classes F1 is undefined; fall back to the highest normal score (documented in README).
-        out.update(threshold=float(good.max()), note="one class only: max normal score")
-    else:
-        f1, threshold = f1_max(scores, labels)
-        out.update(threshold=float(threshold), f1=f1)
+    chosen = ThresholdRule(rule.rule)
+    out: dict[str, Any] = {"rule": chosen.value, "source": RULES[chosen].source, "oracle": chosen.oracle}
+    out.update(RULES[chosen].choose(rule.value, scores, labels, image))
     out["pixel_threshold"] = float(calibration["pixel"]["threshold"])
     out["normalisation"] = {"min": float(image["min"]), "max": float(image["max"])}
     return out

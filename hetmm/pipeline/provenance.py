@@ -11,7 +11,8 @@ statement does. Artifacts and the code they depend on:
 * stored matching distances: the feature key + the template code + :mod:`hetmm.core.inspector` (matching, scoring);
 * a TFA-Net model: its settings, training images, the feature key + :mod:`hetmm.pipeline.tfa_training` (the
   training loop) and :mod:`hetmm.core.tfa_net` (the network);
-* a tuning search: its settings + :mod:`hetmm.pipeline.tuning`, the synthetic defects, the validation split, image
+* a tuning search: its settings + :mod:`hetmm.pipeline.tuning` and the values it tries
+  (:mod:`hetmm.config.tunable`), the synthetic defects, the validation split, image
   decoding and the features and matching it runs.
 """
 
@@ -117,7 +118,8 @@ def match_code() -> str:
 @cache
 def tuning_code() -> str:
     # by name: the tune stage computes its key without importing torch
-    return code_digest("hetmm.pipeline.tuning", "hetmm.pipeline.settings", "hetmm.pipeline.validation_set",
+    return code_digest("hetmm.pipeline.tuning", "hetmm.config.tunable", "hetmm.pipeline.settings",
+                       "hetmm.pipeline.validation_set",
                        "hetmm.data.synthetic", "hetmm.data.splits", "hetmm.data.images", "hetmm.core.features",
                        "hetmm.core.inspector")
 

@@ -62,17 +62,6 @@ def get(line: ProductLine, key: str) -> Any:
     return getattr(getattr(line, section), name)
 
 
-def apply(line: ProductLine, chosen: dict[str, Any]) -> ProductLine:
-    """``line`` with dotted keys replaced (``{"matching.mode": "patch"}``), re-parsed and re-validated."""
-    raw = sections(line)
-    for key, value in chosen.items():
-        section, name = key.split(".")
-        raw[section][name] = _plain(value)
-    out = build_config(ProductLine, raw, f"product_lines.{line.name}", name=line.name, pinned=line.pinned)
-    validate_line(out, f"product_lines.{line.name}")
-    return out
-
-
 def write_settings(path: Path, line: ProductLine, source: ProductLine, tuned: dict[str, Any]) -> None:
     """Write the effective ``line`` made from the params entry ``source`` with the tuner's choices ``tuned``."""
     body = {"hetmm": {"params_digest": line_digest(source), "tuned": sorted(tuned), "pinned": sorted(source.pinned)},

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hetmm.config import FeatureConfig, ProductLine
+from hetmm.config import TUNABLE_KEYS, FeatureConfig, ProductLine, phase_keys
 from hetmm.core.backbones import build_backbone
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.inspector import post_plan
@@ -44,21 +44,6 @@ EVAL_SIZE = (256, 256)  # every candidate's maps and masks are compared at this 
 MARGIN = 0.1  # objective points a new value must gain over the current one (below the synthetic set's noise)
 QUERY_CHUNK = 16
 PROBE = 2  # queries timed first
-
-# The values tried per key; per-layer keys are tried layer by layer.
-MODES = (MatchMode.MUTUAL, MatchMode.FORWARD, MatchMode.BACKWARD, MatchMode.PATCH)
-WINDOWS = (1, 3, 5, 7)
-ALPHAS = (0.25, 0.5, 0.75)
-WEIGHTS = (0.0, 0.5, 1.0)
-BLURS = (0.0, 1.0, 2.0, 4.0, 8.0)
-IMAGE_SIDES = (256, 320, 384)
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-POOLS = (1, 3)
-NORMALISATIONS = ("imagenet", "image")
-PTS_SIZES = (200, 100, 60, 40, 20, 10)  # when ALL would be too slow: the largest K that meets the floor
-MATCHING_KEYS = ("matching.mode", "matching.forward_windows", "matching.backward_windows", "matching.alphas",
-                 "matching.weights", "post.blur_sigma")
-FEATURE_KEYS = ("features.image_size", "features.backbone", "features.pool", "features.normalisation")
 
 
 def objective(scores: dict[str, float]) -> float:
@@ -257,7 +242,7 @@ class _Search:
             if _same(value, current):
                 continue
             try:
-                trial = settings.apply(line, {key: value})
+                trial = line.with_keys({key: value})
             except Exception:  # noqa: BLE001 - an option invalid for this line (e.g. a window on a tiny map)
                 continue
             record = self.evaluate(trial, phase, key)
@@ -267,18 +252,13 @@ class _Search:
 
     def matching_pass(self, line: ProductLine, best: dict, phase: str) -> tuple[ProductLine, dict]:
         n = len(line.features.layers)
-        for key in MATCHING_KEYS:
+        for key in phase_keys("matching"):
             if key not in self.tunable:
                 continue
-            if key == "matching.mode":
-                line, best = self.settle(line, best, key, MODES, phase)
-            elif key == "post.blur_sigma":
-                line, best = self.settle(line, best, key, BLURS, phase)
-            else:
-                values = {"matching.forward_windows": WINDOWS, "matching.backward_windows": WINDOWS,
-                          "matching.alphas": ALPHAS, "matching.weights": WEIGHTS}[key]
-                if not _uses(line.matching.mode, key):
-                    continue
+            values = TUNABLE_KEYS[key].options
+            if not TUNABLE_KEYS[key].per_layer:
+                line, best = self.settle(line, best, key, values, phase)
+            elif _uses(line.matching.mode, key):
                 for j in range(n):
                     current = list(settings.get(line, key))
                     options = [tuple(current[:j] + [v] + current[j + 1:]) for v in values]
@@ -286,12 +266,13 @@ class _Search:
         return line, best
 
     def feature_pass(self, line: ProductLine, best: dict, native_side: int) -> tuple[ProductLine, dict]:
-        options = {"features.image_size": [(s, s) for s in IMAGE_SIDES if s <= max(native_side, IMAGE_SIDES[0])],
-                   "features.backbone": BACKBONES, "features.pool": POOLS,
-                   "features.normalisation": NORMALISATIONS}
-        for key in FEATURE_KEYS:
-            if key in self.tunable:
-                line, best = self.settle(line, best, key, options[key], "features")
+        for key in phase_keys("features"):
+            if key not in self.tunable:
+                continue
+            options = TUNABLE_KEYS[key].options
+            if key == "features.image_size":  # no side above the images' own (but always the first)
+                options = [size for size in options if max(size) <= max(native_side, max(options[0]))]
+            line, best = self.settle(line, best, key, options, "features")
         return line, best
 
     def template_size(self, line: ProductLine) -> tuple[ProductLine, list[str]]:
@@ -301,7 +282,8 @@ class _Search:
         and push the line onto a smaller one afterwards."""
         if "templates.kind" not in self.tunable:
             return line, []
-        everything = settings.apply(line, {"templates.kind": TemplateKind.ALL})
+        every, fewer = TUNABLE_KEYS["templates.kind"].options  # ALL, else PTS
+        everything = line.with_keys({"templates.kind": every})
         if self.floor <= 0:
             return everything, ["templates: ALL (no throughput floor)"]
         feats = self._features(line.features)
@@ -312,11 +294,12 @@ class _Search:
         if rate(self.train_images) >= self.floor:
             return everything, [f"templates: ALL ({self.train_images} sheets, about "
                                 f"{rate(self.train_images):.1f} images/s with the starting values)"]
-        sizes = [k for k in PTS_SIZES if k < self.train_images and rate(k) >= self.floor] or [PTS_SIZES[-1]]
-        chosen = {"templates.kind": TemplateKind.PTS}
+        pts_sizes = TUNABLE_KEYS["templates.size"].options
+        sizes = [k for k in pts_sizes if k < self.train_images and rate(k) >= self.floor] or [pts_sizes[-1]]
+        chosen = {"templates.kind": fewer}
         if "templates.size" in self.tunable:
             chosen["templates.size"] = sizes[0]
-        line = settings.apply(line, chosen)
+        line = line.with_keys(chosen)
         return line, [f"templates: PTS-{line.templates.size} (ALL with {self.train_images} sheets would inspect "
                       f"about {rate(self.train_images):.2f} images/s with the starting values, below the floor "
                       f"{self.floor})"]
@@ -343,13 +326,13 @@ def _uses(mode: MatchMode, key: str) -> bool:
 
 def _drop_unused_layers(line: ProductLine, tunable: set[str]) -> ProductLine:
     """Layers the search weighted 0 are not extracted at all, when the line lets the tuner choose its layers."""
-    per_layer = ("matching.forward_windows", "matching.backward_windows", "matching.alphas", "matching.weights")
+    per_layer = tuple(key for key, spec in TUNABLE_KEYS.items() if spec.per_layer)
     keep = [j for j, w in enumerate(line.matching.weights) if w > 0]
     if len(keep) == len(line.features.layers) or not {"features.layers", *per_layer} <= tunable:
         return line
     chosen = {"features.layers": tuple(line.features.layers[j] for j in keep)}
     chosen |= {key: tuple(settings.get(line, key)[j] for j in keep) for key in per_layer}
-    return settings.apply(line, chosen)
+    return line.with_keys(chosen)
 
 
 def search(line: ProductLine, templates: Sequence[Image.Image], evalset: EvalSet, train_images: int,

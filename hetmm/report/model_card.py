@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from hetmm import __version__
+from hetmm.core.thresholds import RULES
 from hetmm.io import json_safe, write_json_atomic, write_text_atomic
+from hetmm.modes import ThresholdRule
 
 
 def _is_scalar(value: Any) -> bool:
@@ -92,21 +94,8 @@ ORACLE_NOTE = "F1-max with the threshold read off the test labels: an optimistic
 
 def decision(threshold: Mapping[str, Any], calibration: Mapping[str, Any]) -> str:
     """One sentence: the deployed rule, where its image threshold came from, and the pixel threshold's origin."""
-    t, n = threshold["threshold"], len(calibration.get("validation_normals", []))
-    rule = threshold["rule"]
-    if rule == "normal_fpr":
-        image = (f"the score that at most {threshold['false_alarm_rate']:.2%} of {n} validation normals (held-out "
-                 "good training images) exceed; no test labels used")
-    elif rule == "synthetic_f1":
-        image = (f"F1-max ({threshold['synthetic_f1']:.1f} %) on {n} validation normals and "
-                 f"{calibration.get('synthetic', 0)} synthetic defects; no test labels used")
-    elif rule == "manual":
-        image = "given in params.yaml (threshold.value)"
-    elif rule == "normal_quantile":
-        image = (f"the {threshold['quantile']} quantile of the good test images' scores: ORACLE (read off the test "
-                 "labels), so figures at it are optimistic")
-    else:
-        image = "F1-max on the test labels: ORACLE, so figures at it are optimistic and it is not deployable"
+    t, rule = threshold["threshold"], threshold["rule"]
+    image = RULES[ThresholdRule(rule)].describe(threshold, calibration)
     f1 = calibration.get("pixel", {}).get("f1")
     return (f"rule {rule}: image threshold {_cell(float(t))}, {image}. Pixel threshold "
             f"{_cell(float(threshold['pixel_threshold']))}: F1-max over the pixels of the synthetic defects and "

@@ -25,6 +25,7 @@ import torch
 from hetmm.core.device import resolve_device
 from hetmm.core.inspector import Inspector, Scorer
 from hetmm.core.metrics import UndefinedMetricError, aupro, f1_max, image_auroc, pixel_auroc
+from hetmm.core.thresholds import false_alarm_rate
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError
 from hetmm.io import write_json_atomic
@@ -37,7 +38,6 @@ from hetmm.pipeline.provenance import FeatureKey
 from hetmm.pipeline.settings import calibration_key
 from hetmm.pipeline.validation_set import validation_images
 
-DEFAULT_FPR = 0.01
 BATCH = 8
 
 
@@ -86,8 +86,7 @@ def _scorer(ctx: StageRun, cache: FeatureCache, templates: list[str]) -> tuple[S
 
 def _thresholds(line, scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> dict:
     normal = scores[~labels]
-    rate = line.threshold.value if line.threshold.rule == "normal_fpr" and line.threshold.value is not None \
-        else DEFAULT_FPR
+    rate = false_alarm_rate(line.threshold.rule, line.threshold.value)
     # "higher": an observed score, so no more than `rate` of the normals lie above it (with few normals, the max)
     by_fpr = float(np.quantile(normal, 1.0 - rate, method="higher"))
     f1, by_f1 = f1_max(scores, labels)

@@ -9,32 +9,15 @@ copy is kept, after checking every file against its manifest, and the record say
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-from hetmm.config import DataConfig
 from hetmm.data.manifest import read_manifest
-from hetmm.data.sources import MIRROR_ENV, fetch
+from hetmm.data.sources import fetch, missing_input
 from hetmm.errors import DataError
 from hetmm.io import sha256_file
 from hetmm.pipeline.line import LinePaths, StageRun
-
-
-def _missing_source(d: DataConfig) -> str | None:
-    """Why the source is not reachable on this machine, or None when it may be."""
-    if d.source == "folder" and d.path and not Path(d.path).expanduser().is_dir():
-        return f"data.path {d.path} does not exist on this machine"
-    if d.source == "table" and d.path and not Path(d.path).expanduser().is_file():
-        return f"data.path {d.path} does not exist on this machine"
-    if d.source == "anomalib_folder" and d.normal_dir and not Path(d.normal_dir).expanduser().is_dir():
-        return f"data.normal_dir {d.normal_dir} does not exist on this machine"
-    mirror = d.mirror if d.mirror is not None else os.environ.get(MIRROR_ENV)
-    if d.source in ("mtd", "mvtec") and mirror and not Path(mirror).expanduser().is_dir():
-        return f"the mirror {mirror} does not exist on this machine"
-    return None
 
 
 def _intact_copy(paths: LinePaths) -> int | None:
@@ -50,7 +33,7 @@ def _intact_copy(paths: LinePaths) -> int | None:
 def run(ctx: StageRun) -> dict:
     d = ctx.line.data
     start = time.perf_counter()
-    if (why := _missing_source(d)) is not None:
+    if (why := missing_input(d.source, asdict(d))) is not None:
         if (kept := _intact_copy(ctx.paths)) is None:
             raise DataError(f"{ctx.paths.data}: cannot download line {ctx.line.name!r}: {why}, and there is no "
                             "intact earlier copy; fix the path (params.yaml) or `dvc pull` the line's data")

@@ -52,7 +52,7 @@ def run(ctx: StageRun) -> dict:
     else:
         record = _search(ctx, train, shas)
     record["key"] = key
-    effective = settings.apply(line, record["chosen"])
+    effective = line.with_keys(record["chosen"])
     settings.write_settings(paths.settings, effective, line, record["chosen"])
     write_json_atomic(paths.reports / "tuning.json", record)
     plots.tuning_png(paths.reports / "tuning.png", record.get("candidates", []), f"{line.name}: label-free tuning",
