@@ -92,7 +92,7 @@ def _repo(tmp_path: Path, lines: dict | None = None, with_mtd: bool = False) -> 
     params = yaml.safe_load((root / "params.yaml").read_text())
     lines = lines or {"demo": DEMO_PINNED}
     if with_mtd and (MTD / "MT_Free" / "Imgs").is_dir():  # a second, tiny line shows that one line's change leaves the other be
-        mtd = params["product_lines"]["mtd"]
+        mtd = yaml.safe_load((root / "examples/mtd/params.yaml").read_text())["product_lines"]["mtd"]
         mtd["data"].update({"mirror": str(MTD), "subset": "dev", "limit": 2})
         mtd["features"].update({"image_size": [64, 64], "blocks": "last"})
         mtd["templates"].update({"size": 4})
