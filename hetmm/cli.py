@@ -40,6 +40,7 @@ RootOpt = Annotated[Path, typer.Option("--root", metavar="DIR",
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda",
                                                           help="Where to compute (default: params.yaml)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bars")]
+PARTLY_FAILED = 3  # hetmm predict: some images could not be read, the others were inspected
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON (default: readable lines)")]
 
 
@@ -145,15 +146,18 @@ def predict(
     params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), device: DeviceOpt = None,
     quiet: QuietOpt = False, as_json: JsonOpt = False,
 ):
-    """Inspect new images with a saved template and threshold: scores, verdicts, masks and overlays."""
+    """Inspect new images with a saved template and threshold: per image the verdict, score, defect area, mask and
+    overlay. A file that cannot be read is reported and the others are inspected; the exit code is then 3."""
     from hetmm.pipeline.lock import line_lock
-    from hetmm.pipeline.predict import predict_images
+    from hetmm.pipeline.predict import format_predictions, predict_images
 
     p, cfg, paths = _context(params, root, line)
     with line_lock(root, line):
         summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
                                  device=device or p.device, progress=not quiet, cluster_config=p.cluster)
-    _show(summary, as_json)
+    typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_predictions(summary))
+    if summary["failed"]:
+        raise typer.Exit(PARTLY_FAILED)
 
 
 @app.command()
@@ -221,6 +225,16 @@ def line_add(
     _show(add_line(name, data, params, dvc, method), as_json)
 
 
+@line_app.command("remove")
+@_friendly
+def line_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="The line to take out")],
+                params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"), as_json: JsonOpt = False):
+    """Remove a line: its params entry (other entries and comments untouched) and its name in dvc.yaml's lists."""
+    from hetmm.pipeline.lines import remove_line
+
+    _show(remove_line(name, params, dvc), as_json)
+
+
 @line_app.command("check")
 @_friendly
 def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"), as_json: JsonOpt = False):
@@ -231,6 +245,24 @@ def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.
     _show(found, as_json)
     if any(found.values()):
         raise typer.Exit(1)
+
+
+exp_app = typer.Typer(help="DVC experiments, with the params files kept when one fails.", no_args_is_help=True,
+                      context_settings=HELP_FLAGS)
+app.add_typer(exp_app, name="exp")
+
+
+@exp_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def exp_run(ctx: typer.Context):
+    """`dvc exp run ARGS...` (e.g. `report@demo -S product_lines.demo.templates.size=20`); when it fails, params.yaml
+    is written back byte for byte as it was before, and the exit code is DVC's."""
+    from hetmm.pipeline.experiments import run_experiment
+
+    code, restored = run_experiment(list(ctx.args))
+    for path in restored:
+        typer.echo(f"hetmm: the experiment failed (exit {code}); {path} is back as it was before it", err=True)
+    raise typer.Exit(code)
 
 
 @app.command()

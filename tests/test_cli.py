@@ -191,6 +191,39 @@ def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_ru
     assert len(table) == 10 and not table["defective"].any() and (table["defect_area_fraction"] == 0).all()
 
 
+def test_predict_answers_per_part_and_inspects_the_rest_when_one_file_is_corrupt(demo_run, tmp_path):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    test = demo_run / "data" / "demo" / "test"
+    picked = [next((test / "good").iterdir()), *sorted(p for p in test.iterdir() if p.name != "good")[0].iterdir()][:3]
+    parts = [incoming / f"part{i}{p.suffix}" for i, p in enumerate(picked)]
+    for src, part in zip(picked, parts):
+        shutil.copy(src, part)
+    good_jpeg = incoming / "b_truncated.jpg"
+    Image.open(parts[0]).convert("RGB").save(good_jpeg, format="JPEG")
+    good_jpeg.write_bytes(good_jpeg.read_bytes()[:300])  # a camera's half-written file
+    screen = invoke("predict", "demo", incoming, "--out", tmp_path / "pred", *at(demo_run), "-q")
+    assert screen.exit_code == 3, screen.output  # some failed, the rest were inspected
+    rows = screen.output.splitlines()
+    failed = [r for r in rows if r.startswith("FAILED")]
+    assert len(failed) == 1 and "b_truncated.jpg" in failed[0]
+    answered = [r for r in rows if r.split(" ")[0] in ("defective", "good")]
+    assert len(answered) == 3 and all(any(p.name in r for p in parts) for r in answered)  # each part by name
+    as_json = invoke("predict", "demo", incoming, "--out", tmp_path / "pred2", *at(demo_run), "-q", "--json")
+    assert as_json.exit_code == 3
+    summary = json.loads(as_json.output)
+    assert (summary["images"], summary["inspected"], summary["failed"]) == (4, 3, 1)
+    by_name = {Path(r["path"]).name: r for r in summary["predictions"]}
+    assert by_name["b_truncated.jpg"]["status"] == "failed" and by_name["b_truncated.jpg"]["error"]
+    for part in parts:
+        record = by_name[part.name]
+        assert record["status"] == "inspected" and record["verdict"] == ("defective" if record["defective"] else "good")
+        assert 0 <= record["defect_area_fraction"] <= 1 and (tmp_path / "pred2" / record["overlay"]).is_file()
+    assert summary["defective"] == sum(r.get("defective") is True for r in summary["predictions"])
+    table = pd.read_csv(tmp_path / "pred2" / "predictions.csv", keep_default_na=False)
+    assert list(table["status"]) == [by_name[Path(p).name]["status"] for p in table["path"]] and len(table) == 4
+
+
 # --------------------------------------------------------------------------- update
 
 
