@@ -224,6 +224,21 @@ def test_predict_answers_per_part_and_inspects_the_rest_when_one_file_is_corrupt
     assert list(table["status"]) == [by_name[Path(p).name]["status"] for p in table["path"]] and len(table) == 4
 
 
+def test_report_panels_name_their_test_image_and_its_manifest_sha(demo_run):
+    index = pd.read_csv(demo_run / "reports/demo/overlays.csv", keep_default_na=False)
+    panels = sorted((demo_run / "reports/demo/overlays").glob("*.png"))
+    assert sorted(index["panel"]) == [f"overlays/{p.name}" for p in panels] and len(panels) >= 2
+    manifest = pd.read_csv(demo_run / "data/demo/manifest.csv", keep_default_na=False).set_index("path")
+    scores = pd.read_csv(demo_run / "outputs/demo/scores.csv", keep_default_na=False).set_index("path")["score"]
+    for row in index.itertuples():
+        assert manifest.loc[row.path, "sha256"] == row.sha256 and manifest.loc[row.path, "label"] == row.label
+        assert row.score == pytest.approx(scores[row.path], rel=1e-5)
+    # two title lines (the verdict, then the file and its sha): the header is one text line taller
+    tile = 256
+    for panel_png in panels:
+        assert Image.open(panel_png).size[1] == tile + 92 + 18
+
+
 # --------------------------------------------------------------------------- update
 
 

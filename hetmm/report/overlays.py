@@ -170,7 +170,7 @@ def panel(
         label = "no mask"
     else:
         tiles.append(Image.fromarray(_fit_mask(third, (h, w)).astype(np.uint8) * 255).convert("RGB"))
-    header, caption, footer = 22, 18, 52
+    header, caption, footer = 22 + 18 * title.count("\n"), 18, 52  # a line per title line
     out = Image.new("RGB", (3 * tw, tile + header + caption + footer), (255, 255, 255))
     draw = ImageDraw.Draw(out)
     text = title if score is None else f"{title}    score {score:.4g}"
