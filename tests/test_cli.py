@@ -239,6 +239,32 @@ def test_report_panels_name_their_test_image_and_its_manifest_sha(demo_run):
         assert Image.open(panel_png).size[1] == tile + 92 + 18
 
 
+def test_a_mistyped_data_path_fails_unless_the_copy_is_kept_on_purpose(folder_src, tmp_path, monkeypatch):
+    monkeypatch.delenv("HETMM_KEEP_COPY", raising=False)
+    root = tmp_path / "run"
+    write_params(root, {"line": folder_line(folder_src)})
+    assert invoke("download", "line", *at(root), "-q").exit_code == 0
+    record = json.loads((root / "data/line/source.json").read_text())
+    assert record["source"] == "folder" and record["path"] == str(folder_src.resolve())
+    before = (root / "data/line/manifest.csv").read_bytes()
+    typo = str(folder_src) + "_typo"
+    write_params(root, {"line": folder_line(Path(typo))})
+    error = assert_one_line_error(invoke("download", "line", *at(root), "-q"), "data.path", typo,
+                                  str(folder_src.resolve()), "HETMM_KEEP_COPY=1")
+    assert "still holds 50 images" in error
+    assert (root / "data/line/manifest.csv").read_bytes() == before
+    monkeypatch.setenv("HETMM_KEEP_COPY", "1")  # asked for: the last good copy, and the record of its real source
+    kept = invoke("download", "line", *at(root), "-q")
+    assert kept.exit_code == 0 and "keeping the earlier copy" in kept.output and str(folder_src.resolve()) in kept.output
+    assert json.loads((root / "data/line/source.json").read_text()) == record
+
+
+def test_the_model_card_names_the_source_the_images_came_from(demo_run):
+    card = json.loads((demo_run / "reports/demo/model_card.json").read_text())
+    assert card["data"]["source"] == json.loads((demo_run / "data/demo/source.json").read_text())
+    assert card["data"]["source"]["source"] == "demo"
+
+
 # --------------------------------------------------------------------------- update
 
 
