@@ -40,6 +40,7 @@ RootOpt = Annotated[Path, typer.Option("--root", metavar="DIR",
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda",
                                                           help="Where to compute (default: params.yaml)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bars")]
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 PARTLY_FAILED = 3  # hetmm predict: some images could not be read, the others were inspected
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON (default: readable lines)")]
 
@@ -56,6 +57,9 @@ def _friendly(fn: Callable) -> Callable:
         except HetmmError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C: every artifact is written atomically, so nothing half-written is left
+            typer.echo("interrupted: nothing half-written was kept; run the command again to go on", err=True)
+            raise typer.Exit(INTERRUPTED) from None
 
     return wrapper
 

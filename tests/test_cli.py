@@ -420,3 +420,29 @@ def test_readable_output_shortens_what_json_keeps_whole():
     assert render(result).splitlines() == [
         "images: 3", "threshold: 1.235", "ok: yes", "rule: -", "files: f0, f1, f2, f3, f4, f5 ... (9 in all)",
         "split:", "  train: 2", "  empty:", "    (none)", "rows: 2 entries (--json lists them)"]
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_half_written(tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    root = tmp_path / "run"
+    write_params(root, {"demo": {**DEMO_LINE, "features": {**DEMO_LINE["features"], "batch_size": 1}}})
+    proc = subprocess.Popen([sys.executable, "-m", "hetmm.cli", "run", "demo", *at(root), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 240
+    while not list((root / "features").rglob("*.pt")):  # the feature extraction is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: nothing half-written was kept; run the command again to go on"]
+    assert not [p for p in root.rglob("*") if p.name.endswith((".tmp", ".partial", ".scratch"))]
+    for cached in root.joinpath("features").rglob("*.pt"):  # every feature file that exists is whole
+        torch.load(cached, weights_only=False)
