@@ -433,7 +433,8 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_half_written(tmp_pa
 
     root = tmp_path / "run"
     write_params(root, {"demo": {**DEMO_LINE, "features": {**DEMO_LINE["features"], "batch_size": 1}}})
-    proc = subprocess.Popen([sys.executable, "-m", "hetmm.cli", "run", "demo", *at(root), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "hetmm.cli", "run", "demo", *at(root), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 240
     while not list((root / "features").rglob("*.pt")):  # the feature extraction is under way

@@ -70,10 +70,10 @@ def test_line_remove_takes_out_the_entry_and_its_lists_and_nothing_else(tmp_path
     del raw["product_lines"]["mtd"]
     assert yaml.safe_load(after) == raw
     kept = [line for line in before.splitlines() if line not in after.splitlines()]
-    assert "  # Magnetic Tile Defects (the paper's MTD): fixed seeded split committed in hetmm/resources/mtd_split.json" \
-        in kept  # its own description goes with it ...
-    assert "  # MTD with TFA-Net on the mtd line's frozen feature profile (no tuning on the test split); HETMM beside " \
-        "it in the" in after  # ... the other line's stays, every byte of the rest too
+    assert "  # Magnetic Tile Defects (the paper's MTD): fixed seeded split committed in hetmm/resources/" \
+        "mtd_split.json" in kept  # its own description goes with it ...
+    assert "  # MTD with TFA-Net on the mtd line's frozen feature profile (no tuning on the test split); HETMM " \
+        "beside it in the" in after  # ... the other line's stays, every byte of the rest too
     same = len(os.path.commonprefix([before, after]))
     assert before.endswith(after[same:])  # one contiguous piece taken out, the rest byte for byte
     assert dvc_line_methods(tmp_path / "dvc.yaml") == {"mtd_tfa": "tfa_net"}

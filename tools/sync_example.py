@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO))
 from hetmm.pipeline.lines import _LISTS, dvc_line_methods  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "mtd"
-HEADER = ("# GENERATED from ../../dvc.yaml by tools/sync_example.py: edit that file and rerun the tool. Only the lists\n"
-          "# of lines below are this project's own (`hetmm line add/remove` keep them); code paths point two folders\n"
-          "# up, at the repository's hetmm package.\n")
+HEADER = ("# GENERATED from ../../dvc.yaml by tools/sync_example.py: edit that file and rerun the tool. Only the\n"
+          "# lists of lines below are this project's own (`hetmm line add/remove` keep them); code paths point two\n"
+          "# folders up, at the repository's hetmm package.\n")
 
 
 def derived(root_text: str, example_text: str | None) -> str:

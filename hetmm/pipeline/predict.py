@@ -148,7 +148,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
                 panel(image, full, None, None, title, pred_mask=mask, vmin=vmin, vmax=vmax,
                       threshold=pixel).save(tmp, format="PNG")
             rows.append({"path": str(path), "status": "inspected", "verdict": "defective" if defective else "good",
-                         "score": float(score), "normalised_score": normalised_score(float(score), threshold, low, high),
+                         "score": float(score),
+                         "normalised_score": normalised_score(float(score), threshold, low, high),
                          "defective": defective, "defect_area_fraction": float(mask.mean()),
                          "mask": f"masks/{stem}.png", "overlay": f"overlays/{stem}.png", "error": ""})
     order = {str(path): i for i, path in enumerate(given)}
