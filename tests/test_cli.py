@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -447,3 +448,30 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_half_written(tmp_pa
     assert not [p for p in root.rglob("*") if p.name.endswith((".tmp", ".partial", ".scratch"))]
     for cached in root.joinpath("features").rglob("*.pt"):  # every feature file that exists is whole
         torch.load(cached, weights_only=False)
+
+
+# --------------------------------------------------------------------------- progress under DVC
+
+
+def test_tune_and_calibrate_report_phases_with_counts_and_eta_without_flooding_a_log(tmp_path):
+    """Under `dvc repro` every stage runs with --quiet and stderr is a pipe: a line per phase, with counts and an
+    ETA, and no more than a few lines per phase."""
+    from test_dvc_pipeline import DEMO_PINNED
+
+    root = tmp_path / "run"
+    write_params(root, {"demo": DEMO_PINNED})  # one key (the blur) left to the search: its five options
+    proc = subprocess.run([sys.executable, "-m", "hetmm.cli", "run", "demo", *at(root), "-q"], capture_output=True,
+                          text=True, env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    tune = [line for line in lines if line.startswith("tune@demo: ")]
+    assert "tune@demo: matching: started, 5 candidates" in tune
+    assert any(re.fullmatch(r"tune@demo: matching: 1/5 candidates, \d+ s, ETA \d+ s", line) for line in tune), tune
+    assert any(re.fullmatch(r"tune@demo: matching: done, [1-5]/5 candidates in \d+ s", line) for line in tune), tune
+    calibrate = [line for line in lines if line.startswith("calibrate@demo: ")]
+    assert any(re.fullmatch(r"calibrate@demo: scoring synthetic defects: started, \d+ images", line)
+               for line in calibrate), calibrate
+    assert any("scoring synthetic defects: " in line and "ETA" in line for line in calibrate), calibrate
+    assert any(line.startswith("calibrate@demo: validation normals: done, 3/3 images") for line in calibrate)
+    phases = {line.split(": ")[1] for line in tune + calibrate}
+    assert len(tune + calibrate) <= 3 * len(phases)  # started, first ETA, done: a 30 s interval adds none here

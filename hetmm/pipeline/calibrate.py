@@ -36,6 +36,7 @@ from hetmm.pipeline.settings import calibration_key
 from hetmm.pipeline.template import build_template
 from hetmm.pipeline.tfa_model import load_model
 from hetmm.pipeline.validation_set import synthetic_defects
+from hetmm.report.progress import Phases
 
 DEFAULT_FPR = 0.01
 BATCH = 8
@@ -52,15 +53,24 @@ def run(ctx: StageRun) -> dict:
     start = time.perf_counter()
     key = FeatureKey.of(line.features)
     cache = FeatureCache(paths.features, key)
-    scorer, sheets = _scorer(ctx, cache, templates)
-    good_layers, boxes = cache.load(normals)
-    good = scorer.score_features(good_layers, boxes)
-    images, defect_masks, families = synthetic_defects(line, paths, train, normals)
+    phases = Phases(f"calibrate@{line.name}")  # phase lines even under `dvc repro` (--quiet)
+    with phases.phase("scorer without the validation normals", len(templates), "training images") as phase:
+        scorer, sheets = _scorer(ctx, cache, templates)
+        phase.advance(len(templates))
+    with phases.phase("validation normals", len(normals)) as phase:
+        good_layers, boxes = cache.load(normals)
+        good = scorer.score_features(good_layers, boxes)
+        phase.advance(len(normals))
+    with phases.phase("synthetic defects") as phase:
+        images, defect_masks, families = synthetic_defects(line, paths, train, normals)
+        phase.advance(len(images))
     maps, scores = [good.maps], [good.scores]
-    for i in range(0, len(images), BATCH):
-        out = scorer.predict(images[i : i + BATCH])
-        maps.append(out.maps)
-        scores.append(out.scores)
+    with phases.phase("scoring synthetic defects", len(images)) as phase:
+        for i in range(0, len(images), BATCH):
+            out = scorer.predict(images[i : i + BATCH])
+            maps.append(out.maps)
+            scores.append(out.scores)
+            phase.advance(len(out.scores))
     all_maps, all_scores = torch.cat(maps).numpy(), torch.cat(scores).numpy().astype(np.float64)
     masks = np.concatenate([np.zeros((len(normals), *defect_masks.shape[1:]), dtype=bool), defect_masks])
     labels = np.arange(len(all_scores)) >= len(normals)
