@@ -277,24 +277,27 @@ def audit(
                                                  help="Versions in use from this ISO date or date-time on")] = None,
     until: Annotated[Optional[str], typer.Option(metavar="DATE",
                                                  help="... up to this ISO date (inclusive) or date-time")] = None,
+    all_refs: Annotated[bool, typer.Option("--all-refs", metavar="",
+                                           help="Every branch, tag and DVC experiment (default: the current branch)")]
+    = False,
     root: RootOpt = Path("."),
     as_json: JsonOpt = False,
 ):
-    """Every template version in git history (all branches and experiments) per product line: commit, author,
-    date, data and template hashes, code version, params, threshold and metrics."""
+    """Every template version in use on the current branch (--all-refs: on every branch and experiment) per product
+    line: commit, author, date, data and template hashes, code version, params, threshold and metrics."""
     from hetmm.config import check_line_name
     from hetmm.errors import HetmmError
     from hetmm.report.audit import audit_history, format_table, parse_when
 
     if line is not None:
         check_line_name(line)
-    rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True))
+    rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True), all_refs)
     if line and not rows:
-        known = sorted({r["line"] for r in audit_history(root)})
+        known = sorted({r["line"] for r in audit_history(root, all_refs=True)})
         raise HetmmError(f"no model card of line {line!r} in the git history of {root} for that period (lines with "
                          f"model cards: {', '.join(known) or 'none'}); commit reports/{line}/model_card.json after "
                          "`dvc repro`")
-    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows, all_refs))
 
 
 def main() -> None:  # pragma: no cover - console entry point

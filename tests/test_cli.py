@@ -360,8 +360,8 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     table = invoke("audit", "--root", root)
     assert table.exit_code == 0
     lines = table.output.strip().split("\n")
-    assert len(lines) == 3 and "template_hash" in lines[0]
-    assert first["template"]["content_hash"][:12] in table.output and second["template"]["content_hash"][:12] in lines[1]
+    assert len(lines) == 4 and "template#" in lines[0] and lines[3].startswith("(versions in use on ")
+    assert first["template"]["content_hash"][:9] in table.output and second["template"]["content_hash"][:9] in lines[1]
     assert_one_line_error(invoke("audit", "other_line", "--root", root, "--json"), "other_line", "demo")
 
 
@@ -393,20 +393,36 @@ def test_audit_answers_which_versions_inspected_a_line_in_a_period_on_every_bran
     _git(root, "checkout", "-q", "main")
     commit("c" * 64, "2026-03-10T09:00:00+00:00", 1.2)
 
-    every = json.loads(invoke("audit", "bolts", "--root", root, "--json").output)
-    assert [(r["template_hash"][0], r["ref"]) for r in every] == [
-        ("c", "refs/heads/main"), ("e", "refs/heads/exp-alphas"), ("b", "refs/heads/main"), ("a", "refs/heads/main")]
+    # DVC's bookkeeping refs (a workspace run's EXEC_HEAD) and a real experiment, `dvc exp` style
+    _git(root, "update-ref", "refs/exps/exec/EXEC_HEAD", "main")
+    _git(root, "update-ref", f"refs/exps/ab/{'c' * 38}/alpha-07", "exp-alphas")
+
+    every = json.loads(invoke("audit", "bolts", "--root", root, "--json").output)  # the current branch: main
+    assert [(r["template_hash"][0], r["ref"]) for r in every] == [("c", "main"), ("b", "main"), ("a", "main")]
     assert every[0]["author"] == "Ana <ana@example.com>" and every[0]["threshold"] == 1.2
-    # February: b was committed in it, a was in use when it began; e ran on an experiment branch in it
+    everywhere = json.loads(invoke("audit", "bolts", "--all-refs", "--root", root, "--json").output)
+    assert [(r["template_hash"][0], r["ref"]) for r in everywhere] == [
+        ("c", "main"), ("e", "exp-alphas, exp:alpha-07"), ("b", "main, exp-alphas, exp:alpha-07"),
+        ("a", "main, exp-alphas, exp:alpha-07")]
+    assert not any("EXEC" in r["ref"] or "refs/" in r["ref"] for r in everywhere)
+    # February on main: b was committed in it and a was in use when it began; e ran on an unmerged branch
     feb = json.loads(invoke("audit", "bolts", "--since", "2026-02-01", "--until", "2026-02-28", "--root", root,
                             "--json").output)
-    assert [r["template_hash"][0] for r in feb] == ["e", "b", "a"]
-    late = json.loads(invoke("audit", "--since", "2026-03-05", "--root", root, "--json").output)
-    assert [r["template_hash"][0] for r in late] == ["c", "e", "b"]  # e, b: in use on their refs on March 5
+    assert [r["template_hash"][0] for r in feb] == ["b", "a"]
+    # a short window after b: only b was in use on main (not a, not the experiment)
+    window = json.loads(invoke("audit", "bolts", "--since", "2026-02-21T09:00", "--until", "2026-02-21T09:05",
+                               "--root", root, "--json").output)
+    assert [(r["template_hash"][0], r["ref"]) for r in window] == [("b", "main")]
+    late = json.loads(invoke("audit", "--since", "2026-03-05", "--all-refs", "--root", root, "--json").output)
+    assert [(r["template_hash"][0], r["ref"]) for r in late] == [  # b and e were in use on their refs on March 5
+        ("c", "main"), ("e", "exp-alphas, exp:alpha-07"), ("b", "main")]
     assert_one_line_error(invoke("audit", "--since", "last tuesday", "--root", root), "--since", "ISO")
     assert_one_line_error(invoke("audit", "bolts", "--until", "2025-12-31", "--root", root), "bolts", "period")
     table = invoke("audit", "--root", root).output.splitlines()
-    assert len(table) == 5 and table[0].split()[:4] == ["commit", "date", "author", "ref"]
+    assert len(table) == 5 and table[0].split()[:3] == ["commit", "date", "author"]
+    assert max(map(len, table)) <= 120, table
+    wide = invoke("audit", "--all-refs", "--root", root).output.splitlines()
+    assert wide[0].split()[:2] == ["ref", "commit"] and "EXEC" not in "\n".join(wide)
     # a line name never reaches git as a pathspec or an option
     for hostile in (":(glob)**", "*", "../bolts", "-n1", "bo?ts"):
         assert_one_line_error(invoke("audit", "--root", root, "--", hostile), "line name")
