@@ -269,6 +269,20 @@ def exp_run(ctx: typer.Context):
     raise typer.Exit(code)
 
 
+@exp_app.command("show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def exp_show(ctx: typer.Context,
+             all_lines: Annotated[bool, typer.Option("--all-lines", metavar="",
+                                                     help="A metrics column for every line")] = False,
+             as_json: JsonOpt = False):
+    """Experiments side by side, readable: the params.yaml keys that differ and each line's image AUROC / pixel
+    AUROC / AU-PRO in one cell. Other arguments go to `dvc exp show` (e.g. -A, -n 5)."""
+    from hetmm.pipeline.experiments import format_experiments, show_experiments
+
+    rows = show_experiments(list(ctx.args))
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_experiments(rows, all_lines))
+
+
 @app.command()
 @_friendly
 def audit(

@@ -5,6 +5,7 @@ a failed experiment, `hetmm line remove`; and the MTD example project that keeps
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 
 from conftest import REPO, SUBPROCESS_ENV
 from hetmm.pipeline import stages_for
+from hetmm.pipeline.experiments import _leaves
 from hetmm.pipeline.lines import dvc_line_methods
 from test_dvc_pipeline import DEMO_PINNED, _commit, _ran, _repo, _run
 
@@ -118,3 +120,23 @@ def test_a_fresh_clone_runs_offline_and_a_failed_experiment_leaves_params_yaml_a
     assert failed.returncode != 0
     assert (root / "params.yaml").read_bytes() == ok
     assert "params.yaml is back as it was before it" in failed.stderr
+
+    # seven lines, five added as a user adds them; their metrics files are copies of the demo's (what is measured is
+    # the width of the experiments view, not the figures)
+    for i in range(5):
+        _run(root, sys.executable, "-m", "hetmm.cli", "line", "add", f"line{i}", "--source", "demo")
+        (root / f"reports/line{i}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "reports/demo/metrics.json", root / f"reports/line{i}/metrics.json")
+    _commit(root, "seven lines")
+    _run(root, dvc, "exp", "run", "report@demo", "-S", "product_lines.demo.report.overlays=3", "-n", "three")
+    shown = json.loads(_run(root, dvc, "exp", "show", "--json").stdout)
+    dvc_columns = sum(len(_leaves(shown[0]["data"][kind])) for kind in ("params", "metrics", "deps"))
+    view = _run(root, sys.executable, "-m", "hetmm.cli", "exp", "show").stdout.splitlines()
+    assert max(map(len, view)) <= 200, (dvc_columns, view)
+    head = view[0].split()
+    assert head[:3] == ["experiment", "created", "demo.report.overlays"] and "demo" in head
+    demo = json.loads((root / "reports/demo/metrics.json").read_text())
+    cell = "/".join(f"{demo[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "aupro"))
+    three = next(line for line in view if line.split()[0] == "three")
+    assert three.split()[3:5] == ["3", cell]  # the key set, the line's headline figures
+    assert dvc_columns > 300  # what DVC's own table shows for the same repository
