@@ -87,6 +87,16 @@ def test_line_remove_takes_out_the_entry_and_its_lists_and_nothing_else(tmp_path
     _hetmm("line", "add", "bolts", "--source", "demo", cwd=tmp_path)
     entry = yaml.safe_load((tmp_path / "params.yaml").read_text())["product_lines"]["bolts"]
     assert "tfa_net" not in entry and "templates" in entry
+    _hetmm("line", "add", "bolts_tfa", "--source", "demo", "--method", "tfa_net", cwd=tmp_path)
+    entry = yaml.safe_load((tmp_path / "params.yaml").read_text())["product_lines"]["bolts_tfa"]
+    assert "tfa_net" in entry and "templates" not in entry
+    # a mistyped or empty folder is refused now, not at the first `dvc repro`
+    typo = _hetmm("line", "add", "nuts", "--path", str(tmp_path / "no_such_folder"), cwd=tmp_path, check=False)
+    assert typo.returncode == 1 and "no_such_folder is not a folder" in typo.stderr
+    (tmp_path / "empty").mkdir()
+    empty = _hetmm("line", "add", "nuts", "--path", str(tmp_path / "empty"), cwd=tmp_path, check=False)
+    assert empty.returncode == 1 and "holds no images" in empty.stderr
+    assert "nuts" not in (tmp_path / "params.yaml").read_text()
     (tmp_path / "dvc_copy").mkdir()
     test_dvc_rewrites_the_params_files_byte_for_byte(tmp_path / "params.yaml", tmp_path / "dvc_copy")
 

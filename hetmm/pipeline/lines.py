@@ -114,12 +114,33 @@ def line_entry(name: str, data: dict[str, Any], method: str = Method.HETMM) -> d
     return {section: values for section, values in entry.items() if values}
 
 
+def check_source(name: str, data: Mapping[str, Any]) -> None:
+    """A new line's local source is there and holds images, so a typo is caught now, not in the first repro."""
+    from hetmm.data.images import IMAGE_EXTENSIONS
+
+    key = f"product_lines.{name}.data"
+    folders = {"folder": ["path"], "anomalib_folder": ["normal_dir", "abnormal_dir", "normal_test_dir"]}
+    if data.get("source") == "table" and data.get("path"):
+        if not Path(data["path"]).expanduser().is_file():
+            raise ConfigError(f"{key}.path: {data['path']} is not a file; give the CSV or parquet table of images")
+    for field in folders.get(str(data.get("source")), []):
+        if not data.get(field):
+            continue
+        folder = Path(data[field]).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"{key}.{field}: {data[field]} is not a folder on this machine; give the folder that "
+                              "holds the line's images")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
+            raise ConfigError(f"{key}.{field}: {data[field]} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+
 def add_line(name: str, data: dict[str, Any], params_yaml: str | Path = "params.yaml",
              dvc_yaml: str | Path = "dvc.yaml", method: str = Method.HETMM) -> dict[str, Any]:
     """Write the line's entry into params.yaml (comments kept) and its name into dvc.yaml's list."""
     from ruamel.yaml import YAML
 
     entry = line_entry(name, data, method)
+    check_source(name, entry["data"])
     params_yaml, dvc_yaml = Path(params_yaml), Path(dvc_yaml)
     names = dvc_line_methods(dvc_yaml)
     yml = YAML()  # round trip: the file's comments and order survive

@@ -172,7 +172,8 @@ def format_predictions(summary: dict) -> str:
     lines = [f"{'verdict':<9} {'score':>9} {'norm':>5} {'area':>6}  image"]
     for row in summary["predictions"]:
         if row["status"] == "failed":
-            lines.append(f"{'FAILED':<9} {'':>9} {'':>5} {'':>6}  {row['path']}: {row['error']}")
+            said = row["error"] if row["error"].startswith(row["path"]) else f"{row['path']}: {row['error']}"
+            lines.append(f"{'FAILED':<9} {'':>9} {'':>5} {'':>6}  {said}")
         else:
             lines.append(f"{row['verdict']:<9} {row['score']:>9.4g} {row['normalised_score']:>5.2f} "
                          f"{100 * row['defect_area_fraction']:>5.1f}%  {row['path']}")
