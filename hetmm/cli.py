@@ -82,7 +82,11 @@ def _show(result: dict, as_json: bool) -> None:
 
 
 STAGE_HELP = {
-    "download": "Fetch the line's images (demo, folder, mvtec or mtd source) into data/<line>/ with a manifest.",
+    "download": "Fetch the line's images into data/<line>/ with a manifest. Sources (data.source): demo (embedded), "
+                "folder (data.path, MVTec layout), anomalib_folder (data.normal_dir, abnormal_dir, mask_dir, "
+                "normal_test_dir, unlabelled_dir), table (data.path: CSV or parquet), mvtec (data.category), mtd "
+                "(data.subset); mvtec and mtd read data.mirror or $HETMM_MIRROR offline. A source missing on this "
+                "machine fails unless HETMM_KEEP_COPY=1 keeps the last good copy.",
     "validate": "Check the manifest and every image and mask (great-expectations); fails naming the bad files.",
     "tune": "Choose the settings params.yaml leaves open on good training images and synthetic defects.",
     "extract": "Compute features for images not yet in the per-image feature cache.",
@@ -213,6 +217,10 @@ def line_add(
     normal_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: good images")] = None,
     abnormal_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: defect images")] = None,
     mask_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: their masks")] = None,
+    normal_test_dir: Annotated[Optional[str], typer.Option(
+        metavar="DIR", help="anomalib_folder: good test images (default: a share of --normal-dir)")] = None,
+    unlabelled_dir: Annotated[Optional[str], typer.Option(
+        metavar="DIR", help="anomalib_folder: test images without a label")] = None,
     masks: Annotated[Optional[str], typer.Option(metavar="required|optional|none",
                                                  help="Defect images without masks (default: optional)")] = None,
     category: Annotated[Optional[str], typer.Option(metavar="NAME", help="mvtec source: the category")] = None,
@@ -224,7 +232,8 @@ def line_add(
     from hetmm.pipeline.lines import add_line
 
     given = {"source": source, "path": path, "category": category, "mirror": mirror, "normal_dir": normal_dir,
-             "abnormal_dir": abnormal_dir, "mask_dir": mask_dir, "masks": masks}
+             "abnormal_dir": abnormal_dir, "mask_dir": mask_dir, "normal_test_dir": normal_test_dir,
+             "unlabelled_dir": unlabelled_dir, "masks": masks}
     data = {k: v for k, v in given.items() if v is not None}
     _show(add_line(name, data, params, dvc, method), as_json)
 

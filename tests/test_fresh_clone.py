@@ -150,3 +150,19 @@ def test_a_fresh_clone_runs_offline_and_a_failed_experiment_leaves_params_yaml_a
     three = next(line for line in view if line.split()[0] == "three")
     assert three.split()[3:5] == ["3", cell]  # the key set, the line's headline figures
     assert dvc_columns > 300  # what DVC's own table shows for the same repository
+
+
+def test_small_things_a_new_user_meets(tmp_path, demo_tree):
+    from hetmm.data.sources import SOURCES
+
+    helped = " ".join(_hetmm("download", "--help", cwd=tmp_path).stdout.split())
+    assert all(source in helped for source in SOURCES) and "HETMM_KEEP_COPY" in helped
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", "dvc_plots/index.html"])
+    assert ignored.returncode == 0  # `dvc plots show` output never lands in a commit
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    good = demo_tree / "train" / "good"
+    _hetmm("line", "add", "folder_line", "--source", "anomalib_folder", "--normal-dir", str(good), "--abnormal-dir",
+           str(demo_tree / "test"), "--normal-test-dir", str(demo_tree / "test" / "good"), cwd=tmp_path)
+    data = yaml.safe_load((tmp_path / "params.yaml").read_text())["product_lines"]["folder_line"]["data"]
+    assert data["normal_test_dir"] == str(demo_tree / "test" / "good")
