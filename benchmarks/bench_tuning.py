@@ -52,7 +52,7 @@ def hand_profile(line: str) -> dict | None:
     if line == "demo":
         return DEMO_HAND
     if line == "mtd":
-        entry = yaml.safe_load((REPO / "params.yaml").read_text())["product_lines"]["mtd"]
+        entry = yaml.safe_load((REPO / "examples/mtd/params.yaml").read_text())["product_lines"]["mtd"]
         return {k: v for k, v in entry.items() if k not in ("data", "report", "threshold", "tune")}
     return None
 

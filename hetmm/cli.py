@@ -41,6 +41,8 @@ RootOpt = Annotated[Path, typer.Option("--root", metavar="DIR",
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda",
                                                           help="Where to compute (default: params.yaml)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bars")]
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+PARTLY_FAILED = 3  # hetmm predict: some images could not be read, the others were inspected
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON (default: readable lines)")]
 
 
@@ -56,6 +58,9 @@ def _friendly(fn: Callable) -> Callable:
         except HetmmError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C: every artifact is written atomically, so nothing half-written is left
+            typer.echo("interrupted: nothing half-written was kept; run the command again to go on", err=True)
+            raise typer.Exit(INTERRUPTED) from None
 
     return wrapper
 
@@ -78,7 +83,11 @@ def _show(result: dict, as_json: bool) -> None:
 
 
 STAGE_HELP = {
-    "download": f"Fetch the line's images (source {', '.join(DataSource)}) into data/<line>/ with a manifest.",
+    "download": "Fetch the line's images into data/<line>/ with a manifest. Sources (data.source): demo (embedded), "
+                "folder (data.path, MVTec layout), anomalib_folder (data.normal_dir, abnormal_dir, mask_dir, "
+                "normal_test_dir, unlabelled_dir), table (data.path: CSV or parquet), mvtec (data.category), mtd "
+                "(data.subset); mvtec and mtd read data.mirror or $HETMM_MIRROR offline. A source missing on this "
+                "machine fails unless HETMM_KEEP_COPY=1 keeps the last good copy.",
     "validate": "Check the manifest and every image and mask (great-expectations); fails naming the bad files.",
     "tune": "Choose the settings params.yaml leaves open on good training images and synthetic defects.",
     "extract": "Compute features for images not yet in the per-image feature cache.",
@@ -146,15 +155,18 @@ def predict(
     params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("."), device: DeviceOpt = None,
     quiet: QuietOpt = False, as_json: JsonOpt = False,
 ):
-    """Inspect new images with a saved template and threshold: scores, verdicts, masks and overlays."""
+    """Inspect new images with a saved template and threshold: per image the verdict, score, defect area, mask and
+    overlay. A file that cannot be read is reported and the others are inspected; the exit code is then 3."""
     from hetmm.pipeline.lock import line_lock
-    from hetmm.pipeline.predict import predict_images
+    from hetmm.pipeline.predict import format_predictions, predict_images
 
     p, cfg, paths = _context(params, root, line)
     with line_lock(root, line):
         summary = predict_images(cfg, paths, images, out, template_path=template_path, threshold=threshold,
                                  device=device or p.device, progress=not quiet, cluster_config=p.cluster)
-    _show(summary, as_json)
+    typer.echo(json.dumps(summary, indent=2, default=str) if as_json else format_predictions(summary))
+    if summary["failed"]:
+        raise typer.Exit(PARTLY_FAILED)
 
 
 @app.command()
@@ -206,6 +218,10 @@ def line_add(
     normal_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: good images")] = None,
     abnormal_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: defect images")] = None,
     mask_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="anomalib_folder: their masks")] = None,
+    normal_test_dir: Annotated[Optional[str], typer.Option(
+        metavar="DIR", help="anomalib_folder: good test images (default: a share of --normal-dir)")] = None,
+    unlabelled_dir: Annotated[Optional[str], typer.Option(
+        metavar="DIR", help="anomalib_folder: test images without a label")] = None,
     masks: Annotated[Optional[str], typer.Option(metavar="required|optional|none",
                                                  help="Defect images without masks (default: optional)")] = None,
     category: Annotated[Optional[str], typer.Option(metavar="NAME", help="mvtec source: the category")] = None,
@@ -217,9 +233,20 @@ def line_add(
     from hetmm.pipeline.lines import add_line
 
     given = {"source": source, "path": path, "category": category, "mirror": mirror, "normal_dir": normal_dir,
-             "abnormal_dir": abnormal_dir, "mask_dir": mask_dir, "masks": masks}
+             "abnormal_dir": abnormal_dir, "mask_dir": mask_dir, "normal_test_dir": normal_test_dir,
+             "unlabelled_dir": unlabelled_dir, "masks": masks}
     data = {k: v for k, v in given.items() if v is not None}
     _show(add_line(name, data, params, dvc, method), as_json)
+
+
+@line_app.command("remove")
+@_friendly
+def line_remove(name: Annotated[str, typer.Argument(metavar="NAME", help="The line to take out")],
+                params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.yaml"), as_json: JsonOpt = False):
+    """Remove a line: its params entry (other entries and comments untouched) and its name in dvc.yaml's lists."""
+    from hetmm.pipeline.lines import remove_line
+
+    _show(remove_line(name, params, dvc), as_json)
 
 
 @line_app.command("check")
@@ -234,6 +261,38 @@ def line_check(params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = Path("dvc.
         raise typer.Exit(1)
 
 
+exp_app = typer.Typer(help="DVC experiments, with the params files kept when one fails.", no_args_is_help=True,
+                      context_settings=HELP_FLAGS)
+app.add_typer(exp_app, name="exp")
+
+
+@exp_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def exp_run(ctx: typer.Context):
+    """`dvc exp run ARGS...` (e.g. `report@demo -S product_lines.demo.templates.size=20`); when it fails, params.yaml
+    is written back byte for byte as it was before, and the exit code is DVC's."""
+    from hetmm.pipeline.experiments import run_experiment
+
+    code, restored = run_experiment(list(ctx.args))
+    for path in restored:
+        typer.echo(f"hetmm: the experiment failed (exit {code}); {path} is back as it was before it", err=True)
+    raise typer.Exit(code)
+
+
+@exp_app.command("show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def exp_show(ctx: typer.Context,
+             all_lines: Annotated[bool, typer.Option("--all-lines", metavar="",
+                                                     help="A metrics column for every line")] = False,
+             as_json: JsonOpt = False):
+    """Experiments side by side, readable: the params.yaml keys that differ and each line's image AUROC / pixel
+    AUROC / AU-PRO in one cell. Other arguments go to `dvc exp show` (e.g. -A, -n 5)."""
+    from hetmm.pipeline.experiments import format_experiments, show_experiments
+
+    rows = show_experiments(list(ctx.args))
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_experiments(rows, all_lines))
+
+
 @app.command()
 @_friendly
 def audit(
@@ -242,24 +301,27 @@ def audit(
                                                  help="Versions in use from this ISO date or date-time on")] = None,
     until: Annotated[Optional[str], typer.Option(metavar="DATE",
                                                  help="... up to this ISO date (inclusive) or date-time")] = None,
+    all_refs: Annotated[bool, typer.Option("--all-refs", metavar="",
+                                           help="Every branch, tag and DVC experiment (default: the current branch)")]
+    = False,
     root: RootOpt = Path("."),
     as_json: JsonOpt = False,
 ):
-    """Every template version in git history (all branches and experiments) per product line: commit, author,
-    date, data and template hashes, code version, params, threshold and metrics."""
+    """Every template version in use on the current branch (--all-refs: on every branch and experiment) per product
+    line: commit, author, date, data and template hashes, code version, params, threshold and metrics."""
     from hetmm.config import check_line_name
     from hetmm.errors import HetmmError
     from hetmm.report.audit import audit_history, format_table, parse_when
 
     if line is not None:
         check_line_name(line)
-    rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True))
+    rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True), all_refs)
     if line and not rows:
-        known = sorted({r["line"] for r in audit_history(root)})
+        known = sorted({r["line"] for r in audit_history(root, all_refs=True)})
         raise HetmmError(f"no model card of line {line!r} in the git history of {root} for that period (lines with "
                          f"model cards: {', '.join(known) or 'none'}); commit reports/{line}/model_card.json after "
                          "`dvc repro`")
-    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows, all_refs))
 
 
 def main() -> None:  # pragma: no cover - console entry point

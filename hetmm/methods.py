@@ -31,6 +31,7 @@ class MethodSpec:
     tuning: bool  # the label-free search (hetmm.pipeline.tuning) chooses its settings
     trained: bool  # fitted on the training images (calibration scores the ones it held out)
     template_variants: bool  # the paper's Table 8 variants (matching modes, template kinds) apply to it
+    inert_sections: tuple[str, ...]  # params sections that do nothing for it (``hetmm line add`` leaves them out)
 
     def load(self) -> Callable:
         module, _, name = self.loader.partition(":")
@@ -40,10 +41,12 @@ class MethodSpec:
 METHODS: dict[Method, MethodSpec] = {
     Method.HETMM: MethodSpec(Method.HETMM, "HETMM", "template", "template", "template",
                              "hetmm.pipeline.models:load_template_scorer", hot_update=True, stored_distances=True,
-                             sharding=True, tuning=True, trained=False, template_variants=True),
+                             sharding=True, tuning=True, trained=False, template_variants=True,
+                             inert_sections=("tfa_net",)),
     Method.TFA_NET: MethodSpec(Method.TFA_NET, "TFA-Net", "train", "tfa_net", "model",
                                "hetmm.pipeline.models:load_tfa_scorer", hot_update=False, stored_distances=False,
-                               sharding=False, tuning=False, trained=True, template_variants=False),
+                               sharding=False, tuning=False, trained=True, template_variants=False,
+                               inert_sections=("templates",)),
 }
 MODEL_STAGES = frozenset(s.model_stage for s in METHODS.values())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -191,6 +192,80 @@ def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_ru
     assert len(table) == 10 and not table["defective"].any() and (table["defect_area_fraction"] == 0).all()
 
 
+def test_predict_answers_per_part_and_inspects_the_rest_when_one_file_is_corrupt(demo_run, tmp_path):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    test = demo_run / "data" / "demo" / "test"
+    picked = [next((test / "good").iterdir()), *sorted(p for p in test.iterdir() if p.name != "good")[0].iterdir()][:3]
+    parts = [incoming / f"part{i}{p.suffix}" for i, p in enumerate(picked)]
+    for src, part in zip(picked, parts):
+        shutil.copy(src, part)
+    good_jpeg = incoming / "b_truncated.jpg"
+    Image.open(parts[0]).convert("RGB").save(good_jpeg, format="JPEG")
+    good_jpeg.write_bytes(good_jpeg.read_bytes()[:300])  # a camera's half-written file
+    screen = invoke("predict", "demo", incoming, "--out", tmp_path / "pred", *at(demo_run), "-q")
+    assert screen.exit_code == 3, screen.output  # some failed, the rest were inspected
+    rows = screen.output.splitlines()
+    failed = [r for r in rows if r.startswith("FAILED")]
+    assert len(failed) == 1 and "b_truncated.jpg" in failed[0]
+    answered = [r for r in rows if r.split(" ")[0] in ("defective", "good")]
+    assert len(answered) == 3 and all(any(p.name in r for p in parts) for r in answered)  # each part by name
+    as_json = invoke("predict", "demo", incoming, "--out", tmp_path / "pred2", *at(demo_run), "-q", "--json")
+    assert as_json.exit_code == 3
+    summary = json.loads(as_json.output)
+    assert (summary["images"], summary["inspected"], summary["failed"]) == (4, 3, 1)
+    by_name = {Path(r["path"]).name: r for r in summary["predictions"]}
+    assert by_name["b_truncated.jpg"]["status"] == "failed" and by_name["b_truncated.jpg"]["error"]
+    for part in parts:
+        record = by_name[part.name]
+        assert record["status"] == "inspected" and record["verdict"] == ("defective" if record["defective"] else "good")
+        assert 0 <= record["defect_area_fraction"] <= 1 and (tmp_path / "pred2" / record["overlay"]).is_file()
+    assert summary["defective"] == sum(r.get("defective") is True for r in summary["predictions"])
+    table = pd.read_csv(tmp_path / "pred2" / "predictions.csv", keep_default_na=False)
+    assert list(table["status"]) == [by_name[Path(p).name]["status"] for p in table["path"]] and len(table) == 4
+
+
+def test_report_panels_name_their_test_image_and_its_manifest_sha(demo_run):
+    index = pd.read_csv(demo_run / "reports/demo/overlays.csv", keep_default_na=False)
+    panels = sorted((demo_run / "reports/demo/overlays").glob("*.png"))
+    assert sorted(index["panel"]) == [f"overlays/{p.name}" for p in panels] and len(panels) >= 2
+    manifest = pd.read_csv(demo_run / "data/demo/manifest.csv", keep_default_na=False).set_index("path")
+    scores = pd.read_csv(demo_run / "outputs/demo/scores.csv", keep_default_na=False).set_index("path")["score"]
+    for row in index.itertuples():
+        assert manifest.loc[row.path, "sha256"] == row.sha256 and manifest.loc[row.path, "label"] == row.label
+        assert row.score == pytest.approx(scores[row.path], rel=1e-5)
+    # two title lines (the verdict, then the file and its sha): the header is one text line taller
+    tile = 256
+    for panel_png in panels:
+        assert Image.open(panel_png).size[1] == tile + 92 + 18
+
+
+def test_a_mistyped_data_path_fails_unless_the_copy_is_kept_on_purpose(folder_src, tmp_path, monkeypatch):
+    monkeypatch.delenv("HETMM_KEEP_COPY", raising=False)
+    root = tmp_path / "run"
+    write_params(root, {"line": folder_line(folder_src)})
+    assert invoke("download", "line", *at(root), "-q").exit_code == 0
+    record = json.loads((root / "data/line/source.json").read_text())
+    assert record["source"] == "folder" and record["path"] == str(folder_src.resolve())
+    before = (root / "data/line/manifest.csv").read_bytes()
+    typo = str(folder_src) + "_typo"
+    write_params(root, {"line": folder_line(Path(typo))})
+    error = assert_one_line_error(invoke("download", "line", *at(root), "-q"), "data.path", typo,
+                                  str(folder_src.resolve()), "HETMM_KEEP_COPY=1")
+    assert "still holds 50 images" in error
+    assert (root / "data/line/manifest.csv").read_bytes() == before
+    monkeypatch.setenv("HETMM_KEEP_COPY", "1")  # asked for: the last good copy, and the record of its real source
+    kept = invoke("download", "line", *at(root), "-q")
+    assert kept.exit_code == 0 and "keeping the earlier copy" in kept.output and str(folder_src.resolve()) in kept.output
+    assert json.loads((root / "data/line/source.json").read_text()) == record
+
+
+def test_the_model_card_names_the_source_the_images_came_from(demo_run):
+    card = json.loads((demo_run / "reports/demo/model_card.json").read_text())
+    assert card["data"]["source"] == json.loads((demo_run / "data/demo/source.json").read_text())
+    assert card["data"]["source"]["source"] == "demo"
+
+
 # --------------------------------------------------------------------------- update
 
 
@@ -285,8 +360,8 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     table = invoke("audit", "--root", root)
     assert table.exit_code == 0
     lines = table.output.strip().split("\n")
-    assert len(lines) == 3 and "model_hash" in lines[0]
-    assert first["template"]["content_hash"][:12] in table.output and second["template"]["content_hash"][:12] in lines[1]
+    assert len(lines) == 4 and "model#" in lines[0] and lines[3].startswith("(versions in use on ")
+    assert first["template"]["content_hash"][:9] in table.output and second["template"]["content_hash"][:9] in lines[1]
     assert_one_line_error(invoke("audit", "other_line", "--root", root, "--json"), "other_line", "demo")
 
 
@@ -318,20 +393,36 @@ def test_audit_answers_which_versions_inspected_a_line_in_a_period_on_every_bran
     _git(root, "checkout", "-q", "main")
     commit("c" * 64, "2026-03-10T09:00:00+00:00", 1.2)
 
-    every = json.loads(invoke("audit", "bolts", "--root", root, "--json").output)
-    assert [(r["model_hash"][0], r["ref"]) for r in every] == [
-        ("c", "refs/heads/main"), ("e", "refs/heads/exp-alphas"), ("b", "refs/heads/main"), ("a", "refs/heads/main")]
+    # DVC's bookkeeping refs (a workspace run's EXEC_HEAD) and a real experiment, `dvc exp` style
+    _git(root, "update-ref", "refs/exps/exec/EXEC_HEAD", "main")
+    _git(root, "update-ref", f"refs/exps/ab/{'c' * 38}/alpha-07", "exp-alphas")
+
+    every = json.loads(invoke("audit", "bolts", "--root", root, "--json").output)  # the current branch: main
+    assert [(r["model_hash"][0], r["ref"]) for r in every] == [("c", "main"), ("b", "main"), ("a", "main")]
     assert every[0]["author"] == "Ana <ana@example.com>" and every[0]["threshold"] == 1.2
-    # February: b was committed in it, a was in use when it began; e ran on an experiment branch in it
+    everywhere = json.loads(invoke("audit", "bolts", "--all-refs", "--root", root, "--json").output)
+    assert [(r["model_hash"][0], r["ref"]) for r in everywhere] == [
+        ("c", "main"), ("e", "exp-alphas, exp:alpha-07"), ("b", "main, exp-alphas, exp:alpha-07"),
+        ("a", "main, exp-alphas, exp:alpha-07")]
+    assert not any("EXEC" in r["ref"] or "refs/" in r["ref"] for r in everywhere)
+    # February on main: b was committed in it and a was in use when it began; e ran on an unmerged branch
     feb = json.loads(invoke("audit", "bolts", "--since", "2026-02-01", "--until", "2026-02-28", "--root", root,
                             "--json").output)
-    assert [r["model_hash"][0] for r in feb] == ["e", "b", "a"]
-    late = json.loads(invoke("audit", "--since", "2026-03-05", "--root", root, "--json").output)
-    assert [r["model_hash"][0] for r in late] == ["c", "e", "b"]  # e, b: in use on their refs on March 5
+    assert [r["model_hash"][0] for r in feb] == ["b", "a"]
+    # a short window after b: only b was in use on main (not a, not the experiment)
+    window = json.loads(invoke("audit", "bolts", "--since", "2026-02-21T09:00", "--until", "2026-02-21T09:05",
+                               "--root", root, "--json").output)
+    assert [(r["model_hash"][0], r["ref"]) for r in window] == [("b", "main")]
+    late = json.loads(invoke("audit", "--since", "2026-03-05", "--all-refs", "--root", root, "--json").output)
+    assert [(r["model_hash"][0], r["ref"]) for r in late] == [  # b and e were in use on their refs on March 5
+        ("c", "main"), ("e", "exp-alphas, exp:alpha-07"), ("b", "main")]
     assert_one_line_error(invoke("audit", "--since", "last tuesday", "--root", root), "--since", "ISO")
     assert_one_line_error(invoke("audit", "bolts", "--until", "2025-12-31", "--root", root), "bolts", "period")
     table = invoke("audit", "--root", root).output.splitlines()
-    assert len(table) == 5 and table[0].split()[:4] == ["commit", "date", "author", "ref"]
+    assert len(table) == 5 and table[0].split()[:3] == ["commit", "date", "author"]
+    assert max(map(len, table)) <= 120, table
+    wide = invoke("audit", "--all-refs", "--root", root).output.splitlines()
+    assert wide[0].split()[:2] == ["ref", "commit"] and "EXEC" not in "\n".join(wide)
     # a line name never reaches git as a pathspec or an option
     for hostile in (":(glob)**", "*", "../bolts", "-n1", "bo?ts"):
         assert_one_line_error(invoke("audit", "--root", root, "--", hostile), "line name")
@@ -346,3 +437,57 @@ def test_readable_output_shortens_what_json_keeps_whole():
     assert render(result).splitlines() == [
         "images: 3", "threshold: 1.235", "ok: yes", "rule: -", "files: f0, f1, f2, f3, f4, f5 ... (9 in all)",
         "split:", "  train: 2", "  empty:", "    (none)", "rows: 2 entries (--json lists them)"]
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_half_written(tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    root = tmp_path / "run"
+    write_params(root, {"demo": {**DEMO_LINE, "features": {**DEMO_LINE["features"], "batch_size": 1}}})
+    proc = subprocess.Popen([sys.executable, "-m", "hetmm.cli", "run", "demo", *at(root), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 240
+    while not list((root / "features").rglob("*.pt")):  # the feature extraction is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: nothing half-written was kept; run the command again to go on"]
+    assert not [p for p in root.rglob("*") if p.name.endswith((".tmp", ".partial", ".scratch"))]
+    for cached in root.joinpath("features").rglob("*.pt"):  # every feature file that exists is whole
+        torch.load(cached, weights_only=False)
+
+
+# --------------------------------------------------------------------------- progress under DVC
+
+
+def test_tune_and_calibrate_report_phases_with_counts_and_eta_without_flooding_a_log(tmp_path):
+    """Under `dvc repro` every stage runs with --quiet and stderr is a pipe: a line per phase, with counts and an
+    ETA, and no more than a few lines per phase."""
+    from test_dvc_pipeline import DEMO_PINNED
+
+    root = tmp_path / "run"
+    write_params(root, {"demo": DEMO_PINNED})  # one key (the blur) left to the search: its five options
+    proc = subprocess.run([sys.executable, "-m", "hetmm.cli", "run", "demo", *at(root), "-q"], capture_output=True,
+                          text=True, env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    tune = [line for line in lines if line.startswith("tune@demo: ")]
+    assert "tune@demo: matching: started, 5 candidates" in tune
+    assert any(re.fullmatch(r"tune@demo: matching: 1/5 candidates, \d+ s, ETA \d+ s", line) for line in tune), tune
+    assert any(re.fullmatch(r"tune@demo: matching: done, [1-5]/5 candidates in \d+ s", line) for line in tune), tune
+    calibrate = [line for line in lines if line.startswith("calibrate@demo: ")]
+    assert any(re.fullmatch(r"calibrate@demo: scoring synthetic defects: started, \d+ images", line)
+               for line in calibrate), calibrate
+    assert any("scoring synthetic defects: " in line and "ETA" in line for line in calibrate), calibrate
+    assert any(line.startswith("calibrate@demo: validation normals: done, 3/3 images") for line in calibrate)
+    phases = {line.split(": ")[1] for line in tune + calibrate}
+    assert len(tune + calibrate) <= 3 * len(phases)  # started, first ETA, done: a 30 s interval adds none here

@@ -21,7 +21,8 @@ def _raw():
 
 def test_repository_params_parse():
     params = load_params(ROOT / "params.yaml")
-    assert {"demo", "mtd"} <= set(params.product_lines)
+    assert {"demo", "demo_tfa"} <= set(params.product_lines)
+    assert set(load_params(ROOT / "examples/mtd/params.yaml").product_lines) == {"mtd", "mtd_tfa"}
     demo = params.line("demo")
     assert demo.features.layers == (1, 2, 3)
     assert len(demo.matching.alphas) == 3

@@ -92,7 +92,7 @@ def _repo(tmp_path: Path, lines: dict | None = None, with_mtd: bool = False) -> 
     params = yaml.safe_load((root / "params.yaml").read_text())
     lines = lines or {"demo": DEMO_PINNED}
     if with_mtd and (MTD / "MT_Free" / "Imgs").is_dir():  # a second, tiny line shows that one line's change leaves the other be
-        mtd = params["product_lines"]["mtd"]
+        mtd = yaml.safe_load((root / "examples/mtd/params.yaml").read_text())["product_lines"]["mtd"]
         mtd["data"].update({"mirror": str(MTD), "subset": "dev", "limit": 2})
         mtd["features"].update({"image_size": [64, 64], "blocks": "last"})
         mtd["templates"].update({"size": 4})
@@ -239,7 +239,8 @@ def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
 HOSTILE = ["inj;touch M1", "inj$(touch M2)", "inj`touch M3`", "..", "a/../../b", "--help"]
 
 
-def test_hostile_line_names_never_reach_a_shell_and_a_missing_source_keeps_the_data(repo_copy, tmp_path):
+def test_hostile_line_names_never_reach_a_shell_and_a_missing_source_keeps_the_data(repo_copy, tmp_path,
+                                                                                     monkeypatch):
     root = repo_copy
     dvc = str(Path(sys.executable).with_name("dvc"))
     hetmm = [sys.executable, "-m", "hetmm.cli"]
@@ -271,10 +272,16 @@ def test_hostile_line_names_never_reach_a_shell_and_a_missing_source_keeps_the_d
     assert exp.returncode != 0 or "M4" not in exp.stdout
     assert not [p.name for p in root.rglob("M[0-9]")], "a line name ran as a shell command"
 
-    # the folder source disappears (a teammate's machine): DVC keeps data/line, the stage says why
+    # the folder source disappears (a typo, a teammate's machine): the stage fails naming both ways out; asked to,
+    # it goes on with the copy DVC kept
     before = (root / "data" / "line" / "manifest.csv").read_bytes()
     shutil.move(src, tmp_path / "elsewhere")
+    refused = _run(root, dvc, "repro", "download@line", check=False)
+    assert refused.returncode != 0 and "HETMM_KEEP_COPY=1" in refused.stderr
+    assert (root / "data" / "line" / "manifest.csv").read_bytes() == before
+    monkeypatch.setenv("HETMM_KEEP_COPY", "1")
     kept = _run(root, dvc, "repro", "download@line")
+    monkeypatch.delenv("HETMM_KEEP_COPY")
     assert "keeping the earlier copy" in kept.stderr + kept.stdout
     assert (root / "data" / "line" / "manifest.csv").read_bytes() == before
     # a source that is there but broken fails the stage, and still leaves the copy as it was

@@ -204,7 +204,7 @@ class ThresholdConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Label-free settings selection (``hetmm.pipeline.tune``) and the validation normals it shares with calibration.
+    """Label-free settings selection (``hetmm.pipeline.stages.tune``) and the validation normals it shares with calibration.
 
     The tuner chooses the keys in :data:`~hetmm.config.tunable.TUNABLE` that the line's ``params.yaml`` entry does
     not pin.
@@ -258,7 +258,7 @@ TFA_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class TFANetConfig:
-    """TFA-Net (``method: tfa_net``): network size, schedule and template image (:mod:`hetmm.pipeline.train`).
+    """TFA-Net (``method: tfa_net``): network size, schedule and template image (:mod:`hetmm.pipeline.stages.train`).
 
     ``None`` takes the preset's value (:data:`TFA_PRESETS`); :meth:`resolved` gives every value. The schedule is
     ``steps`` optimiser steps, or ``epochs`` passes over the training images when ``steps`` is unset; setting either

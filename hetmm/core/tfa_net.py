@@ -4,7 +4,7 @@ A transformer reads the tokens ``[cls, query patches, template patches]`` of a q
 image's backbone features; a decoder reads the *template* tokens' outputs only and predicts the query's features
 patch by patch. Normal content is aggregated onto the template and reconstructed; a defect, unlike anything in the
 template, is not, and the reconstruction error is the anomaly map. Tensors in, tensors out: no I/O, no training loop
-(:mod:`hetmm.pipeline.train` runs it).
+(:mod:`hetmm.pipeline.tfa_training` trains it).
 """
 
 from __future__ import annotations

@@ -240,3 +240,21 @@ def manifest_hash(df: pd.DataFrame) -> str:
     """sha256 of the sorted ``(path, sha256, split, label, subset)`` rows: row order does not count."""
     rows = sorted(df.loc[:, list(HASH_COLUMNS)].fillna("").astype(str).itertuples(index=False, name=None))
     return sha256_json([list(row) for row in rows])
+
+
+SOURCE_RECORD = "source.json"  # beside manifest.csv: the data settings the copy was really made from
+
+
+def write_source_record(folder: str | Path, source: str, options: dict) -> None:
+    """Record, inside the copy, where its images came from (no time stamp: an unchanged source hashes the same)."""
+    from hetmm.io import write_json_atomic
+
+    write_json_atomic(Path(folder) / SOURCE_RECORD, {"source": source, **options})
+
+
+def read_source_record(folder: str | Path) -> dict | None:
+    """The source the copy in ``folder`` was made from; None for a copy made before the record existed."""
+    import json
+
+    path = Path(folder) / SOURCE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None

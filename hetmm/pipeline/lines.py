@@ -4,7 +4,7 @@ The lists in ``dvc.yaml`` (``foreach: &lines {...}`` on the first stage, ``*line
 the ``template`` and ``train`` stages) are literals, so no params key can ever become part of a stage command. :func:`add_line` writes a new line's entry (every key
 spelled out, so ``dvc exp run -S`` can set it, except the keys the tune stage chooses) and appends its checked name
 to that list;
-:func:`check_lines` says where the two files disagree.
+:func:`remove_line` takes a line out of both; :func:`check_lines` says where the two files disagree.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def line_entry(name: str, data: dict[str, Any], method: str = Method.HETMM) -> d
                        data=build_config(DataConfig, data, f"{key}.data"))
     validate_line(line, key)
     entry = json.loads(json.dumps(dataclasses.asdict(line), default=list))  # enums -> values, tuples -> lists
-    for dropped in ("name", "pinned"):
+    # the other method's section would be inert: a HETMM line has no network, a TFA-Net line no template set
+    for dropped in ("name", "pinned", *spec(line.method).inert_sections):
         entry.pop(dropped)
     for tunable in line.tunable():
         section, field = tunable.split(".")
@@ -113,17 +114,24 @@ def line_entry(name: str, data: dict[str, Any], method: str = Method.HETMM) -> d
     return {section: values for section, values in entry.items() if values}
 
 
-def _flow_lists(value: Any) -> Any:
-    """Lists written inline (``[5, 5, 3]``), as in the hand-written entries."""
-    from ruamel.yaml.comments import CommentedSeq
+def check_source(name: str, data: Mapping[str, Any]) -> None:
+    """A new line's local source is there and holds images, so a typo is caught now, not in the first repro."""
+    from hetmm.data.images import IMAGE_EXTENSIONS
 
-    if isinstance(value, dict):
-        return {k: _flow_lists(v) for k, v in value.items()}
-    if isinstance(value, list):
-        seq = CommentedSeq(value)
-        seq.fa.set_flow_style()
-        return seq
-    return value
+    key = f"product_lines.{name}.data"
+    folders = {"folder": ["path"], "anomalib_folder": ["normal_dir", "abnormal_dir", "normal_test_dir"]}
+    if data.get("source") == "table" and data.get("path"):
+        if not Path(data["path"]).expanduser().is_file():
+            raise ConfigError(f"{key}.path: {data['path']} is not a file; give the CSV or parquet table of images")
+    for field in folders.get(str(data.get("source")), []):
+        if not data.get(field):
+            continue
+        folder = Path(data[field]).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"{key}.{field}: {data[field]} is not a folder on this machine; give the folder that "
+                              "holds the line's images")
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
+            raise ConfigError(f"{key}.{field}: {data[field]} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
 
 
 def add_line(name: str, data: dict[str, Any], params_yaml: str | Path = "params.yaml",
@@ -132,15 +140,95 @@ def add_line(name: str, data: dict[str, Any], params_yaml: str | Path = "params.
     from ruamel.yaml import YAML
 
     entry = line_entry(name, data, method)
+    check_source(name, entry["data"])
     params_yaml, dvc_yaml = Path(params_yaml), Path(dvc_yaml)
     names = dvc_line_methods(dvc_yaml)
     yml = YAML()  # round trip: the file's comments and order survive
     doc = yml.load(params_yaml.read_text())
     if name in (doc.get("product_lines") or {}) or name in names:
         raise ConfigError(f"product_lines.{name}: the line exists already; edit its entry in {params_yaml}")
-    doc.setdefault("product_lines", {})[name] = _flow_lists(entry)
+    # block lists, as DVC writes them: `dvc exp run -S` then changes the keys it sets and no other line
+    if doc.get("product_lines") is None:  # `product_lines:` with no line left (hetmm line remove)
+        doc["product_lines"] = {}
+    doc["product_lines"][name] = entry
     out = io.StringIO()
     yml.dump(doc, out)
     write_text_atomic(params_yaml, out.getvalue())
     set_dvc_lines({**names, name: entry["method"]}, dvc_yaml)
     return {"line": name, "params": str(params_yaml), "dvc": str(dvc_yaml), "entry": entry}
+
+
+def _entry_span(text: str, name: str) -> tuple[int, int] | None:
+    """Character span of ``product_lines.<name>`` in params.yaml: its key, its body (deeper lines), and the comment
+    lines right above it (its own description); ``None`` when the entry is not a plain block at the usual place."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if re.match(rf"^(\s+){re.escape(name)}\s*:", line)]
+    if len(starts) != 1:
+        return None
+    first = last = starts[0]
+    indent = len(lines[first]) - len(lines[first].lstrip())
+    while last + 1 < len(lines) and (not lines[last + 1].strip() or
+                                     len(lines[last + 1]) - len(lines[last + 1].lstrip()) > indent):
+        last += 1
+    while last > first and not lines[last].strip():  # the blank lines after it stay, as separators
+        last -= 1
+    while first > 0 and lines[first - 1].strip().startswith("#") and \
+            len(lines[first - 1]) - len(lines[first - 1].lstrip()) == indent:
+        first -= 1
+    if first > 0 and not lines[first - 1].strip():  # one separator goes with the entry
+        first -= 1
+    elif last + 1 < len(lines) and not lines[last + 1].strip():
+        last += 1
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    return offsets[first], offsets[last + 1]
+
+
+def _lines_of(text: str) -> Any:
+    """The parsed params with an empty ``product_lines`` as ``{}``; ``None`` when the text is not YAML."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return None
+    return {**raw, "product_lines": raw.get("product_lines") or {}}
+
+
+def remove_line(name: str, params_yaml: str | Path = "params.yaml", dvc_yaml: str | Path = "dvc.yaml") -> dict:
+    """Take the line out of params.yaml (its entry and the comment above it; every other byte stays) and out of
+    dvc.yaml's lists. Its data, models and reports stay on disk: DVC no longer tracks them."""
+    import yaml
+
+    params_yaml, dvc_yaml = Path(params_yaml), Path(dvc_yaml)
+    names = dvc_line_methods(dvc_yaml)
+    text = params_yaml.read_text()
+    raw = _lines_of(text)
+    if raw is None:
+        raise ConfigError(f"{params_yaml}: not valid YAML; fix it first")
+    entries = raw["product_lines"]
+    if name not in entries and name not in names:
+        raise ConfigError(f"product_lines.{name}: no such line in {params_yaml} or {dvc_yaml} "
+                          f"(lines: {', '.join(sorted(set(entries) | set(names))) or 'none'})")
+    if name in entries:
+        want = {**raw, "product_lines": {k: v for k, v in entries.items() if k != name}}
+        span = _entry_span(text, name)
+        new = text[:span[0]] + text[span[1]:] if span else ""
+        if _lines_of(new) != want:  # an unusual layout: ruamel's round trip, comments kept
+            from ruamel.yaml import YAML
+
+            yml = YAML()
+            doc = yml.load(text)
+            del doc["product_lines"][name]
+            out = io.StringIO()
+            yml.dump(doc, out)
+            new = out.getvalue()
+            if _lines_of(new) != want:
+                raise ConfigError(f"{params_yaml}: could not take product_lines.{name} out safely; delete its entry "
+                                  "by hand, then run `hetmm line remove` again for dvc.yaml")
+        write_text_atomic(params_yaml, new)
+    if name in names:
+        set_dvc_lines({k: v for k, v in names.items() if k != name}, dvc_yaml)
+    kept = [f"{folder}/{name}" for folder in ("data", "features", "models", "outputs", "reports")]
+    return {"removed": name, "params": str(params_yaml), "dvc": str(dvc_yaml), "left_on_disk": kept}

@@ -26,7 +26,7 @@ from hetmm.config import ClusterConfig, ProductLine
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
 from hetmm.core.templates import hot_update, save_template
-from hetmm.data.images import IMAGE_EXTENSIONS
+from hetmm.data.images import IMAGE_EXTENSIONS, load_image
 from hetmm.errors import ConfigError, DataError
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
 from hetmm.methods import spec
@@ -86,12 +86,34 @@ def normalised_score(score: float, threshold: float, low: float, high: float) ->
     return float(np.clip((score - threshold) / (high - low) + 0.5, 0.0, 1.0))
 
 
+def readable(files: Sequence[Path]) -> tuple[list[Path], list[dict]]:
+    """The files that decode, and a failed record (path, error) per file that does not: one bad file must not stop
+    the inspection of the others. Decoded once more by the extraction; a decode costs little next to the backbone."""
+    good, failed = [], []
+    for path in files:
+        try:
+            load_image(path)
+        except (DataError, OSError, ValueError) as exc:
+            failed.append({"path": str(path), "status": "failed", "error": str(exc)})
+        else:
+            good.append(path)
+    return good, failed
+
+
 def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], out: Path, *,
                    template_path: Path | None = None, threshold: float | None = None, device: str = "auto",
                    progress: bool = True, cluster_config: ClusterConfig | None = None) -> dict:
     """Score images; write predictions.csv/json, binary masks and overlays under ``out``. With an enabled
-    ``cluster_config`` the features and the matching run on the cluster (:mod:`hetmm.pipeline.cluster`)."""
-    files = collect_images(inputs)
+    ``cluster_config`` the features and the matching run on the cluster (:mod:`hetmm.pipeline.cluster`).
+
+    Returns the summary with ``predictions``: one record per given image, in input order, ``status`` ``inspected``
+    (verdict, score, normalised score, defect area, mask and overlay files) or ``failed`` (the reason); a record is a
+    flat mapping, so later fields (a p-value) add a key."""
+    given = collect_images(inputs)
+    files, failed = readable(given)
+    if not files:
+        raise DataError(f"none of the {len(failed)} images could be read; first: {failed[0]['path']}: "
+                        f"{failed[0]['error']}")
     method = spec(line.method)
     model = template_path or model_path(line, paths)
     scorer = load_scorer(line, paths, device, model)
@@ -127,19 +149,42 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
                 panel(image, full, None, None, title, pred_mask=mask, vmin=vmin, vmax=vmax,
                       threshold=pixel).save(tmp, format="PNG")
-            rows.append({"path": str(path), "score": float(score),
+            rows.append({"path": str(path), "status": "inspected", "verdict": "defective" if defective else "good",
+                         "score": float(score),
                          "normalised_score": normalised_score(float(score), threshold, low, high),
                          "defective": defective, "defect_area_fraction": float(mask.mean()),
-                         "mask": f"masks/{stem}.png", "overlay": f"overlays/{stem}.png"})
+                         "mask": f"masks/{stem}.png", "overlay": f"overlays/{stem}.png", "error": ""})
+    order = {str(path): i for i, path in enumerate(given)}
+    rows = sorted(rows + failed, key=lambda row: order[row["path"]])
     df = pd.DataFrame(rows)
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
-    summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
+    inspected = df[df["status"] == "inspected"]
+    summary = {"images": len(rows), "inspected": len(inspected), "failed": len(failed),
+               "defective": int(inspected["defective"].astype(bool).sum()), "threshold": threshold,
                "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
                "method": str(line.method), "model_hash": scorer.version, "model": str(model),
                "code_version": code_version(), "out": str(out)}
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
-    return summary
+    return {**summary, "predictions": rows}
+
+
+def format_predictions(summary: dict) -> str:
+    """The terminal answer: one line per image (verdict, score, normalised score, defect area, file; or why it
+    failed), then the counts."""
+    lines = [f"{'verdict':<9} {'score':>9} {'norm':>5} {'area':>6}  image"]
+    for row in summary["predictions"]:
+        if row["status"] == "failed":
+            said = row["error"] if row["error"].startswith(row["path"]) else f"{row['path']}: {row['error']}"
+            lines.append(f"{'FAILED':<9} {'':>9} {'':>5} {'':>6}  {said}")
+        else:
+            lines.append(f"{row['verdict']:<9} {row['score']:>9.4g} {row['normalised_score']:>5.2f} "
+                         f"{100 * row['defect_area_fraction']:>5.1f}%  {row['path']}")
+    lines.append(f"{summary['inspected']} inspected: {summary['defective']} defective, "
+                 f"{summary['inspected'] - summary['defective']} good; {summary['failed']} could not be read. "
+                 f"Threshold {summary['threshold']:.4g} ({summary['threshold_rule']}); masks, overlays and "
+                 f"predictions.csv/json in {summary['out']}")
+    return "\n".join(lines)
 
 
 def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], *,

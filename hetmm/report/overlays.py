@@ -170,7 +170,7 @@ def panel(
         label = "no mask"
     else:
         tiles.append(Image.fromarray(_fit_mask(third, (h, w)).astype(np.uint8) * 255).convert("RGB"))
-    header, caption, footer = 22, 18, 52
+    header, caption, footer = 22 + 18 * title.count("\n"), 18, 52  # a line per title line
     out = Image.new("RGB", (3 * tw, tile + header + caption + footer), (255, 255, 255))
     draw = ImageDraw.Draw(out)
     text = title if score is None else f"{title}    score {score:.4g}"
@@ -179,7 +179,8 @@ def panel(
         out.paste(t.resize((tw, tile), Image.Resampling.BILINEAR), (i * tw, header + caption))
         draw.text((i * tw + 6, header + 1), lab, fill=(80, 80, 80), font=font(12))
     _colour_bar(out, draw, (6, header + caption + tile + 6, min(tw * 2, 3 * tw - 12), 10), vmin, vmax, threshold)
-    legend = "outlines: white = ground truth, magenta = predicted defect"
+    legend = "outlines: white = ground truth, magenta = predicted defect" if mask is not None else \
+        "outline: magenta = predicted defect (no ground truth for this image)"
     draw.text((6, header + caption + tile + 36), legend, fill=(80, 80, 80), font=font(11))
     return out
 

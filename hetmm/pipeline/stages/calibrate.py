@@ -37,6 +37,7 @@ from hetmm.pipeline.models import load_tfa_scorer, model_path
 from hetmm.pipeline.provenance import FeatureKey
 from hetmm.pipeline.settings import calibration_key
 from hetmm.pipeline.validation_set import validation_images
+from hetmm.report.progress import Phases
 
 BATCH = 8
 
@@ -52,16 +53,25 @@ def run(ctx: StageRun) -> dict:
     start = time.perf_counter()
     key = FeatureKey.of(line.features)
     cache = FeatureCache(paths.features, key)
-    scorer, sheets = _scorer(ctx, cache, templates)
-    good_layers, boxes = cache.load(normals)
-    good = scorer.score_features(good_layers, boxes)
-    synthetic = validation_images(line, paths, train, normals)
-    images, defect_masks, families = synthetic.defects, synthetic.masks, synthetic.families
+    phases = Phases(f"calibrate@{line.name}")  # phase lines even under `dvc repro` (--quiet)
+    with phases.phase("scorer without the validation normals", len(templates), "training images") as phase:
+        scorer, sheets = _scorer(ctx, cache, templates)
+        phase.advance(len(templates))
+    with phases.phase("validation normals", len(normals)) as phase:
+        good_layers, boxes = cache.load(normals)
+        good = scorer.score_features(good_layers, boxes)
+        phase.advance(len(normals))
+    with phases.phase("synthetic defects") as phase:
+        synthetic = validation_images(line, paths, train, normals)
+        images, defect_masks, families = synthetic.defects, synthetic.masks, synthetic.families
+        phase.advance(len(images))
     maps, scores = [good.maps], [good.scores]
-    for i in range(0, len(images), BATCH):
-        out = scorer.predict(images[i : i + BATCH])
-        maps.append(out.maps)
-        scores.append(out.scores)
+    with phases.phase("scoring synthetic defects", len(images)) as phase:
+        for i in range(0, len(images), BATCH):
+            out = scorer.predict(images[i : i + BATCH])
+            maps.append(out.maps)
+            scores.append(out.scores)
+            phase.advance(len(out.scores))
     all_maps, all_scores = torch.cat(maps).numpy(), torch.cat(scores).numpy().astype(np.float64)
     masks = np.concatenate([np.zeros((len(normals), *defect_masks.shape[1:]), dtype=bool), defect_masks])
     labels = np.arange(len(all_scores)) >= len(normals)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from hetmm.core.metrics import pro_points, roc_points
-from hetmm.data.manifest import manifest_hash
+from hetmm.data.manifest import manifest_hash, read_source_record
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
 from hetmm.methods import spec
@@ -91,7 +91,8 @@ def run(ctx: StageRun) -> dict:
         "product_line": line.name,
         "method": str(line.method),
         "code_version": model_card.code_version(),
-        "data": {"manifest_sha256": manifest_hash(df), "images": int(len(df)), "test_images": int(len(test)),
+        "data": {"source": read_source_record(paths.data) or "not recorded (copy made before hetmm recorded it)",
+                 "manifest_sha256": manifest_hash(df), "images": int(len(df)), "test_images": int(len(test)),
                  "defective": int(labels.sum()), "defective_with_mask": int((labels & pixel).sum()),
                  "unlabelled": int((~labelled).sum()),
                  "unlabelled_flagged": int((scores[~labelled] >= threshold["threshold"]).sum())},

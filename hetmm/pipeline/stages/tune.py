@@ -21,6 +21,7 @@ from hetmm.pipeline import settings
 from hetmm.pipeline.line import StageRun, read_json, split, validated_manifest
 from hetmm.pipeline.provenance import tuning_code
 from hetmm.report import plots
+from hetmm.report.progress import Phases
 
 # Sections that cannot change what the search sees (the threshold and the report come after it).
 _NOT_TUNING = ("threshold", "report")
@@ -79,8 +80,9 @@ def _search(ctx: StageRun, train, shas: list[str]) -> dict:
     evalset = tuning.evaluation_set(images)
     template_images = [load_image(paths.data / path_of[s]) for s in templates]
     native = max(max(im.size) for im in images.normals)
-    say = (lambda m: print(f"tune {line.name}: {m}", file=sys.stderr)) if ctx.progress else None
-    result = tuning.search(line, template_images, evalset, len(set(shas)), native, _device(ctx), say)
+    lines = _SearchLines(line, tuning, verbose=ctx.progress)  # phase lines even under `dvc repro` (--quiet)
+    result = tuning.search(line, template_images, evalset, len(set(shas)), native, _device(ctx), lines)
+    lines.close()
     return {"action": "searched", "reason": "tunable keys: " + ", ".join(line.tunable()),
             "chosen": result.chosen, "baseline": result.baseline, "best": result.best,
             "objective": "mean of image AUROC, pixel AUROC and AU-PRO on validation normals + synthetic defects",
@@ -89,6 +91,43 @@ def _search(ctx: StageRun, train, shas: list[str]) -> dict:
             "stopped": result.stopped, "notes": result.notes,
             "seconds": round(time.perf_counter() - start, 1), "work_seconds": result.seconds,
             "candidates": result.candidates}
+
+
+class _SearchLines:
+    """The search's per-candidate callback (``"<pass> <key>: objective <x>"``) as one progress phase per pass, with
+    its candidate count (at most the options of its tunable keys) and an ETA within the time budget."""
+
+    def __init__(self, line, tuning, verbose: bool):
+        self.line, self.verbose, self.phase = line, verbose, None
+        self.phases = Phases(f"tune@{line.name}")
+        self.start = self.last = time.monotonic()
+        n, tunable = len(line.features.layers), set(line.tunable())
+        options = {"matching.mode": len(tuning.MODES), "post.blur_sigma": len(tuning.BLURS),
+                   "matching.forward_windows": n * len(tuning.WINDOWS),
+                   "matching.backward_windows": n * len(tuning.WINDOWS), "matching.alphas": n * len(tuning.ALPHAS),
+                   "matching.weights": n * len(tuning.WEIGHTS), "features.image_size": len(tuning.IMAGE_SIDES),
+                   "features.backbone": len(tuning.BACKBONES), "features.pool": len(tuning.POOLS),
+                   "features.normalisation": len(tuning.NORMALISATIONS)}
+        matching = sum(options[k] for k in tuning.MATCHING_KEYS if k in tunable)
+        self.planned = {"baseline": 1, "matching": matching, "matching (final features)": matching,
+                        "features": sum(options[k] for k in tuning.FEATURE_KEYS if k in tunable)}
+
+    def __call__(self, message: str) -> None:
+        if self.verbose:
+            print(f"tune {self.line.name}: {message}", file=sys.stderr)
+        name = message.split(":")[0].rsplit(" ", 1)[0]  # keys have no spaces, pass names may
+        if self.phase is None or self.phase.name != name:
+            self.close()
+            left = max(self.line.tune.budget_s - (time.monotonic() - self.start), 0.0)
+            self.phase = self.phases.start(name, self.planned.get(name), "candidates", limit_s=left)
+            self.phase.start = self.last  # its first candidate began when the previous one ended
+        self.last = time.monotonic()
+        self.phase.advance()
+
+    def close(self) -> None:
+        if self.phase is not None:
+            self.phase.finish()
+            self.phase = None
 
 
 def _device(ctx: StageRun):
