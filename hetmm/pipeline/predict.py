@@ -31,7 +31,7 @@ from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import ConfigError, DataError
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
-from hetmm.pipeline import cluster
+from hetmm.pipeline import cluster, deploy
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
 from hetmm.pipeline.infer import load_scorer
@@ -99,6 +99,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
         extractor = cluster.ExtractorPool(line.features, cluster_config)
         if isinstance(inspector, Inspector):  # TFA-Net's network is small: it runs here
             match = cluster.ShardedMatcher(inspector.template, line.matching, cluster_config).match
+    deploy.settle(paths, drop=False)  # a report killed after its commit point is finished first
     decision = saved_threshold(paths, line.name, inspector.version)
     rule = decision["rule"] if threshold is None else "--threshold"
     threshold = float(decision["threshold"]) if threshold is None else threshold

@@ -7,7 +7,8 @@ and the ``threshold`` / ``report`` settings; writes ``reports/<line>/`` (``metri
 ``model_card.{md,json}``) and
 ``models/<line>/threshold.json`` (read by ``hetmm predict``; both JSON files: :mod:`hetmm.pipeline.evaluation`).
 Recomputes everything on every run (cheap); the ablation is the only part that reads the template and features
-again. Every figure is computed before the first file is replaced, so a failing run leaves the previous report whole.
+again. Every file is written to a staging folder and the version is committed as one unit
+(:class:`hetmm.pipeline.deploy.Release`), so a failing or killed run leaves the previous report whole.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from hetmm.core.metrics import pro_points, roc_points
 from hetmm.data.manifest import manifest_hash
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
-from hetmm.pipeline import MODEL_FILES, MODEL_STAGES, evaluation, panels
+from hetmm.pipeline import MODEL_FILES, MODEL_STAGES, deploy, evaluation, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, plots
@@ -64,17 +65,20 @@ def run(ctx: StageRun) -> dict:
     pro = pro_points(maps[pixel], masks[pixel]) if masks[pixel].any() else {"fpr": [], "pro": []}  # none: empty
     table = ablation_rows(ctx, test, masks)
 
-    write_json_atomic(paths.reports / "evaluation.json", metrics)
-    write_json_atomic(paths.reports / "metrics.json", evaluation.dvc_metrics(metrics))
-    write_json_atomic(paths.threshold, threshold)
-    with atomic_path(paths.reports / "per_defect.csv") as tmp:
+    release = deploy.Release(paths)  # every file below goes to staging; commit() puts them in place together
+    reports = release.path(paths.reports / "metrics.json").parent
+    write_json_atomic(reports / "evaluation.json", metrics)
+    write_json_atomic(reports / "metrics.json", evaluation.dvc_metrics(metrics))
+    write_json_atomic(release.path(paths.threshold), threshold)
+    with atomic_path(reports / "per_defect.csv") as tmp:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
-    with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
+    with atomic_path(reports / "ablation.csv") as tmp:  # header only when report.ablation is off
         pd.DataFrame(table, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
-    plots.report_curves(paths.reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
-    plots.score_histogram_png(paths.reports / "scores.png", panels.score_groups(test, scores),
+    plots.report_curves(reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
+    plots.score_histogram_png(reports / "scores.png", panels.score_groups(test, scores),
                               threshold["threshold"], f"{line.name}: test image scores")
-    written = panels.report_panels(ctx, test, scores, maps, masks, threshold)
+    written = panels.report_panels(ctx, test, scores, maps, masks, threshold,
+                                   release.folder(paths.reports / "overlays"))
 
     timings = {"extract": read_json(paths.reports / "extract.json").get("seconds"),
                MODEL_STAGES[line.method]: model.get("seconds"),
@@ -99,9 +103,10 @@ def run(ctx: StageRun) -> dict:
         "inference": read_json(paths.reports / "infer.json"),
         "environment": _environment(),
         "params": {"device": ctx.params.device, **json.loads(json.dumps(asdict(line), default=list))},
-        "overlays": [str(p.relative_to(paths.reports)) for p in written],
+        "overlays": [str(p.relative_to(reports)) for p in written],
     }
-    model_card.model_card(paths.reports / "model_card.md", paths.reports / "model_card.json", card)
+    model_card.model_card(reports / "model_card.md", reports / "model_card.json", card)
+    release.commit()
     return metrics
 
 

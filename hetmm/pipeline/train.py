@@ -25,7 +25,7 @@ from hetmm.core.tfa_net import NetShape, TFANet, loss, medoid, random_mask, to_g
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
-from hetmm.pipeline import require_method, tfa_model
+from hetmm.pipeline import deploy, require_method, tfa_model
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey, tfa_code
@@ -43,7 +43,9 @@ def run(ctx: StageRun) -> dict:
                         "some out for validation and needs >= 2")
     key = tfa_model.model_key(line, fit)
     saved = tfa_model.read(paths.tfa_net)
+    curves = paths.reports / "training"
     if saved is not None and saved["meta"].get("key") == key:
+        tfa_model.finish_curves(curves, paths.tfa_net, key)
         info = {**saved["meta"]["record"], "content_hash": saved["meta"]["content_hash"], "action": "unchanged",
                 "reason": "same settings, images and code"}
         write_json_atomic(paths.reports / "tfa_net.json", info)
@@ -69,14 +71,15 @@ def run(ctx: StageRun) -> dict:
     from dvclive import Live  # imported here: the stage's only use of it
 
     # dvcyaml/save_dvc_exp off: dvc.yaml declares the metrics and plots and DVC records the experiment. A resumed
-    # run rewrites the log from its saved history, so a kill between two writes never leaves a step twice.
-    live = Live(str(paths.reports / "training"), dvcyaml=None, save_dvc_exp=False, report=None)
+    # run rewrites the log from its saved history (beside the previous curves, kept until this run has a model)
+    live = Live(str(deploy.staging_folder(curves)), dvcyaml=None, save_dvc_exp=False, report=None)
     history = state["history"] if state is not None else []
     for figures in history:
         _log(live, figures)
     size, seed = cfg["batch_size"], cfg["seed"] << 32
     per_epoch = -(-len(grids) // size)
     steps = cfg["steps"] or cfg["epochs"] * per_epoch
+    tick = tfa_model.check_schedule(line.name, cfg, per_epoch, steps)
     every, running = -(-steps // cfg["logs"]), []
     template_dev = template.to(device)
     net.train()
@@ -94,6 +97,8 @@ def run(ctx: StageRun) -> dict:
         batch_loss.backward()
         optimiser.step()
         running.append(float(batch_loss.detach()))
+        if step == done + 2:  # the first steps' pace, before the long part starts
+            tfa_model.say_pace(line.name, tick, 3, steps - step - 1)
         if (step + 1) % every and step + 1 < steps:
             continue
         figures = {"train/loss": float(np.mean(running)), "epoch": (step + 1) / per_epoch,
@@ -114,7 +119,7 @@ def run(ctx: StageRun) -> dict:
               "seconds": round(time.perf_counter() - start, 2), "device": str(device), "settings": cfg}
     meta = tfa_model.save_model(paths.tfa_net, net, template, {
         "key": key, "features": FeatureKey.of(line.features).record(), "code": tfa_code(), "record": record})
-    resume.unlink(missing_ok=True)
+    tfa_model.finish_curves(curves, paths.tfa_net, key)
     info = {**record, "content_hash": meta["content_hash"]}
     write_json_atomic(paths.reports / "tfa_net.json", info)
     return info
