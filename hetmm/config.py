@@ -420,6 +420,10 @@ def validate_line(line: ProductLine, key: str) -> None:
     _validate_tfa(line, key)
     if d.source == "folder" and not d.path:
         raise ConfigError(f"{key}.data.path: the folder source needs the path of an MVTec-layout tree")
+    if d.source == "table" and not d.path:
+        raise ConfigError(f"{key}.data.path: the table source needs the path of its CSV or parquet file (--path)")
+    if d.source == "anomalib_folder" and not d.normal_dir:
+        raise ConfigError(f"{key}.data.normal_dir: the anomalib_folder source needs the folder of good images")
     if d.source == "mvtec" and not d.category:
         raise ConfigError(f"{key}.data.category: the mvtec source needs a category name")
 

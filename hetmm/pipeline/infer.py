@@ -24,7 +24,7 @@ from hetmm.core.inspector import Inspector, Scorer
 from hetmm.core.modes import Method
 from hetmm.core.scoring import LayerMatches, match_plan
 from hetmm.errors import DataError
-from hetmm.io import atomic_path, write_json_atomic
+from hetmm.io import atomic_path, spreadsheet_safe, write_json_atomic
 from hetmm.pipeline import cluster
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths, StageRun, split, validated_manifest
@@ -132,7 +132,7 @@ def run(ctx: StageRun) -> dict:
     out["score"] = scores.astype(np.float64)
     paths.outputs.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.outputs / "scores.csv") as tmp:
-        out.to_csv(tmp, index=False)
+        spreadsheet_safe(out).to_csv(tmp, index=False)
     with atomic_path(paths.outputs / "maps.npy") as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, maps)

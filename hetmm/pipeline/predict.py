@@ -30,7 +30,8 @@ from hetmm.core.modes import Method
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import ConfigError, DataError
-from hetmm.io import atomic_path, sha256_file, write_json_atomic
+from hetmm.io import (atomic_path, remove_stale_temps, sha256_file, spreadsheet_safe,
+                      write_json_atomic)
 from hetmm.pipeline import cluster, deploy
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
@@ -91,6 +92,13 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
                    progress: bool = True, cluster_config: ClusterConfig | None = None) -> dict:
     """Score images; write predictions.csv/json, binary masks and overlays under ``out``. With an enabled
     ``cluster_config`` the features and the matching run on the cluster (:mod:`hetmm.pipeline.cluster`)."""
+    if threshold is not None and not np.isfinite(threshold):  # nan compares False: every part would pass
+        raise ConfigError(f"--threshold: must be a finite score, got {threshold}")
+    for folder in (out, out / "masks", out / "overlays"):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{folder}: --out names a folder for the predictions, but this is a file; choose another "
+                            "--out")
+    remove_stale_temps(out)  # what a killed predict left in its folder
     files = collect_images(inputs)
     model = template_path or (paths.tfa_net if line.method == Method.TFA_NET else paths.template)
     inspector = load_scorer(line, paths, device, model)
@@ -132,7 +140,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
                          "mask": f"masks/{stem}.png", "overlay": f"overlays/{stem}.png"})
     df = pd.DataFrame(rows)
     with atomic_path(out / "predictions.csv") as tmp:
-        df.to_csv(tmp, index=False)
+        spreadsheet_safe(df).to_csv(tmp, index=False)
     summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
                "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
                "method": str(line.method), "template_hash": inspector.version, "template": str(model), "code_version": code_version(), "out": str(out)}

@@ -27,7 +27,7 @@ import pandas as pd
 from hetmm.core.metrics import pro_points, roc_points
 from hetmm.data.manifest import manifest_hash
 from hetmm.errors import DataError
-from hetmm.io import atomic_path, write_json_atomic
+from hetmm.io import atomic_path, spreadsheet_safe, write_json_atomic
 from hetmm.pipeline import MODEL_FILES, MODEL_STAGES, deploy, evaluation, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
@@ -71,9 +71,9 @@ def run(ctx: StageRun) -> dict:
     write_json_atomic(reports / "metrics.json", evaluation.dvc_metrics(metrics))
     write_json_atomic(release.path(paths.threshold), threshold)
     with atomic_path(reports / "per_defect.csv") as tmp:
-        pd.DataFrame(per_type).to_csv(tmp, index=False)
+        spreadsheet_safe(pd.DataFrame(per_type)).to_csv(tmp, index=False)
     with atomic_path(reports / "ablation.csv") as tmp:  # header only when report.ablation is off
-        pd.DataFrame(table, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
+        spreadsheet_safe(pd.DataFrame(table, columns=ABLATION_COLUMNS)).to_csv(tmp, index=False)
     plots.report_curves(reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
     plots.score_histogram_png(reports / "scores.png", panels.score_groups(test, scores),
                               threshold["threshold"], f"{line.name}: test image scores")

@@ -44,11 +44,12 @@ def parse_when(text: str | None, option: str, end: bool = False) -> datetime | N
 
 
 def audit_history(root: str | Path = ".", line: str | None = None, since: datetime | None = None,
-                  until: datetime | None = None) -> list[dict]:
+                  until: datetime | None = None, malformed: list[str] | None = None) -> list[dict]:
     """One row per committed model card (newest first), on every branch and experiment ref: full commit, author,
     date, the ref it was found on, the line, the template (kind, sheets, content hash), the data manifest hash,
     the code version, the params, the deployed threshold and rule, and the headline metrics. ``since`` /
-    ``until`` keep the versions in use in that period (see the module docstring)."""
+    ``until`` keep the versions in use in that period (see the module docstring). A committed file that is no
+    model card (not a JSON object) is left out and named in ``malformed`` (``<commit>:<path>``)."""
     root = Path(root)
     # The line name never reaches git (a name like ':(glob)**' or '-n1' is pathspec magic or an option); the
     # cards are filtered by their path instead.
@@ -63,24 +64,34 @@ def audit_history(root: str | Path = ".", line: str | None = None, since: dateti
                 continue
             try:
                 card = json.loads(_git(root, "show", f"{commit}:{name}"))
-            except (HetmmError, json.JSONDecodeError):
+            except HetmmError:
                 continue  # the file was deleted in this commit
+            except json.JSONDecodeError:
+                card = None
+            if not isinstance(card, dict):
+                if malformed is not None:
+                    malformed.append(f"{commit[:12]}:{name}")
+                continue
             rows.append(_row(card, commit, author, when, ref, subject))
     rows.sort(key=lambda r: datetime.fromisoformat(r["date"]), reverse=True)
     return _in_period(rows, since, until)
 
 
+def _part(value) -> dict:
+    return value if isinstance(value, dict) else {}  # a hand-edited card may hold anything
+
+
 def _row(card: dict, commit: str, author: str, when: str, ref: str, subject: str) -> dict:
-    template, threshold = card.get("template", {}), card.get("threshold", {})
-    metrics = card.get("metrics", {}).get("all", {})
-    params = card.get("params", {})
+    template, threshold = _part(card.get("template")), _part(card.get("threshold"))
+    metrics = _part(_part(card.get("metrics")).get("all"))
+    params = _part(card.get("params"))
     return {
         "commit": commit, "date": when, "author": author, "ref": ref, "subject": subject,
         "line": card.get("product_line"), "template": f"{template.get('kind')}x{template.get('sheets')}",
         "template_hash": template.get("content_hash"), "template_action": template.get("action"),
-        "data_hash": card.get("data", {}).get("manifest_sha256"), "code": card.get("code_version"),
+        "data_hash": _part(card.get("data")).get("manifest_sha256"), "code": card.get("code_version"),
         "threshold": threshold.get("threshold"), "threshold_rule": threshold.get("rule"),
-        "backbone": params.get("features", {}).get("backbone"),
+        "backbone": _part(params.get("features")).get("backbone"),
         "image_auroc": metrics.get("image_auroc"), "pixel_auroc": metrics.get("pixel_auroc"),
         "aupro": metrics.get("aupro"), "params": params,
     }
