@@ -77,6 +77,8 @@ def check_lines(params_yaml: str | Path = "params.yaml", dvc_yaml: str | Path = 
     another method than params.yaml gives them, or with unsafe names."""
     import yaml
 
+    if not Path(params_yaml).is_file():
+        raise ConfigError(f"{params_yaml}: file not found; run from the repository root or pass --params")
     try:
         raw = yaml.safe_load(Path(params_yaml).read_text()) or {}
     except yaml.YAMLError as exc:
