@@ -129,7 +129,7 @@ def spreadsheet_safe(df: Any) -> Any:
     writes goes through it."""
     out = df.copy()
     for column in out.columns:
-        if out[column].dtype == object:
+        if out[column].dtype.kind == "O":  # object and pandas' string columns; numbers stay numbers
             out[column] = out[column].map(spreadsheet_cell)
     return out
 

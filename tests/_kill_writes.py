@@ -13,7 +13,9 @@ whose target path contains TEXT; prints ``{"killed": true|false}``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import shutil
@@ -64,12 +66,17 @@ def _run(root: Path, args: list[str], kill_at: int, count_file: Path | None = No
 def main() -> None:
     base, work = Path(sys.argv[1]), Path(sys.argv[2])
     args = sys.argv[sys.argv.index("--") + 1:]
-    import hetmm.cli  # noqa: F401  (imported once with the stage it runs; every child inherits them)
+    import hetmm.cli  # imported once with the stage it runs; every child inherits them
 
-    for module in (f"hetmm.pipeline.{args[0]}", f"hetmm.pipeline.stages.{args[0]}"):
+    for module in (f"hetmm.pipeline.{args[0]}", f"hetmm.pipeline.stages.{args[0]}", "hetmm.report.console"):
         try:
             importlib.import_module(module)
         except ImportError:
+            pass
+    with contextlib.redirect_stdout(io.StringIO()):  # and the CLI's own lazy imports
+        try:
+            hetmm.cli.app([args[0], "--help"], standalone_mode=False)
+        except SystemExit:
             pass
 
     if sys.argv[3] == "--match":
