@@ -120,8 +120,11 @@ def test_cluster_addresses_are_checked_before_ray_sees_them():
         check_address("127.0.0.1:1", "$RAY_ADDRESS", timeout=2)
     with pytest.raises(HetmmError, match=r"^cluster\.address: cannot resolve the Ray host 'no-such-host\.invalid'"):
         check_address("ray://no-such-host.invalid:10001", "cluster.address", timeout=2)
-    with pytest.raises(ConfigError, match="is not host:port, ray://host:port or auto"):
-        check_address("head-node", "cluster.address")
+    for bad in ("head-node", "head:99999", " "):
+        with pytest.raises(ConfigError, match=r"is not host:port \(port 1-65535\), ray://host:port or auto"):
+            check_address(bad, "cluster.address")
+    with pytest.raises(HetmmError, match=r"nothing answers at '\[::1\]:1'"):
+        check_address("[::1]:1", "cluster.address", timeout=2)
     with pytest.raises(ConfigError, match=r"^cluster\.address: 'local' would start a new Ray cluster"):
         check_address("local", "cluster.address")  # the README says hetmm never starts one
     with socket.create_server(("127.0.0.1", 0)) as listener:  # a port that answers, but not as Ray (ssh here)

@@ -265,7 +265,8 @@ def _table_file(base: Path, value: str, at: str, column: str | None) -> Path:
     file = file if file.is_absolute() else base / file
     check_link(file)
     if not file.is_file():
-        raise DataError(f"{at}: {column} {value!r} does not exist ({file}); fix the path")
+        what = "is not a regular file" if file.exists() else "does not exist"  # a folder, a pipe
+        raise DataError(f"{at}: {column} {value!r} {what} ({file}); fix the path")
     if file.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DataError(f"{at}: {column} {value!r} is not a png/jpg/jpeg/bmp/tif/tiff image")
     return file

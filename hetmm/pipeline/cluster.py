@@ -90,8 +90,9 @@ def check_address(address: str | None, key: str, timeout: float = CONNECT_TIMEOU
         raise ConfigError(f"{key}: 'local' would start a new Ray cluster, and hetmm only connects to a running one; "
                           f"{fix}")
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"{key}: {address!r} is not host:port, ray://host:port or auto; {fix}")
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 literal: [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {address!r} is not host:port (port 1-65535), ray://host:port or auto; {fix}")
     found: list[Any] = []
     resolver = threading.Thread(target=lambda: found.append(_resolve(host, int(port))), daemon=True)
     resolver.start()  # getaddrinfo has no timeout of its own; a daemon thread never delays the exit

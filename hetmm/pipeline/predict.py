@@ -36,7 +36,7 @@ from hetmm.pipeline import cluster, deploy
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
 from hetmm.pipeline.infer import load_scorer
-from hetmm.pipeline.line import LinePaths
+from hetmm.pipeline.line import LinePaths, read_json
 from hetmm.pipeline.template import load_current, record
 from hetmm.report.model_card import code_version
 from hetmm.report.overlays import anchored_scale, panel
@@ -46,13 +46,19 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     """Image files given directly or found (recursively, sorted) in the given folders."""
     found: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if item.is_dir():  # rglob does not follow links into folders, so a link loop is never walked
+            named = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+            for odd in (p for p in named if not p.is_file()):  # a pipe would block the read for ever
+                raise DataError(f"{odd}: not a regular file (a pipe, device or broken link) with an image name; "
+                                "remove it or give the images one by one")
+            found += named
         elif item.is_file():
             found.append(item)
         elif item.is_symlink():
             raise DataError(f"{item}: broken symbolic link to {item.readlink()} (the target does not exist); "
                             "restore the target or give the image itself")
+        elif item.exists():  # a pipe or device would block the read or never end
+            raise DataError(f"{item}: not a regular file or folder; give image files or folders")
         else:
             raise DataError(f"{item}: no such file or folder")
     if not found:
@@ -69,13 +75,17 @@ def saved_threshold(paths: LinePaths, line: str, template_hash: str) -> dict:
     if not paths.threshold.is_file():
         raise DataError(f"{paths.threshold}: no saved threshold (predict reads the image and pixel thresholds and the "
                         f"score range from it); {rerun}")
-    record = json.loads(paths.threshold.read_text())
+    record = read_json(paths.threshold)
     if record.get("template_hash") != template_hash:
         raise DataError(f"{paths.threshold}: the threshold was chosen for model {str(record.get('template_hash'))[:12]} "
                         f"but the line's model is {template_hash[:12]} (rebuilt since the last report); {rerun}")
     if "pixel_threshold" not in record or not {"min", "max"} <= set(record.get("normalisation", {})):
         raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold or score "
                         f"normalisation); {rerun}")
+    values = (record.get("threshold"), record["pixel_threshold"], *(record["normalisation"][k] for k in ("min", "max")))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+        raise DataError(f"{paths.threshold}: threshold, pixel_threshold and normalisation must be finite numbers (a "
+                        f"null or NaN would pass or flag every part); {rerun}")
     return record
 
 
