@@ -52,13 +52,13 @@ def _write_error(path: Path, exc: BaseException) -> DataError:
                      "file-size limit (ulimit -f), then rerun; the previous file is unchanged")
 
 
-def remove_stale_temps(*folders: Path) -> int:
-    """Delete the temporary files killed writes left in ``folders`` (recursively); call it holding the lock of the
-    line that owns them. Returns how many were removed."""
+def remove_stale_temps(*folders: Path, recursive: bool = True) -> int:
+    """Delete the temporary files killed writes left in ``folders`` (and their subfolders when ``recursive``); call
+    it holding the lock of the line that owns them. Returns how many were removed."""
     removed = 0
     for folder in folders:
-        for dirpath, _, names in os.walk(folder):  # never follows links out of the folder
-            for name in names:
+        for dirpath, _, names in os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]:
+            for name in names:  # os.walk never follows links out of the folder
                 if TEMP_NAME.fullmatch(name):
                     Path(dirpath, name).unlink(missing_ok=True)
                     removed += 1

@@ -319,6 +319,12 @@ def test_text_reaching_a_spreadsheet_or_terminal_is_neutralised(run_copy, tmp_pa
     assert sorted(cells) == sorted(["'=1+1.png", "'+SUM(A1).png", "'@cmd.png", "'-2.png", "esc\x1b[31mred.png",
                                     "plain.png"])
     assert "\x1b" not in done.stdout + done.stderr
+    # a second, smaller run into the same folder: none of the first run's masks or panels pass for its own
+    again = hetmm("predict", "line", "--root", str(root), "--params", str(root / "params.yaml"), "--out", "out", "-q",
+                  "plain.png", cwd=images)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [p.name for p in (images / "out" / "masks").iterdir()] == ["00000_plain.png"]
+    assert len(list((images / "out" / "overlays").iterdir())) == 1
     for csv, name in ((paths.reports / "per_defect.csv", "group"), (paths.outputs / "scores.csv", "defect_type"),
                       (paths.manifest, "defect_type")):
         column = pd.read_csv(csv, dtype=str, keep_default_na=False)[name]
@@ -337,6 +343,13 @@ def test_a_mask_dir_matching_no_image_is_refused_with_a_hint(demo_tree, tmp_path
     params = _params(tmp_path / "repo", {"data": {**data, "mask_dir": str(tmp_path / "masks")}})
     one_line_error(hetmm("download", "line", "-q", cwd=params.parent), "data.mask_dir holds no mask for any of the 3",
                    "colour/000.png")
+
+
+def test_folders_that_overlap_are_refused(demo_tree, tmp_path):
+    data = _folder_source(tmp_path, demo_tree)  # masks inside the defect folder would be read as defect images
+    params = _params(tmp_path / "repo", {"data": {**data, "mask_dir": str(tmp_path / "abnormal" / "colour")}})
+    one_line_error(hetmm("download", "line", "-q", cwd=params.parent), "data.abnormal_dir and data.mask_dir",
+                   "one holds the other")
 
 
 def test_table_rows_whose_copies_collide_are_named_by_their_csv_lines(demo_tree, tmp_path):

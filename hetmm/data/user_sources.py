@@ -145,6 +145,14 @@ def anomalib_folder(out: Path, scratch: Path, *, normal_dir: str | None = None, 
     normal = _folder("normal_dir", normal_dir, required=True)
     abnormal, mask_root = _folder("abnormal_dir", abnormal_dir), _folder("mask_dir", mask_dir)
     normal_test, unlabelled = _folder("normal_test_dir", normal_test_dir), _folder("unlabelled_dir", unlabelled_dir)
+    roles = {"normal_dir": normal, "abnormal_dir": abnormal, "mask_dir": mask_root, "normal_test_dir": normal_test,
+             "unlabelled_dir": unlabelled}
+    real = {name: folder.resolve() for name, folder in roles.items() if folder is not None}
+    for one, two in ((a, b) for a in real for b in real if a < b):
+        if real[one] == real[two] or real[one].is_relative_to(real[two]) or real[two].is_relative_to(real[one]):
+            raise ConfigError(f"data.{one} and data.{two}: {roles[one]} and {roles[two]} are the same folder or one "
+                              "holds the other, so images would count twice (a good image as a defect); give "
+                              "separate folders")
     goods = _images_below(normal)
     if not goods:
         raise DataError(f"{normal}: no good images (png/jpg/jpeg/bmp/tif/tiff) in data.normal_dir")

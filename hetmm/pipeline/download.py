@@ -19,7 +19,7 @@ from hetmm.config import DataConfig
 from hetmm.data.manifest import read_manifest
 from hetmm.data.sources import MIRROR_ENV, fetch
 from hetmm.errors import DataError
-from hetmm.io import sha256_file
+from hetmm.io import clean_text, sha256_file
 from hetmm.pipeline.line import LinePaths, StageRun
 
 
@@ -54,8 +54,8 @@ def run(ctx: StageRun) -> dict:
         if (kept := _intact_copy(ctx.paths)) is None:
             raise DataError(f"{ctx.paths.data}: cannot download line {ctx.line.name!r}: {why}, and there is no "
                             "intact earlier copy; fix the path (params.yaml) or `dvc pull` the line's data")
-        print(f"warning: {why}; keeping the earlier copy in {ctx.paths.data} ({kept} images, all hashes checked)",
-              file=sys.stderr)
+        print(clean_text(f"warning: {why}; keeping the earlier copy in {ctx.paths.data} ({kept} images, all hashes "
+                         "checked)"), file=sys.stderr)  # the path is the user's text: no terminal controls
         return {"images": kept, "kept": True, "reason": why, "seconds": round(time.perf_counter() - start, 2)}
     options = {k: v for k, v in asdict(d).items() if k != "source" and v is not None}
     df = fetch(d.source, ctx.paths.data, **options)

@@ -108,7 +108,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
         if folder.exists() and not folder.is_dir():
             raise DataError(f"{folder}: --out names a folder for the predictions, but this is a file; choose another "
                             "--out")
-    remove_stale_temps(out)  # what a killed predict left in its folder
+    remove_stale_temps(*(d for d in (out, out / "masks", out / "overlays") if d.is_dir()), recursive=False)
     files = collect_images(inputs)
     model = template_path or (paths.tfa_net if line.method == Method.TFA_NET else paths.template)
     inspector = load_scorer(line, paths, device, model)
@@ -127,6 +127,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     version = inspector.version[:12]
     rows = []
     done = 0
+    for record in (out / "predictions.json", out / "predictions.csv"):  # a killed run must not leave the previous
+        record.unlink(missing_ok=True)  # run's table pointing at masks it overwrote; the table comes last
     for images, layers in extract_images(extractor, files, line.features.batch_size, progress, "predict"):
         scored = inspector.finish(match(layers), inspector.boxes(images))
         chunk = files[done : done + len(images)]
@@ -154,6 +156,11 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
                "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
                "method": str(line.method), "template_hash": inspector.version, "template": str(model), "code_version": code_version(), "out": str(out)}
+    written = {row[kind] for row in rows for kind in ("mask", "overlay")}
+    ours = "[0-9][0-9][0-9][0-9][0-9]_*.png"  # the names this function gives them
+    for old in [*out.glob(f"masks/{ours}"), *out.glob(f"overlays/{ours}")]:
+        if old.relative_to(out).as_posix() not in written:  # a previous run's image would look like this run's
+            old.unlink()
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
     return summary
 
