@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SUBPROCESS_ENV, folder_line, run_stages, write_params
-from hetmm.errors import ConfigError, HetmmError
+from hetmm.errors import ConfigError, DataError, HetmmError
 from hetmm.pipeline import deploy
 from hetmm.pipeline.cluster import check_address
 from hetmm.pipeline.line import LinePaths
@@ -301,6 +302,25 @@ def test_predict_refuses_a_non_finite_threshold(run_copy, tmp_path, value):
     done = hetmm("predict", "line", str(src / "test" / "good"), "--threshold", value, "--out", str(tmp_path / "o"),
                  "-q", cwd=root)
     one_line_error(done, "--threshold: must be a finite score")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda t: [], "damaged (not a JSON object)"),
+    (lambda t: "{", "damaged (not a JSON object)"),
+    (lambda t: {**t, "threshold": None}, "must be finite numbers"),
+    (lambda t: {**t, "pixel_threshold": "0.3"}, "must be finite numbers"),
+    (lambda t: {**t, "normalisation": {"min": float("nan"), "max": 1.0}}, "must be finite numbers"),
+])
+def test_a_damaged_saved_threshold_is_refused(run_copy, damage, needle):
+    from hetmm.pipeline.predict import saved_threshold
+
+    root, paths, _ = run_copy
+    saved = json.loads(paths.threshold.read_text())
+    assert saved_threshold(paths, "line", saved["template_hash"])["threshold"] == saved["threshold"]
+    bad = damage(saved)
+    paths.threshold.write_text(bad if isinstance(bad, str) else json.dumps(bad))  # NaN as JSON's NaN token
+    with pytest.raises(DataError, match=r"models/line/threshold\.json: .*" + re.escape(needle)):
+        saved_threshold(paths, "line", saved["template_hash"])
 
 
 def test_text_reaching_a_spreadsheet_or_terminal_is_neutralised(run_copy, tmp_path):
