@@ -98,6 +98,8 @@ def _apply(root: Path, base: Path) -> None:
     try:
         journal = json.loads((base / JOURNAL).read_text())
         files, folders = list(journal["files"]), list(journal["folders"])
+        if any(Path(rel).is_absolute() or ".." in Path(rel).parts for rel in files + folders):
+            raise ValueError("a path outside the repository")  # it renames and deletes: never outside the root
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{base / JOURNAL}: unreadable release journal ({exc}); delete {base} and rerun the "
                         "report stage") from None
