@@ -52,11 +52,16 @@ def _friendly(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from hetmm.errors import HetmmError
+        from hetmm.io import clean_text
 
         try:
             return fn(*args, **kwargs)
         except HetmmError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {clean_text(str(exc))}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # the file system refused (read-only folder, full disk): the file and why, no traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(clean_text(f"error: {where}{exc.strerror or exc}; fix the file or folder and rerun"), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:  # Ctrl-C: every artifact is written atomically, so nothing half-written is left
             typer.echo("interrupted: nothing half-written was kept; run the command again to go on", err=True)
@@ -77,9 +82,10 @@ def _context(params_path: Path, root: Path, line_name: str):
 
 
 def _show(result: dict, as_json: bool) -> None:
+    from hetmm.io import clean_text
     from hetmm.report.console import render
 
-    typer.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else clean_text(render(result)))
 
 
 STAGE_HELP = {
@@ -102,6 +108,7 @@ STAGE_HELP = {
 def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, device: str | None,
                 quiet: bool) -> dict:
     from hetmm.config import load_params
+    from hetmm.io import remove_stale_temps
     from hetmm.pipeline.stages import stage
     from hetmm.pipeline.line import StageRun
     from hetmm.pipeline.lock import line_lock
@@ -110,6 +117,7 @@ def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, dev
     loaded.line(line)  # a bad name or entry fails before the lock is taken
     result: dict = {}
     with line_lock(root, line):
+        remove_stale_temps(*(root / folder / line for folder in ("data", "features", "models", "outputs", "reports")))
         for name in names:  # each stage's context is made when it starts: ``tune`` writes what the next ones read
             result = stage(name)(StageRun.for_line(loaded, line, root, device, progress=not quiet, stage=name))
     return {k: v for k, v in result.items() if k != "subsets"}
@@ -311,17 +319,24 @@ def audit(
     line: commit, author, date, data and template hashes, code version, params, threshold and metrics."""
     from hetmm.config import check_line_name
     from hetmm.errors import HetmmError
+    from hetmm.io import clean_text
     from hetmm.report.audit import audit_history, format_table, parse_when
 
     if line is not None:
         check_line_name(line)
-    rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True), all_refs)
-    if line and not rows:
+    malformed: list[str] = []
+    rows = audit_history(root, line, parse_when(since, "--since"), parse_when(until, "--until", end=True), all_refs,
+                         malformed)
+    if line and not rows and not malformed:
         known = sorted({r["line"] for r in audit_history(root, all_refs=True)})
         raise HetmmError(f"no model card of line {line!r} in the git history of {root} for that period (lines with "
                          f"model cards: {', '.join(known) or 'none'}); commit reports/{line}/model_card.json after "
                          "`dvc repro`")
-    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows, all_refs))
+    typer.echo(json.dumps(rows, indent=2) if as_json else clean_text(format_table(rows, all_refs)))
+    if malformed:  # the versions above are complete; these commits hold no readable card
+        more = f" (and {len(malformed) - 1} more)" if len(malformed) > 1 else ""
+        raise HetmmError(f"{malformed[0]}{more}: committed model card is not a JSON object, left out of the audit; "
+                         "regenerate it with `dvc repro report@<line>` and commit it (git history keeps the bad one)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -10,6 +10,7 @@ allowed. Range and cross-field checks are not here: they sit next to each sectio
 from __future__ import annotations
 
 import dataclasses
+import math
 import enum
 import types
 import typing
@@ -60,6 +61,8 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan passes every range check below it, inf most of them
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -20,6 +20,10 @@ from hetmm.modes import DataSource, MatchMode, TemplateKind, ThresholdRule
 MaskPolicy = Literal["required", "optional", "none"]
 MAX_IMAGE_SIDE = 4096  # larger inputs are tiled first: one 8k x 8k feature pass would not fit in memory
 MAX_BATCH = 1024
+# TFA-Net's upper bounds: the paper's network (width 768, depth 12, 400 epochs, ~110 M weights) fits well inside
+TFA_CAPS = {"width": 4096, "depth": 64, "heads": 64, "decoder_width": 4096, "decoder_depth": 64, "batch_size": 1024,
+            "patch": 64, "logs": 1000, "steps": 200_000, "epochs": 10_000}
+MAX_TFA_PARAMETERS = 250_000_000  # 1 GB of float32 weights, about 4 GB with gradients and Adam's state
 # The option each source cannot do without (its builder's required argument, see tests/test_sources.py), and what
 # it holds.
 SOURCE_NEEDS: dict[DataSource, tuple[str, str]] = {
@@ -299,8 +303,14 @@ class TFANetConfig:
         net = self.resolved(features)
         for name in ("width", "depth", "heads", "decoder_width", "decoder_depth", "batch_size", "patch", "logs",
                      "steps" if net["steps"] is not None else "epochs"):
-            if not 1 <= net[name] <= 10_000_000:
-                raise ConfigError(f"{key}.{name}: must be a positive integer, got {net[name]}")
+            if not 1 <= net[name] <= TFA_CAPS[name]:
+                raise ConfigError(f"{key}.{name}: must be an integer in 1..{TFA_CAPS[name]:_}, got {net[name]}")
+        # each transformer block holds about 12 * width^2 weights; refused here, before the allocation
+        size = 12 * (net["width"] ** 2 * net["depth"] + net["decoder_width"] ** 2 * net["decoder_depth"])
+        if size > MAX_TFA_PARAMETERS:
+            raise ConfigError(f"{key}: width {net['width']} x depth {net['depth']} and decoder_width "
+                              f"{net['decoder_width']} x decoder_depth {net['decoder_depth']} make about {size:_} "
+                              f"weights, over the cap of {MAX_TFA_PARAMETERS:_}; make the network smaller")
         if net["width"] % net["heads"] or net["decoder_width"] % max(1, net["heads"] * net["decoder_width"]
                                                                       // net["width"]):
             raise ConfigError(f"{key}.heads: width ({net['width']}) and decoder_width must split into "
@@ -309,8 +319,8 @@ class TFANetConfig:
             raise ConfigError(f"{key}.lr: the learning rate lies in (0, 1), got {net['lr']}")
         if not 0.0 <= net["mask_ratio"] < 1.0:
             raise ConfigError(f"{key}.mask_ratio: the masked share of query tokens lies in [0, 1)")
-        if net["cos_weight"] < 0:
-            raise ConfigError(f"{key}.cos_weight: must be >= 0")
+        if not 0 <= net["cos_weight"] <= 1000:  # beyond that the loss overflows float32 long before it is useful
+            raise ConfigError(f"{key}.cos_weight: must be in 0..1000, got {net['cos_weight']}")
         grid, side = net["grid"], min(features.image_size) // 4
         if grid < net["patch"] or grid % net["patch"] or grid > side:
             raise ConfigError(f"{key}.grid: the feature grid ({grid}; default: the finest layer's side) must be "

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from hetmm.data.images import IMAGE_EXTENSIONS, image_facts
 from hetmm.errors import DataError
-from hetmm.io import atomic_path, sha256_file, sha256_json
+from hetmm.io import atomic_path, sha256_file, sha256_json, spreadsheet_safe
 
 MANIFEST_COLUMNS = (
     "path", "split", "label", "defect_type", "mask_path", "width", "height", "mode", "sha256", "subset",
@@ -217,7 +217,7 @@ def build_manifest(samples: Iterable[SampleRef], root: str | Path, *, progress: 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
-        df.loc[:, list(MANIFEST_COLUMNS)].to_csv(tmp, index=False, lineterminator="\n")
+        spreadsheet_safe(df.loc[:, list(MANIFEST_COLUMNS)]).to_csv(tmp, index=False, lineterminator="\n")
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

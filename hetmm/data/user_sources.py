@@ -44,15 +44,21 @@ def _flat(rel: Path) -> str:
     return "__".join(rel.parts)
 
 
-def _place(out: Path, image: Path, name: str, split: str, defect_type: str, mask: Path | None) -> SampleRef:
-    """Copy ``image`` (and ``mask``) into the layout; a bad image is named where the user can fix it."""
+def _place(out: Path, image: Path, name: str, split: str, defect_type: str, mask: Path | None,
+           taken: dict[str, str], at: str | None = None) -> SampleRef:
+    """Copy ``image`` (and ``mask``) into the layout; a bad image is named where the user can fix it, and so are two
+    images whose copies would land on one name (``taken``: copy -> where it came from; ``at``: the table line)."""
     image_facts(image)
     target = Path(split) / defect_type / name
+    mask_rel = f"ground_truth/{defect_type}/{Path(name).stem}.png" if mask is not None else ""
+    for copy in filter(None, (target.as_posix(), mask_rel)):
+        if copy in taken:
+            raise DataError(f"{at or image}: would be stored as {copy}, the name {taken[copy]} has already; rename "
+                            "one of the two files")
+        taken[copy] = at or str(image)
     (out / target).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(image, out / target)
-    mask_rel = ""
     if mask is not None:
-        mask_rel = f"ground_truth/{defect_type}/{Path(name).stem}.png"
         (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(mask, out / mask_rel)
     label = defect_type if defect_type in RESERVED_TYPES else "defect"
@@ -82,10 +88,30 @@ def _folder(option: str, value: str | None, required: bool = False) -> Path | No
 
 
 def _images_below(folder: Path) -> list[Path]:
-    """Images in ``folder`` and its subfolders (sorted; hidden entries skipped, unreadable formats refused)."""
-    found = image_files(folder)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found += _images_below(sub)
+    """Images in ``folder`` and its subfolders (sorted; hidden entries skipped, unreadable formats refused).
+
+    Every folder is read once, by its real path: a symbolic link back to a folder above it (a loop) or to a folder
+    read already is refused by name, so a loop never grows into an endless walk."""
+    found: list[Path] = []
+    seen: dict[Path, Path] = {}
+    stack: list[tuple[Path, tuple[Path, ...]]] = [(folder, ())]
+    while stack:  # depth first, in sorted order, without recursion (a deep tree is no reason to fail)
+        current, above = stack.pop()
+        real = current.resolve()
+        if real in above:
+            raise DataError(f"{current}: symbolic link loop (it leads back to {real}, a folder above it); remove the "
+                            "link")
+        if real in seen:
+            raise DataError(f"{current}: leads to {real}, which was read already as {seen[real]}; remove one of "
+                            "the two so no image is listed twice")
+        seen[real] = current
+        found += image_files(current)
+        subs = []
+        for entry in sorted(p for p in current.iterdir() if not p.name.startswith(".")):
+            check_link(entry)  # a looping or broken link would otherwise drop out without a word
+            if entry.is_dir():
+                subs.append(entry)
+        stack += [(sub, (*above, real)) for sub in reversed(subs)]
     return found
 
 
@@ -119,14 +145,24 @@ def anomalib_folder(out: Path, scratch: Path, *, normal_dir: str | None = None, 
     normal = _folder("normal_dir", normal_dir, required=True)
     abnormal, mask_root = _folder("abnormal_dir", abnormal_dir), _folder("mask_dir", mask_dir)
     normal_test, unlabelled = _folder("normal_test_dir", normal_test_dir), _folder("unlabelled_dir", unlabelled_dir)
+    roles = {"normal_dir": normal, "abnormal_dir": abnormal, "mask_dir": mask_root, "normal_test_dir": normal_test,
+             "unlabelled_dir": unlabelled}
+    real = {name: folder.resolve() for name, folder in roles.items() if folder is not None}
+    for one, two in ((a, b) for a in real for b in real if a < b):
+        if real[one] == real[two] or real[one].is_relative_to(real[two]) or real[two].is_relative_to(real[one]):
+            raise ConfigError(f"data.{one} and data.{two}: {roles[one]} and {roles[two]} are the same folder or one "
+                              "holds the other, so images would count twice (a good image as a defect); give "
+                              "separate folders")
     goods = _images_below(normal)
     if not goods:
         raise DataError(f"{normal}: no good images (png/jpg/jpeg/bmp/tif/tiff) in data.normal_dir")
     test_goods = set() if normal_test is not None else _held_out(goods, normal_test_share)
-    refs = [_place(out, p, _flat(p.relative_to(normal)), "test" if p in test_goods else "train", "good", None)
+    taken: dict[str, str] = {}
+    refs = [_place(out, p, _flat(p.relative_to(normal)), "test" if p in test_goods else "train", "good", None, taken)
             for p in goods]
-    refs += [_place(out, p, _flat(p.relative_to(normal_test)), "test", "good", None)
+    refs += [_place(out, p, _flat(p.relative_to(normal_test)), "test", "good", None, taken)
              for p in (_images_below(normal_test) if normal_test is not None else [])]
+    matched, example = 0, None
     for image in _images_below(abnormal) if abnormal is not None else []:
         rel = image.relative_to(abnormal)
         defect_type = rel.parts[0] if len(rel.parts) > 1 else "defect"
@@ -134,9 +170,15 @@ def anomalib_folder(out: Path, scratch: Path, *, normal_dir: str | None = None, 
         mask = None if masks == "none" else _folder_mask(mask_root, rel)
         if mask is None and masks != "none":
             _no_mask(image, masks, f"{rel.with_suffix('.png')} in data.mask_dir" if mask_root else "no data.mask_dir")
+        matched, example = matched + (mask is not None), example or rel
         refs.append(_place(out, image, _flat(Path(*rel.parts[1:]) if len(rel.parts) > 1 else rel), "test",
-                           defect_type, mask))
-    refs += [_place(out, p, _flat(p.relative_to(unlabelled)), "test", UNLABELLED, None)
+                           defect_type, mask, taken))
+    defects = sum(r["label"] == "defect" for r in refs)
+    if mask_root is not None and masks != "none" and defects and not matched:
+        raise DataError(f"{mask_root}: data.mask_dir holds no mask for any of the {defects} defect images (for "
+                        f"{example} it looked for {example.with_suffix('.png')} or "
+                        f"{example.with_name(example.stem + '_mask.png')}); fix the folder or remove data.mask_dir")
+    refs += [_place(out, p, _flat(p.relative_to(unlabelled)), "test", UNLABELLED, None, taken)
              for p in (_images_below(unlabelled) if unlabelled is not None else [])]
     return refs
 
@@ -189,7 +231,7 @@ def table(out: Path, scratch: Path, *, path: str, masks: MaskPolicy = "optional"
         _column(df, table_path, (needed,), required=True)
     if df.empty:
         raise DataError(f"{table_path}: the table has no rows")
-    base, seen, refs = table_path.parent, {}, []
+    base, seen, refs, taken = table_path.parent, {}, [], {}
     for i, row in enumerate(df.to_dict("records")):
         at = f"{table_path} {where} {i + offset}"
         image = _table_file(base, row[path_col].strip(), at, "path")
@@ -216,7 +258,7 @@ def table(out: Path, scratch: Path, *, path: str, masks: MaskPolicy = "optional"
             raise DataError(f"{at}: {image} is listed twice (first at {where} {seen[key]}); keep one row")
         seen[key] = i + offset
         rel = image.relative_to(base) if image.is_relative_to(base) else Path(*image.parts[1:])
-        refs.append(_place(out, image, _flat(rel), split, defect_type, mask))
+        refs.append(_place(out, image, _flat(rel), split, defect_type, mask, taken, at))
     if not any(r["split"] == "train" for r in refs):
         raise DataError(f"{table_path}: no rows with split 'train'; add good training images")
     if not any(r["split"] == "test" for r in refs):
@@ -231,7 +273,8 @@ def _table_file(base: Path, value: str, at: str, column: str | None) -> Path:
     file = file if file.is_absolute() else base / file
     check_link(file)
     if not file.is_file():
-        raise DataError(f"{at}: {column} {value!r} does not exist ({file}); fix the path")
+        what = "is not a regular file" if file.exists() else "does not exist"  # a folder, a pipe
+        raise DataError(f"{at}: {column} {value!r} {what} ({file}); fix the path")
     if file.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DataError(f"{at}: {column} {value!r} is not a png/jpg/jpeg/bmp/tif/tiff image")
     return file

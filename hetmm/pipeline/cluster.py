@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import os
 import resource
+import socket
+import threading
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +43,7 @@ from hetmm.core.templates.store import pts_pixels as local_pts_pixels
 from hetmm.errors import ConfigError, HetmmError
 
 ADDRESS_ENV = "RAY_ADDRESS"
+CONNECT_TIMEOUT_S = 10.0  # a cluster that does not answer within this is reported, not waited for
 IN_FLIGHT = 2  # batches queued per actor: keeps every actor busy without holding the whole split in memory
 
 
@@ -65,13 +68,56 @@ def connect(cluster: ClusterConfig) -> Any:
     """The ``ray`` module, connected to the configured cluster (an existing connection is kept)."""
     ray = _ray()
     if not ray.is_initialized():
-        address = cluster.address or os.environ.get(ADDRESS_ENV)
+        address, key = (cluster.address, "cluster.address") if cluster.address else \
+            (os.environ.get(ADDRESS_ENV), f"${ADDRESS_ENV}")
+        check_address(address, key)
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError) as exc:
-            raise HetmmError(f"cluster: cannot connect to the Ray cluster at {address!r} ({exc}); start it "
-                             "(`ray start --head`) or unset RAY_ADDRESS and cluster.address") from None
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise HetmmError(f"{key}: cannot connect to the Ray cluster at {address!r} ({str(exc)[:200]}); start it "
+                             f"(`ray start --head`), fix {key} or unset it to run locally") from None
     return ray
+
+
+def check_address(address: str | None, key: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse ``local`` (it would start a cluster) and, for ``host:port`` or ``ray://host:port``, a host that does
+    not resolve or a port that does not answer within ``timeout`` seconds, naming ``key``: Ray itself would retry
+    for minutes without a word. ``auto`` is left to Ray, which fails at once when no cluster runs here."""
+    fix = f"start the cluster (`ray start --head` prints its address), fix {key} or unset it to run locally"
+    if address in (None, "", "auto"):
+        return
+    if address == "local":
+        raise ConfigError(f"{key}: 'local' would start a new Ray cluster, and hetmm only connects to a running one; "
+                          f"{fix}")
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 literal: [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {address!r} is not host:port (port 1-65535), ray://host:port or auto; {fix}")
+    found: list[Any] = []
+    resolver = threading.Thread(target=lambda: found.append(_resolve(host, int(port))), daemon=True)
+    resolver.start()  # getaddrinfo has no timeout of its own; a daemon thread never delays the exit
+    resolver.join(timeout)
+    if not found or isinstance(found[0], OSError):
+        why = "no answer from the name service" if not found else found[0].strerror or str(found[0])
+        raise HetmmError(f"{key}: cannot resolve the Ray host {host!r} of {address!r} ({why}); {fix}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            # Ray's head (GCS or client server) speaks gRPC: HTTP/2 answers its preface with a SETTINGS frame.
+            # Anything else (an ssh or web port) would keep ray.init retrying for minutes.
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            answer = conn.recv(9)
+    except OSError as exc:
+        raise HetmmError(f"{key}: nothing answers at {address!r} within {timeout:g} s ({exc.strerror or exc}); "
+                         f"{fix}") from None
+    if len(answer) < 4 or answer[3] != 4:
+        raise HetmmError(f"{key}: {address!r} answers, but not as a Ray cluster (no gRPC); {fix}")
+
+
+def _resolve(host: str, port: int) -> Any:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
 
 
 def _get(ray: Any, refs: Any) -> Any:

@@ -113,4 +113,13 @@ def items(df: pd.DataFrame, paths: LinePaths) -> list[tuple[Path, str]]:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A stage record or decision file ({} when missing); a damaged one is named, never a traceback."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        record = exc
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: damaged (not a JSON object); rerun the stage that writes it (`dvc repro`)")
+    return record

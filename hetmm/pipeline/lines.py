@@ -78,8 +78,16 @@ def check_lines(params_yaml: str | Path = "params.yaml", dvc_yaml: str | Path = 
     another method than params.yaml gives them, or with unsafe names."""
     import yaml
 
-    raw = yaml.safe_load(Path(params_yaml).read_text()) or {}
-    entries = raw.get("product_lines") or {}
+    if not Path(params_yaml).is_file():
+        raise ConfigError(f"{params_yaml}: file not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(Path(params_yaml).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{params_yaml}: not valid YAML ({type(exc).__name__}); fix the file") from None
+    entries = raw.get("product_lines") or {} if isinstance(raw, dict) else None
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{params_yaml}: expected a mapping with a product_lines mapping at the top level; fix the "
+                          "file or pass the right --params")
     in_params = [str(name) for name in entries]
     in_dvc = dvc_line_methods(dvc_yaml)
     unsafe = []
@@ -142,9 +150,18 @@ def add_line(name: str, data: dict[str, Any], params_yaml: str | Path = "params.
     entry = line_entry(name, data, method)
     check_source(name, entry["data"])
     params_yaml, dvc_yaml = Path(params_yaml), Path(dvc_yaml)
+    for given, option in ((params_yaml, "--params"), (dvc_yaml, "--dvc")):
+        if not given.is_file():
+            raise ConfigError(f"{given}: file not found; run from the repository root or pass {option}")
     names = dvc_line_methods(dvc_yaml)
     yml = YAML()  # round trip: the file's comments and order survive
-    doc = yml.load(params_yaml.read_text())
+    try:
+        doc = yml.load(params_yaml.read_text())
+    except Exception as exc:  # noqa: BLE001 - ruamel's errors share no base class worth naming
+        raise ConfigError(f"{params_yaml}: not valid YAML ({type(exc).__name__}); fix the file") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("product_lines") or {}, dict):
+        raise ConfigError(f"{params_yaml}: expected a mapping with a product_lines mapping at the top level; fix the "
+                          "file or pass the right --params")
     if name in (doc.get("product_lines") or {}) or name in names:
         raise ConfigError(f"product_lines.{name}: the line exists already; edit its entry in {params_yaml}")
     # block lists, as DVC writes them: `dvc exp run -S` then changes the keys it sets and no other line

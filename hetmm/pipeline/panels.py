@@ -33,10 +33,10 @@ def score_groups(test: pd.DataFrame, scores: np.ndarray) -> dict[str, np.ndarray
 
 
 def report_panels(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
-                  decision: dict) -> list[Path]:
-    """Write the panels (see the module docstring); ``scores`` [M], ``maps`` / ``masks`` [M, H, W] follow
-    ``test``'s rows. Returns the files written."""
-    out_dir = ctx.paths.reports / "overlays"
+                  decision: dict, out_dir: Path | None = None) -> list[Path]:
+    """Write the panels (see the module docstring) into ``out_dir`` (default ``reports/<line>/overlays``);
+    ``scores`` [M], ``maps`` / ``masks`` [M, H, W] follow ``test``'s rows. Returns the files written."""
+    out_dir = out_dir or ctx.paths.reports / "overlays"
     for old in out_dir.glob("*.png") if out_dir.is_dir() else []:
         old.unlink()
     count = ctx.line.report.overlays

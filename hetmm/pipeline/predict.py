@@ -28,12 +28,12 @@ from hetmm.core.device import resolve_device
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS, load_image
 from hetmm.errors import ConfigError, DataError
-from hetmm.io import atomic_path, sha256_file, write_json_atomic
+from hetmm.io import atomic_path, remove_stale_temps, sha256_file, spreadsheet_safe, write_json_atomic
 from hetmm.methods import spec
-from hetmm.pipeline import cluster
+from hetmm.pipeline import cluster, deploy
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
-from hetmm.pipeline.line import LinePaths
+from hetmm.pipeline.line import LinePaths, read_json
 from hetmm.pipeline.line_template import load_current, record
 from hetmm.pipeline.models import load_scorer, model_path
 from hetmm.report.model_card import code_version
@@ -44,13 +44,19 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
     """Image files given directly or found (recursively, sorted) in the given folders."""
     found: list[Path] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if item.is_dir():  # rglob does not follow links into folders, so a link loop is never walked
+            named = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+            for odd in (p for p in named if not p.is_file()):  # a pipe would block the read for ever
+                raise DataError(f"{odd}: not a regular file (a pipe, device or broken link) with an image name; "
+                                "remove it or give the images one by one")
+            found += named
         elif item.is_file():
             found.append(item)
         elif item.is_symlink():
             raise DataError(f"{item}: broken symbolic link to {item.readlink()} (the target does not exist); "
                             "restore the target or give the image itself")
+        elif item.exists():  # a pipe or device would block the read or never end
+            raise DataError(f"{item}: not a regular file or folder; give image files or folders")
         else:
             raise DataError(f"{item}: no such file or folder")
     if not found:
@@ -67,7 +73,7 @@ def saved_threshold(paths: LinePaths, line: str, model_hash: str) -> dict:
     if not paths.threshold.is_file():
         raise DataError(f"{paths.threshold}: no saved threshold (predict reads the image and pixel thresholds and the "
                         f"score range from it); {rerun}")
-    record = json.loads(paths.threshold.read_text())
+    record = read_json(paths.threshold)
     chosen_for = record.get("model_hash", record.get("template_hash"))
     if chosen_for != model_hash:
         raise DataError(f"{paths.threshold}: the threshold was chosen for model {str(chosen_for)[:12]} "
@@ -75,6 +81,10 @@ def saved_threshold(paths: LinePaths, line: str, model_hash: str) -> dict:
     if "pixel_threshold" not in record or not {"min", "max"} <= set(record.get("normalisation", {})):
         raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold or score "
                         f"normalisation); {rerun}")
+    values = (record.get("threshold"), record["pixel_threshold"], *(record["normalisation"][k] for k in ("min", "max")))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+        raise DataError(f"{paths.threshold}: threshold, pixel_threshold and normalisation must be finite numbers (a "
+                        f"null or NaN would pass or flag every part); {rerun}")
     return record
 
 
@@ -109,6 +119,13 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     Returns the summary with ``predictions``: one record per given image, in input order, ``status`` ``inspected``
     (verdict, score, normalised score, defect area, mask and overlay files) or ``failed`` (the reason); a record is a
     flat mapping, so later fields (a p-value) add a key."""
+    if threshold is not None and not np.isfinite(threshold):  # nan compares False: every part would pass
+        raise ConfigError(f"--threshold: must be a finite score, got {threshold}")
+    for folder in (out, out / "masks", out / "overlays"):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"{folder}: --out names a folder for the predictions, but this is a file; choose another "
+                            "--out")
+    remove_stale_temps(*(d for d in (out, out / "masks", out / "overlays") if d.is_dir()), recursive=False)
     given = collect_images(inputs)
     files, failed = readable(given)
     if not files:
@@ -122,6 +139,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
         extractor = cluster.ExtractorPool(line.features, cluster_config)
         if method.sharding:  # a method without sharding (TFA-Net's small network) matches here
             match = cluster.ShardedMatcher(scorer.template, line.matching, cluster_config).match
+    deploy.settle(paths, drop=False)  # a report killed after its commit point is finished first
     decision = saved_threshold(paths, line.name, scorer.version)
     rule = decision["rule"] if threshold is None else "--threshold"
     threshold = float(decision["threshold"]) if threshold is None else threshold
@@ -131,6 +149,8 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     version = scorer.version[:12]
     rows = []
     done = 0
+    for record in (out / "predictions.json", out / "predictions.csv"):  # a killed run must not leave the previous
+        record.unlink(missing_ok=True)  # run's table pointing at masks it overwrote; the table comes last
     for images, layers in extract_images(extractor, files, line.features.batch_size, progress, "predict"):
         scored = scorer.finish(match(layers), scorer.boxes(images))
         chunk = files[done : done + len(images)]
@@ -158,13 +178,18 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     rows = sorted(rows + failed, key=lambda row: order[row["path"]])
     df = pd.DataFrame(rows)
     with atomic_path(out / "predictions.csv") as tmp:
-        df.to_csv(tmp, index=False)
+        spreadsheet_safe(df).to_csv(tmp, index=False)
     inspected = df[df["status"] == "inspected"]
     summary = {"images": len(rows), "inspected": len(inspected), "failed": len(failed),
                "defective": int(inspected["defective"].astype(bool).sum()), "threshold": threshold,
                "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
                "method": str(line.method), "model_hash": scorer.version, "model": str(model),
                "code_version": code_version(), "out": str(out)}
+    written = {row[kind] for row in rows for kind in ("mask", "overlay") if row.get(kind)}
+    ours = "[0-9][0-9][0-9][0-9][0-9]_*.png"  # the names this function gives them
+    for old in [*out.glob(f"masks/{ours}"), *out.glob(f"overlays/{ours}")]:
+        if old.relative_to(out).as_posix() not in written:  # a previous run's image would look like this run's
+            old.unlink()
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
     return {**summary, "predictions": rows}
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hetmm.config import ProductLine
+from hetmm.config import TFA_CAPS, ProductLine
 from hetmm.core.tfa_net import NetShape, TFANet
-from hetmm.errors import TemplateMismatchError
+from hetmm.errors import ConfigError, TemplateMismatchError
 from hetmm.io import atomic_path, sha256_json
+from hetmm.pipeline import deploy
 from hetmm.pipeline.provenance import FeatureKey, tfa_code
 from hetmm.pipeline.settings import sections
 
@@ -102,3 +105,29 @@ def resume_state(path: Path, key: str) -> dict[str, Any] | None:
         return body
     path.unlink(missing_ok=True)
     return None
+
+
+def finish_curves(curves: Path, model: Path, key: str) -> None:
+    """Swap a finished training's curves (DVCLive, written beside ``curves``) in and drop its resume state; also
+    when a kill came between saving the model and this (the state of ``key`` is still there)."""
+    staged, resume = curves.with_name(f".{curves.name}.staging"), resume_path(model)
+    deploy.restore_folder(curves)
+    if staged.is_dir() and resume_state(resume, key) is not None:
+        deploy.replace_folder(staged, curves)
+    resume.unlink(missing_ok=True)
+
+
+def check_schedule(line: str, cfg: dict[str, Any], per_epoch: int, steps: int) -> float:
+    """Refuse a schedule over the steps cap (``epochs`` count in steps only here); returns the start time."""
+    if steps > TFA_CAPS["steps"]:
+        raise ConfigError(f"product_lines.{line}.tfa_net.epochs: {cfg['epochs']} epochs of {per_epoch} steps are "
+                          f"{steps:_} steps, over the cap of {TFA_CAPS['steps']:_}; train fewer epochs")
+    return time.perf_counter()
+
+
+def say_pace(line: str, since: float, done: int, left: int) -> None:
+    """The estimate of a training's remaining time from the pace of its first ``done`` steps (on stderr)."""
+    if left > 0:
+        pace = (time.perf_counter() - since) / done
+        print(f"train {line}: {left:_} steps left, about {pace * left / 60:.1f} min at {pace:.2f} s/step "
+              "(tfa_net.steps or tfa_net.epochs set the length)", file=sys.stderr)

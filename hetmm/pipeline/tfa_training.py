@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from hetmm.core.tfa_net import NetShape, TFANet, loss, medoid, random_mask
 
+PACE_STEPS = 3  # steps timed before a training says how long the rest will take
+
 
 def template_index(grids: torch.Tensor, cfg: dict[str, Any]) -> int:
     """Which training image ``[N, C, G, G]`` is the template (``tfa_net.template``: medoid or first)."""
@@ -41,9 +43,10 @@ def schedule(images: int, cfg: dict[str, Any]) -> tuple[int, int, int]:
 
 def fit(net: TFANet, optimiser: torch.optim.Optimizer, grids: torch.Tensor, template: torch.Tensor,
         cfg: dict[str, Any], done: int, on_point: Callable[[int, list[float]], None], desc: str,
-        progress: bool = True) -> None:
+        progress: bool = True, on_pace: Callable[[int, int], None] | None = None) -> None:
     """Train from step ``done`` to the end of the schedule; at every log point (and the last step) call
-    ``on_point(steps_done, batch_losses_since_the_last_point)`` with the network in train mode again after it."""
+    ``on_point(steps_done, batch_losses_since_the_last_point)`` with the network in train mode again after it, and
+    once, after this run's first ``PACE_STEPS`` steps, ``on_pace(steps_run, steps_left)`` (an estimate's input)."""
     device = template.device
     steps, per_epoch, every = schedule(len(grids), cfg)
     size, seed = cfg["batch_size"], cfg["seed"] << 32
@@ -60,6 +63,8 @@ def fit(net: TFANet, optimiser: torch.optim.Optimizer, grids: torch.Tensor, temp
         batch_loss.backward()
         optimiser.step()
         running.append(float(batch_loss.detach()))
+        if on_pace is not None and step + 1 == done + PACE_STEPS:
+            on_pace(PACE_STEPS, steps - step - 1)
         if (step + 1) % every and step + 1 < steps:
             continue
         on_point(step + 1, running)

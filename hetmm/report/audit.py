@@ -67,12 +67,14 @@ def refs(root: str | Path = ".", all_refs: bool = False) -> list[str]:
 
 
 def audit_history(root: str | Path = ".", line: str | None = None, since: datetime | None = None,
-                  until: datetime | None = None, all_refs: bool = False) -> list[dict]:
+                  until: datetime | None = None, all_refs: bool = False, malformed: list[str] | None = None
+                  ) -> list[dict]:
     """One row per committed model card (newest first) on the current branch (``all_refs``: on every branch, tag
     and experiment, one row per ref a version was in use on): full commit, author, date, the ref, the line, the
     template (kind, sheets, content hash), the data manifest hash, the code version, the params, the deployed
     threshold and rule, and the headline metrics. ``since`` / ``until`` keep the versions in use on the ref in
-    that period (see the module docstring)."""
+    that period (see the module docstring). A committed file that is no model card (not a JSON object) is left out
+    and named in ``malformed`` (``<commit>:<path>``)."""
     root = Path(root)
     # The line name never reaches git (a name like ':(glob)**' or '-n1' is pathspec magic or an option); the
     # cards are filtered by their path instead.
@@ -91,10 +93,7 @@ def audit_history(root: str | Path = ".", line: str | None = None, since: dateti
                 if wanted is not None and name != wanted:
                     continue
                 if (commit, name) not in cards:
-                    try:
-                        cards[commit, name] = json.loads(_git(root, "show", f"{commit}:{name}"))
-                    except (HetmmError, json.JSONDecodeError):
-                        cards[commit, name] = None  # the file was deleted in this commit
+                    cards[commit, name] = _card(root, commit, name, malformed)
                 if cards[commit, name] is not None:
                     per_ref.append(_row(cards[commit, name], commit, author, when, _short(ref), subject))
         per_ref.sort(key=lambda r: datetime.fromisoformat(r["date"]), reverse=True)
@@ -117,17 +116,36 @@ def _short(ref: str) -> str:
     return ref
 
 
+def _card(root: Path, commit: str, name: str, malformed: list[str] | None) -> dict | None:
+    """The committed card, or None: deleted in this commit, or not a JSON object (named in ``malformed``)."""
+    try:
+        card = json.loads(_git(root, "show", f"{commit}:{name}"))
+    except HetmmError:
+        return None  # the file was deleted in this commit
+    except json.JSONDecodeError:
+        card = None
+    if not isinstance(card, dict):
+        if malformed is not None and f"{commit[:12]}:{name}" not in malformed:
+            malformed.append(f"{commit[:12]}:{name}")
+        return None
+    return card
+
+
+def _part(value) -> dict:
+    return value if isinstance(value, dict) else {}  # a hand-edited card may hold anything
+
+
 def _row(card: dict, commit: str, author: str, when: str, ref: str, subject: str) -> dict:
-    template, threshold = card.get("template", {}), card.get("threshold", {})
-    metrics = card.get("metrics", {}).get("all", {})
-    params = card.get("params", {})
+    template, threshold = _part(card.get("template")), _part(card.get("threshold"))
+    metrics = _part(_part(card.get("metrics")).get("all"))
+    params = _part(card.get("params"))
     return {
         "commit": commit, "date": when, "author": author, "ref": ref, "subject": subject,
         "line": card.get("product_line"), "template": f"{template.get('kind')}x{template.get('sheets')}",
         "model_hash": template.get("content_hash"), "template_action": template.get("action"),
-        "data_hash": card.get("data", {}).get("manifest_sha256"), "code": card.get("code_version"),
+        "data_hash": _part(card.get("data")).get("manifest_sha256"), "code": card.get("code_version"),
         "threshold": threshold.get("threshold"), "threshold_rule": threshold.get("rule"),
-        "backbone": params.get("features", {}).get("backbone"),
+        "backbone": _part(params.get("features")).get("backbone"),
         "image_auroc": metrics.get("image_auroc"), "pixel_auroc": metrics.get("pixel_auroc"),
         "aupro": metrics.get("aupro"), "params": params,
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 from hetmm.data.manifest import read_manifest, read_source_record, write_source_record
 from hetmm.data.sources import fetch, missing_input
 from hetmm.errors import DataError
-from hetmm.io import sha256_file
+from hetmm.io import clean_text, sha256_file
 from hetmm.pipeline.line import LinePaths, StageRun
 
 KEEP_COPY_ENV = "HETMM_KEEP_COPY"  # =1: a missing source keeps the last good copy (a teammate's machine)
@@ -54,8 +54,8 @@ def run(ctx: StageRun) -> dict:
             raise DataError(f"product_lines.{ctx.line.name}.data: {why}; {ctx.paths.data} still holds {kept} images "
                             f"from {origin}. Fix the path in params.yaml, or go on with that copy: "
                             f"{KEEP_COPY_ENV}=1 dvc repro (or {KEEP_COPY_ENV}=1 hetmm download {ctx.line.name})")
-        print(f"warning: {why}; keeping the earlier copy in {ctx.paths.data} ({kept} images from {origin}, "
-              f"all hashes checked; {KEEP_COPY_ENV}=1)", file=sys.stderr)
+        print(clean_text(f"warning: {why}; keeping the earlier copy in {ctx.paths.data} ({kept} images from "
+                         f"{origin}, all hashes checked; {KEEP_COPY_ENV}=1)"), file=sys.stderr)  # user text: no controls
         return {"images": kept, "kept": True, "reason": why, "from": origin,
                 "seconds": round(time.perf_counter() - start, 2)}
     options = {k: v for k, v in asdict(d).items() if k != "source" and v is not None}

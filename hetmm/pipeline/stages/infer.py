@@ -15,7 +15,7 @@ import numpy as np
 
 from hetmm.core.scoring import match_plan
 from hetmm.errors import DataError
-from hetmm.io import atomic_path, write_json_atomic
+from hetmm.io import atomic_path, spreadsheet_safe, write_json_atomic
 from hetmm.methods import spec
 from hetmm.pipeline import cluster
 from hetmm.pipeline.batch_scoring import score_cached
@@ -53,7 +53,7 @@ def run(ctx: StageRun) -> dict:
     out["score"] = scores.astype(np.float64)
     paths.outputs.mkdir(parents=True, exist_ok=True)
     with atomic_path(paths.outputs / "scores.csv") as tmp:
-        out.to_csv(tmp, index=False)
+        spreadsheet_safe(out).to_csv(tmp, index=False)
     with atomic_path(paths.outputs / "maps.npy") as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, maps)

@@ -7,7 +7,8 @@ and the ``threshold`` / ``report`` settings; writes ``reports/<line>/`` (``metri
 ``model_card.{md,json}``) and
 ``models/<line>/threshold.json`` (read by ``hetmm predict``; both JSON files: :mod:`hetmm.pipeline.evaluation`).
 Recomputes everything on every run (cheap); the ablation is the only part that reads the template and features
-again. Every figure is computed before the first file is replaced, so a failing run leaves the previous report whole.
+again. Every file is written to a staging folder and the version is committed as one unit
+(:class:`hetmm.pipeline.deploy.Release`), so a failing or killed run leaves the previous report whole.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import pandas as pd
 from hetmm.core.metrics import pro_points, roc_points
 from hetmm.data.manifest import manifest_hash, read_source_record
 from hetmm.errors import DataError
-from hetmm.io import atomic_path, write_json_atomic
+from hetmm.io import atomic_path, spreadsheet_safe, write_json_atomic
 from hetmm.methods import spec
-from hetmm.pipeline import evaluation, panels
+from hetmm.pipeline import deploy, evaluation, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, plots
@@ -69,17 +70,20 @@ def run(ctx: StageRun) -> dict:
 
         table = line_ablation(line, paths, ctx.device, test, masks, ctx.progress)
 
-    write_json_atomic(paths.reports / "evaluation.json", metrics)
-    write_json_atomic(paths.reports / "metrics.json", evaluation.dvc_metrics(metrics))
-    write_json_atomic(paths.threshold, threshold)
-    with atomic_path(paths.reports / "per_defect.csv") as tmp:
-        pd.DataFrame(per_type).to_csv(tmp, index=False)
-    with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
-        pd.DataFrame(table, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
-    plots.report_curves(paths.reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
-    plots.score_histogram_png(paths.reports / "scores.png", panels.score_groups(test, scores),
+    release = deploy.Release(paths)  # every file below goes to staging; commit() puts them in place together
+    reports = release.path(paths.reports / "metrics.json").parent
+    write_json_atomic(reports / "evaluation.json", metrics)
+    write_json_atomic(reports / "metrics.json", evaluation.dvc_metrics(metrics))
+    write_json_atomic(release.path(paths.threshold), threshold)
+    with atomic_path(reports / "per_defect.csv") as tmp:
+        spreadsheet_safe(pd.DataFrame(per_type)).to_csv(tmp, index=False)
+    with atomic_path(reports / "ablation.csv") as tmp:  # header only when report.ablation is off
+        spreadsheet_safe(pd.DataFrame(table, columns=ABLATION_COLUMNS)).to_csv(tmp, index=False)
+    plots.report_curves(reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
+    plots.score_histogram_png(reports / "scores.png", panels.score_groups(test, scores),
                               threshold["threshold"], f"{line.name}: test image scores")
-    written = panels.report_panels(ctx, test, scores, maps, masks, threshold)
+    written = panels.report_panels(ctx, test, scores, maps, masks, threshold,
+                                   release.folder(paths.reports / "overlays"))
 
     timings = {"extract": read_json(paths.reports / "extract.json").get("seconds"),
                method.model_stage: model.get("seconds"),
@@ -105,9 +109,10 @@ def run(ctx: StageRun) -> dict:
         "inference": read_json(paths.reports / "infer.json"),
         "environment": _environment(),
         "params": {"device": ctx.params.device, **json.loads(json.dumps(asdict(line), default=list))},
-        "overlays": [str(p.relative_to(paths.reports)) for p in written],
+        "overlays": [str(p.relative_to(reports)) for p in written],
     }
-    model_card.model_card(paths.reports / "model_card.md", paths.reports / "model_card.json", card)
+    model_card.model_card(reports / "model_card.md", reports / "model_card.json", card)
+    release.commit()
     return metrics
 
 

@@ -22,7 +22,7 @@ from hetmm.core.tfa_net import to_grid
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
-from hetmm.pipeline import tfa_model, tfa_training
+from hetmm.pipeline import deploy, tfa_model, tfa_training
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import StageRun, split, validated_manifest
 from hetmm.pipeline.provenance import FeatureKey, tfa_code
@@ -41,7 +41,9 @@ def run(ctx: StageRun) -> dict:
                         "some out for validation and needs >= 2")
     key = tfa_model.model_key(line, fit)
     saved = tfa_model.read(paths.tfa_net)
+    curves = paths.reports / "training"
     if saved is not None and saved["meta"].get("key") == key:
+        tfa_model.finish_curves(curves, paths.tfa_net, key)
         info = {**saved["meta"]["record"], "content_hash": saved["meta"]["content_hash"], "action": "unchanged",
                 "reason": "same settings, images and code"}
         write_json_atomic(paths.reports / "tfa_net.json", info)
@@ -64,12 +66,13 @@ def run(ctx: StageRun) -> dict:
     from dvclive import Live  # imported here: the stage's only use of it
 
     # dvcyaml/save_dvc_exp off: dvc.yaml declares the metrics and plots and DVC records the experiment. A resumed
-    # run rewrites the log from its saved history, so a kill between two writes never leaves a step twice.
-    live = Live(str(paths.reports / "training"), dvcyaml=None, save_dvc_exp=False, report=None)
+    # run rewrites the log from its saved history (beside the previous curves, kept until this run has a model)
+    live = Live(str(deploy.staging_folder(curves)), dvcyaml=None, save_dvc_exp=False, report=None)
     history = state["history"] if state is not None else []
     for figures in history:
         _log(live, figures)
     steps, per_epoch, _ = tfa_training.schedule(len(grids), cfg)
+    tick = tfa_model.check_schedule(line.name, cfg, per_epoch, steps)
 
     def point(step: int, losses: list[float]) -> None:
         figures = {"train/loss": float(np.mean(losses)), "epoch": step / per_epoch,
@@ -81,7 +84,7 @@ def run(ctx: StageRun) -> dict:
                         "history": history}, tmp)
 
     tfa_training.fit(net, optimiser, grids, template.to(device), cfg, done, point, f"train {line.name}",
-                     ctx.progress)
+                     ctx.progress, on_pace=lambda ran, left: tfa_model.say_pace(line.name, tick, ran, left))
     live.end()
     record = {"kind": "tfa_net", "sheets": 1, "action": "resumed" if state is not None else "trained",
               "reason": f"resumed after step {done}" if state is not None else _why_train(saved),
@@ -91,7 +94,7 @@ def run(ctx: StageRun) -> dict:
               "seconds": round(time.perf_counter() - start, 2), "device": str(device), "settings": cfg}
     meta = tfa_model.save_model(paths.tfa_net, net, template, {
         "key": key, "features": FeatureKey.of(line.features).record(), "code": tfa_code(), "record": record})
-    resume.unlink(missing_ok=True)
+    tfa_model.finish_curves(curves, paths.tfa_net, key)
     info = {**record, "content_hash": meta["content_hash"]}
     write_json_atomic(paths.reports / "tfa_net.json", info)
     return info

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
+from hetmm.config import TUNABLE_KEYS
 from hetmm.data.images import load_image
 from hetmm.data.splits import seeded_sample, validation_split
 from hetmm.io import sha256_json, write_json_atomic
@@ -80,7 +81,7 @@ def _search(ctx: StageRun, train, shas: list[str]) -> dict:
     evalset = tuning.evaluation_set(images)
     template_images = [load_image(paths.data / path_of[s]) for s in templates]
     native = max(max(im.size) for im in images.normals)
-    lines = _SearchLines(line, tuning, verbose=ctx.progress)  # phase lines even under `dvc repro` (--quiet)
+    lines = _SearchLines(line, verbose=ctx.progress)  # phase lines even under `dvc repro` (--quiet)
     result = tuning.search(line, template_images, evalset, len(set(shas)), native, _device(ctx), lines)
     lines.close()
     return {"action": "searched", "reason": "tunable keys: " + ", ".join(line.tunable()),
@@ -97,20 +98,19 @@ class _SearchLines:
     """The search's per-candidate callback (``"<pass> <key>: objective <x>"``) as one progress phase per pass, with
     its candidate count (at most the options of its tunable keys) and an ETA within the time budget."""
 
-    def __init__(self, line, tuning, verbose: bool):
+    def __init__(self, line, verbose: bool):
         self.line, self.verbose, self.phase = line, verbose, None
         self.phases = Phases(f"tune@{line.name}")
         self.start = self.last = time.monotonic()
         n, tunable = len(line.features.layers), set(line.tunable())
-        options = {"matching.mode": len(tuning.MODES), "post.blur_sigma": len(tuning.BLURS),
-                   "matching.forward_windows": n * len(tuning.WINDOWS),
-                   "matching.backward_windows": n * len(tuning.WINDOWS), "matching.alphas": n * len(tuning.ALPHAS),
-                   "matching.weights": n * len(tuning.WEIGHTS), "features.image_size": len(tuning.IMAGE_SIDES),
-                   "features.backbone": len(tuning.BACKBONES), "features.pool": len(tuning.POOLS),
-                   "features.normalisation": len(tuning.NORMALISATIONS)}
-        matching = sum(options[k] for k in tuning.MATCHING_KEYS if k in tunable)
+
+        def candidates(phase: str) -> int:  # at most the options of the phase's tunable keys
+            return sum(len(k.options) * (n if k.per_layer else 1) for name, k in TUNABLE_KEYS.items()
+                       if k.phase == phase and name in tunable)
+
+        matching = candidates("matching")
         self.planned = {"baseline": 1, "matching": matching, "matching (final features)": matching,
-                        "features": sum(options[k] for k in tuning.FEATURE_KEYS if k in tunable)}
+                        "features": candidates("features")}
 
     def __call__(self, message: str) -> None:
         if self.verbose:
