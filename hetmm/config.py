@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,8 +134,9 @@ class TuneConfig:
     """
 
     enabled: bool = True
-    budget_s: float = 600.0  # the search starts no new candidate after this many seconds of its own work
-    min_images_per_second: float = 0.5  # throughput floor: slower candidates (measured here) are not chosen
+    budget_s: float = 180.0  # the search starts no new candidate after this many seconds of its own work
+    # adding or removing good images reruns the search only when this share of the searched training set changed
+    rerun_share: float = 0.2
     validation_share: float = 0.2  # share of the good training images held out as validation normals
     max_validation: int = 20  # at most this many validation normals
     max_templates: int = 40  # the search matches against at most this many training images
@@ -145,6 +147,16 @@ class TuneConfig:
     def per_image(self, normals: int, families: int) -> int:
         """Synthetic defects per family and validation normal."""
         return max(self.synthetic_per_image, math.ceil(self.min_synthetic / max(1, normals * families)))
+
+
+@dataclass(frozen=True)
+class InspectionConfig:
+    """The line's throughput contract: the deployed model inspects at least ``min_images_per_second`` on
+    ``device``, as estimated by the device profile (``hetmm.pipeline.throughput``) in the search and measured by
+    the infer stage. 0 = no contract. (``tune.min_images_per_second`` is this key's deprecated old name.)"""
+
+    min_images_per_second: float = 10.0
+    device: str = "cpu"  # a device measured in hetmm/resources/device_profile.json
 
 
 @dataclass(frozen=True)
@@ -219,6 +231,7 @@ class ProductLine:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    inspection: InspectionConfig = field(default_factory=InspectionConfig)
     tfa_net: TFANetConfig = field(default_factory=TFANetConfig)
     # dotted keys the params.yaml entry sets (``matching.mode``): the tuner never changes these
     pinned: frozenset[str] = frozenset()
@@ -406,8 +419,10 @@ def validate_line(line: ProductLine, key: str) -> None:
     for name in ("max_validation", "max_templates", "synthetic_per_image", "min_synthetic"):
         if not 1 <= getattr(tune, name) <= MAX_BATCH:
             raise ConfigError(f"{key}.tune.{name}: must be in 1..{MAX_BATCH}")
-    if tune.budget_s < 0 or tune.min_images_per_second < 0:
-        raise ConfigError(f"{key}.tune: budget_s and min_images_per_second are >= 0")
+    if tune.budget_s < 0 or not 0.0 <= tune.rerun_share <= 1.0:
+        raise ConfigError(f"{key}.tune: budget_s is >= 0 and rerun_share lies in [0, 1]")
+    if line.inspection.min_images_per_second < 0:
+        raise ConfigError(f"{key}.inspection.min_images_per_second: must be >= 0 (0 = no throughput contract)")
     if rule == "normal_quantile" and (value is None or not 0.0 < value <= 1.0):
         raise ConfigError(f"{key}.threshold.value: normal_quantile needs a quantile in (0, 1]")
     if rule == "manual" and value is None:
@@ -468,6 +483,22 @@ def open_keys(body: Any, key: str) -> tuple[Any, frozenset[str]]:
     return kept, frozenset(pinned)
 
 
+def _renamed_keys(body: Any, key: str) -> Any:
+    """``tune.min_images_per_second`` (old name) read as ``inspection.min_images_per_second``, with a notice."""
+    tune = body.get("tune") if isinstance(body, dict) else None
+    if not isinstance(tune, dict) or "min_images_per_second" not in tune:
+        return body
+    inspection = body.get("inspection") or {}
+    if not isinstance(inspection, dict) or "min_images_per_second" in inspection:
+        raise ConfigError(f"{key}.tune.min_images_per_second: the old name of inspection.min_images_per_second, "
+                          "which the entry also sets; remove tune.min_images_per_second")
+    tune = dict(tune)
+    floor = tune.pop("min_images_per_second")
+    print(f"hetmm: {key}.tune.min_images_per_second is deprecated; read as "
+          f"{key}.inspection.min_images_per_second = {floor} (move it there)", file=sys.stderr)
+    return {**body, "tune": tune, "inspection": {**inspection, "min_images_per_second": floor}}
+
+
 def parse_params(raw: Any) -> Params:
     """Parse the ``params.yaml`` mapping into :class:`Params`."""
     if not isinstance(raw, dict):
@@ -483,7 +514,7 @@ def parse_params(raw: Any) -> Params:
     for name, body in lines_raw.items():
         try:
             key = f"product_lines.{check_line_name(name)}"
-            body, pinned = open_keys(body, key)
+            body, pinned = open_keys(_renamed_keys(body, key), key)
             line = build_config(ProductLine, body, key, name=name, pinned=pinned)
             validate_line(line, key)
             lines[name] = line

@@ -25,7 +25,8 @@ def tuned_line(src: Path, **pins) -> dict:
     line.pop("post")
     line["features"].update(layers=[1, 2, 3])
     line["templates"] = {"kind": "ALL"}
-    line["tune"] = {"enabled": True, "min_images_per_second": 0, "max_validation": 4, "min_synthetic": 10,
+    line["inspection"] = {"min_images_per_second": 0}
+    line["tune"] = {"enabled": True, "max_validation": 4, "min_synthetic": 10,
                     "budget_s": 600}
     for key, value in pins.items():
         section, name = key.split("__")
@@ -157,7 +158,7 @@ def _direct_search(demo_tree, train_images: int, floor: float):
 
     entry = tuned_line(demo_tree)
     entry["templates"] = {}  # kind and size left to the tuner
-    entry["tune"].update(min_images_per_second=floor)
+    entry["inspection"] = {"min_images_per_second": floor}
     line = parse_params({"product_lines": {"line": entry}}).line("line")
     templates, evalset = _search_images(demo_tree, line)
     return tuning.search(line, templates, evalset, train_images, native_side=160)
@@ -200,7 +201,7 @@ def test_the_tuner_scores_its_validation_set_exactly_as_the_deployed_scorer(demo
     templates, evalset = _search_images(demo_tree, line, crop=(160, 112))  # not square: pad leaves borders
     run = tuning._Search(line, templates, evalset, len(templates), torch.device("cpu"), None)
     feats = run._features(line.features)
-    maps, scores, _ = run._maps(line, feats, floor=0.0)
+    maps, scores = run._maps(line, feats)
     tset = build(TemplateKind.ALL, feats.templates, [str(i) for i in range(len(templates))],
                  BuildOptions(size=len(templates), feature=line.features.fingerprint()))
     deployed = Inspector(line, tset).score_features(feats.queries, feats.boxes)
