@@ -83,7 +83,7 @@ def measure_backbones(device: torch.device) -> dict:
         config = FeatureConfig(backbone=name, image_size=(SIDE, SIDE))
         extractor = FeatureExtractor(config, device, backbone=network(name, "last"))
         with torch.no_grad():
-            seconds = work_seconds(lambda: extractor(images), device=device) / len(images)
+            seconds = work_seconds(lambda e=extractor: e(images), device=device) / len(images)
         channels = {"last": list(extractor.backbone.channels)}
         if REGISTRY[name].family == "efficientnet":
             channels["all"] = list(network(name, "all").channels)
@@ -98,7 +98,7 @@ def _unit(*shape: int, device: torch.device) -> torch.Tensor:
 
 def measure_matching(backbones: dict, device: torch.device) -> list[dict]:
     geometries = sorted({(layer, c) for b in backbones.values() for chans in b["channels"].values()
-                         for layer, c in zip((1, 2, 3), chans)})
+                         for layer, c in zip((1, 2, 3), chans, strict=True)})
     rows = []
     for layer, c in geometries:
         h = w = SIDE // STRIDES[layer]
@@ -110,11 +110,11 @@ def measure_matching(backbones: dict, device: torch.device) -> list[dict]:
             t = to_pixel_major(_unit(sheets, c, h, w, device=device))
             if patch:
                 flops = 2.0 * (h * w) ** 2 * c * sheets * queries
-                seconds = work_seconds(lambda: nearest_patch(q, t), repeats=2, device=device)
+                seconds = work_seconds(lambda q=q, t=t: nearest_patch(q, t), repeats=2, device=device)
             else:
                 k = int(kernel.split()[1])
                 flops = 2.0 * h * w * c * k * k * sheets * queries
-                seconds = work_seconds(lambda: match_layer(q, t, k, k), repeats=2, device=device)
+                seconds = work_seconds(lambda q=q, t=t, k=k: match_layer(q, t, k, k), repeats=2, device=device)
             rows.append({"layer": layer, "channels": c, "kernel": kernel, "gflops": round(flops / seconds / 1e9, 3)})
         print(f"layer {layer} ({h}x{w}), C={c}: " + ", ".join(f"{r['kernel']} {r['gflops']}" for r in rows[-7:]),
               flush=True)

@@ -119,7 +119,7 @@ def tuning_code() -> str:
     # by name: the tune stage computes its key without importing torch
     return code_digest("hetmm.pipeline.tuning", "hetmm.pipeline.settings", "hetmm.pipeline.validation_set",
                        "hetmm.data.synthetic", "hetmm.data.splits", "hetmm.data.images", "hetmm.core.features",
-                       "hetmm.core.inspector")
+                       "hetmm.core.inspector", "hetmm.pipeline.throughput")
 
 
 @cache

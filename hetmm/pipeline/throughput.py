@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from hetmm.config import ProductLine
-from hetmm.core.scoring import match_plan
 from hetmm.errors import ConfigError
 from hetmm.modes import TemplateKind
 
@@ -109,6 +108,8 @@ def _backbone(prof: dict, line: ProductLine, device: str) -> dict:
 
 def estimate(line: ProductLine, sheets: int, device: str | None = None) -> Estimate:
     """Seconds per image of ``line`` matched against ``sheets`` template sheets (see the module docstring)."""
+    from hetmm.core.scoring import match_plan  # torch: not when the tune stage only computes its key
+
     device = device or line.inspection.device
     prof = profile(device)
     f, m, p = line.features, line.matching, line.post

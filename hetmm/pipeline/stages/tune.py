@@ -4,8 +4,9 @@ Reads ``data/<line>/`` (train split only: no test image, label or mask is ever o
 ``params.yaml`` entry; writes ``models/<line>/settings.yaml`` (the effective settings every later stage reads,
 :mod:`hetmm.pipeline.settings`), ``reports/<line>/tuning.json`` (every candidate, its scores and the choice) and
 ``reports/<line>/tuning.png``. A search (:mod:`hetmm.pipeline.tuning`) runs only when the line has tunable keys and
-its key (tuning inputs: settings, pinned keys, training images, code) differs from the last search's; otherwise the
-recorded choice is reused, so a change to, say, ``report.overlays`` costs no search.
+its key (tuning inputs: settings, pinned keys, code, the device profile) differs from the last search's, or when more
+than ``tune.rerun_share`` of the training images it searched on were added or removed since; otherwise the recorded
+choice is reused, so a change to, say, ``report.overlays`` or a few new good images cost no search.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
+from hetmm.config import TUNABLE
 from hetmm.data.images import load_image
 from hetmm.data.splits import seeded_sample, validation_split
 from hetmm.io import sha256_json, write_json_atomic
@@ -20,25 +22,36 @@ from hetmm.methods import spec
 from hetmm.pipeline import settings
 from hetmm.pipeline.line import StageRun, read_json, split, validated_manifest
 from hetmm.pipeline.provenance import tuning_code
+from hetmm.pipeline.throughput import profile
 from hetmm.report import plots
 
 # Sections that cannot change what the search sees (the threshold and the report come after it).
 _NOT_TUNING = ("threshold", "report")
 
 
-def search_key(line, shas: list[str]) -> str:
-    """Everything a search result depends on; equal keys give the same choice (up to measured speeds)."""
+def search_key(line) -> str:
+    """What a search result depends on besides its training images (:func:`changed_share` covers those)."""
     used = {k: v for k, v in settings.sections(line).items() if k not in _NOT_TUNING}
-    return sha256_json({"settings": used, "pinned": sorted(line.pinned), "train": sorted(set(shas)),
-                        "code": tuning_code()})
+    used["tune"] = {k: v for k, v in used["tune"].items() if k != "rerun_share"}  # decides when, not what
+    device = profile(line.inspection.device) if line.inspection.min_images_per_second > 0 else None
+    pinned = sorted(set(line.pinned) & set(TUNABLE))  # what the search may not change (the rest is in settings)
+    return sha256_json({"settings": used, "pinned": pinned, "code": tuning_code(), "device": device})
+
+
+def changed_share(searched: list[str], shas: list[str]) -> float:
+    """Share of the searched training images added or removed since: ``|searched ^ now| / |searched|``."""
+    before, now = set(searched), set(shas)
+    return len(before ^ now) / max(1, len(before))
 
 
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
     train = split(validated_manifest(paths, line.name), "train")
     shas = list(train["sha256"])
-    key = search_key(line, shas)
+    key = search_key(line)
     previous = read_json(paths.reports / "tuning.json")
+    searched = previous.get("train")
+    changed = changed_share(searched, shas) if isinstance(searched, list) else 1.0
     tunable = line.tunable()
     record: dict
     if not tunable:
@@ -46,11 +59,14 @@ def run(ctx: StageRun) -> dict:
                f"method {line.method} has no tunable keys" if not spec(line.method).tuning else
                "every tunable key is pinned in params.yaml")
         record = {"action": "none", "reason": why, "chosen": {}}
-    elif previous.get("key") == key and previous.get("action") in ("searched", "reused"):
-        record = {**previous, "action": "reused", "reason": "same training images, settings and code as the "
-                  "recorded search"}
+    elif previous.get("key") == key and previous.get("action") in ("searched", "reused") and \
+            changed <= line.tune.rerun_share:
+        record = {**previous, "action": "reused", "reason": "same settings and code as the recorded search; "
+                  f"{changed:.0%} of its training images added or removed (tune.rerun_share: "
+                  f"{line.tune.rerun_share:.0%})"}
     else:
         record = _search(ctx, train, shas)
+        record["train"] = sorted(set(shas))  # the set the search saw: later changes are measured against it
     record["key"] = key
     effective = settings.apply(line, record["chosen"])
     settings.write_settings(paths.settings, effective, line, record["chosen"])
