@@ -70,7 +70,9 @@ def run(ctx: StageRun) -> dict:
         table = line_ablation(line, paths, ctx.device, test, masks, ctx.progress)
 
     write_json_atomic(paths.reports / "evaluation.json", metrics)
-    write_json_atomic(paths.reports / "metrics.json", evaluation.dvc_metrics(metrics))
+    inference = read_json(paths.reports / "infer.json")
+    write_json_atomic(paths.reports / "metrics.json", {**evaluation.dvc_metrics(metrics),
+                                                       **evaluation.speed_metrics(inference)})
     write_json_atomic(paths.threshold, threshold)
     with atomic_path(paths.reports / "per_defect.csv") as tmp:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
@@ -83,7 +85,7 @@ def run(ctx: StageRun) -> dict:
 
     timings = {"extract": read_json(paths.reports / "extract.json").get("seconds"),
                method.model_stage: model.get("seconds"),
-               "infer": read_json(paths.reports / "infer.json").get("seconds")}
+               "infer": inference.get("seconds")}
     timings["report"] = round(time.perf_counter() - start, 2)
     df = manifest(paths)
     card = {
@@ -101,7 +103,8 @@ def run(ctx: StageRun) -> dict:
         "per_defect_type": per_type,
         "ablation": table,
         "timings_seconds": timings,
-        "inference": read_json(paths.reports / "infer.json"),
+        "throughput": model_card.throughput_section(inference.get("speed")),
+        "inference": inference,
         "environment": _environment(),
         "params": {"device": ctx.params.device, **json.loads(json.dumps(asdict(line), default=list))},
         "overlays": [str(p.relative_to(paths.reports)) for p in written],
