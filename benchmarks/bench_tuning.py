@@ -110,7 +110,8 @@ def run_variant(line: str, entry: dict) -> dict:
             "tuned": tuning.get("chosen", {}),
             "synthetic_validation": calibration["synthetic_metrics"], "wall_seconds": round(wall, 1),
             "speed": {k: speed.get(k) for k in ("images_per_second", "images_per_second_batch_1",
-                                                 "backbone_ms_per_image", "contract_met")},
+                                                 "backbone_ms_per_image", "work_images_per_second",
+                                                 "contract_met")},
             "estimated_images_per_second": speed.get("contract", {}).get("estimated_images_per_second")}
 
 

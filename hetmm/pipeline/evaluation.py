@@ -111,7 +111,7 @@ def dvc_metrics(evaluation: dict) -> dict:
 
 
 SPEED_METRICS = ("images_per_second", "images_per_second_batch_1", "ms_per_image_batch_1", "ms_per_image_batch_8",
-                 "backbone_ms_per_image", "contract_met")
+                 "backbone_ms_per_image", "work_images_per_second", "contract_met")
 
 
 def speed_metrics(inference: dict) -> dict:

@@ -139,7 +139,8 @@ def throughput_section(speed: Mapping[str, Any] | None) -> dict[str, Any]:
         return {"verdict": "not measured (no test images)"}
     c = speed["contract"]
     floor, met = c["min_images_per_second"], speed.get("contract_met")
-    measured = f"measured {speed['images_per_second']} images/s at batch 8 on {speed['device']}"
+    measured = (f"measured {speed['work_images_per_second']} images/s of its own work at batch 8 on {speed['device']} "
+                f"({speed['images_per_second']} wall)")
     if not floor:
         verdict = f"no contract (inspection.min_images_per_second is 0); {measured}"
     elif met is None:
