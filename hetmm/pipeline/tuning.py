@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hetmm.config import FeatureConfig, ProductLine
+from hetmm.errors import ConfigError
 from hetmm.core.backbones import build_backbone
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.inspector import post_plan
@@ -169,9 +170,9 @@ class _Search:
         """Score ``line`` on the validation set and record it."""
         record = {"phase": phase, "key": key, "settings": {k: settings._plain(settings.get(line, k))
                                                            for k in sorted(self.tunable)}}
-        rate = throughput.estimate(line, self.sheets(line)).images_per_second
-        record["images_per_second"] = round(rate, 2)
-        if self.floor > 0 and rate < self.floor:  # never computed: the cost model alone decides
+        rate = self._rate(line)
+        record["images_per_second"] = None if rate is None else round(rate, 2)
+        if rate is not None and rate < self.floor:  # never computed: the cost model alone decides
             record.update(excluded="too slow for inspection.min_images_per_second", objective=None)
             self.candidates.append(record)
             return record
@@ -191,6 +192,15 @@ class _Search:
         self.candidates.append(record)
         self.progress(f"{phase} {key}: objective {record['objective']}")
         return record
+
+    def _rate(self, line: ProductLine) -> float | None:
+        """Estimated images/s of ``line`` deployed; without a contract, None when the profile cannot say."""
+        try:
+            return throughput.estimate(line, self.sheets(line)).images_per_second
+        except ConfigError:
+            if self.floor > 0:  # a contract that cannot be checked is an error, never a silent pass
+                raise
+            return None
 
     def _maps(self, line: ProductLine, feats: _Features) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps ``[Q, H, W]`` and image scores ``[Q]`` of ``line``: the deployed recipe,
