@@ -149,8 +149,9 @@ def throughput_section(speed: Mapping[str, Any] | None) -> dict[str, Any]:
         verdict = (f"contract >= {floor} images/s on {c['device']} {'MET' if met else 'NOT MET'}: {measured}"
                    + ("" if met else " (the infer stage warned)"))
     estimate = c.get("estimated_images_per_second")
-    model = (f"{estimate} images/s estimated by the device profile (hetmm/resources/device_profile.json) the search "
-             "held every candidate to" if estimate is not None else "no cost-model estimate for this method")
+    model = (f"{estimate} images/s estimated by the cost model (device profile hetmm/resources/device_profile.json), "
+             "the figure the search holds candidates to" if estimate is not None else
+             "no cost-model estimate for this method")
     return {"verdict": verdict, "cost_model": model, "contract_device": c["device"],
             "contract_met": met, "measured": {k: v for k, v in speed.items() if k != "contract"}}
 
