@@ -66,7 +66,7 @@ DEMO_PINNED = {
                  "alphas": [0.5, 0.5, 0.5], "weights": [1.0, 1.0, 0.5]},
     "post": {"image_score": "max", "blur_sigma": "auto"},
     "report": {"overlays": 2, "ablation": False},
-    "tune": {"max_validation": 3, "min_synthetic": 10, "min_images_per_second": 0},
+    "tune": {"max_validation": 3, "min_synthetic": 10}, "inspection": {"min_images_per_second": 0},
 }
 
 

@@ -352,3 +352,47 @@ def test_report_before_infer_is_a_data_error(tmp_path):
         stage("report")(StageRun(params, params.line("demo"), paths, "cpu", False))
     with pytest.raises(DataError, match="manifest"):
         stage("extract")(StageRun(params, params.line("demo"), paths, "cpu", False))
+
+
+# --------------------------------------------------------------------------- throughput contract
+
+
+def test_speed_is_measured_beside_the_accuracy_and_checked_against_the_contract(demo_run, tmp_path, capsys):
+    """infer measures images/s (batch 1 and 8, from cached features, plus a timed extraction) into infer.json; the
+    report puts it into the DVC metric and the model card against inspection.min_images_per_second; a line below
+    its contract gets one warning line and ``contract_met: false``."""
+    paths = LinePaths.for_line("demo", demo_run)
+    measured = _json(paths.reports / "infer.json")["speed"]
+    assert measured["images_per_second"] > 0 and measured["backbone_ms_per_image"] > 0
+    assert measured["ms_per_image_batch_1"] >= measured["backbone_ms_per_image"]
+    assert measured["images_per_second"] == pytest.approx(1000 / measured["ms_per_image_batch_8"], rel=0.01)
+    contract = measured["contract"]
+    assert (contract["min_images_per_second"], contract["device"]) == (10.0, "cpu")
+    assert contract["estimated_images_per_second"] > 0  # the cost model's figure for the deployed PTS-10
+    metrics = _json(paths.reports / "metrics.json")
+    assert metrics["speed"]["images_per_second"] == measured["images_per_second"]
+    assert metrics["speed"]["contract_met"] == measured["contract_met"] and "image_auroc" in metrics
+    card = (paths.reports / "model_card.md").read_text()
+    assert "## Throughput" in card and "contract >= 10.0 images/s on cpu" in card
+
+    root = copy_run(demo_run, tmp_path / "run")
+    params = write_params(root, {"demo": {**DEMO_LINE, "inspection": {"min_images_per_second": 100000}}})
+    capsys.readouterr()
+    run_stages(params, "demo", root, ("tune", "infer", "report"))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "below inspection.min_images_per_second 100000" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("hetmm infer demo: WARNING")
+    assert _json(root / "reports/demo/infer.json")["speed"]["contract_met"] is False
+    assert _json(root / "reports/demo/metrics.json")["speed"]["contract_met"] is False
+    assert "NOT MET" in (root / "reports/demo/model_card.md").read_text()
+
+
+def test_the_old_throughput_key_is_read_with_a_notice(capsys):
+    from hetmm.config import parse_params
+
+    line = parse_params({"product_lines": {"a": {"tune": {"min_images_per_second": 3}}}}).line("a")
+    assert line.inspection.min_images_per_second == 3
+    assert "tune.min_images_per_second is deprecated" in capsys.readouterr().err
+    both = {"tune": {"min_images_per_second": 3}, "inspection": {"min_images_per_second": 4}}
+    with pytest.raises(ConfigError, match="remove tune.min_images_per_second"):
+        parse_params({"product_lines": {"a": both}}).line("a")

@@ -25,7 +25,8 @@ def tuned_line(src: Path, **pins) -> dict:
     line.pop("post")
     line["features"].update(layers=[1, 2, 3])
     line["templates"] = {"kind": "ALL"}
-    line["tune"] = {"enabled": True, "min_images_per_second": 0, "max_validation": 4, "min_synthetic": 10,
+    line["inspection"] = {"min_images_per_second": 0}
+    line["tune"] = {"enabled": True, "max_validation": 4, "min_synthetic": 10,
                     "budget_s": 600}
     for key, value in pins.items():
         section, name = key.split("__")
@@ -157,7 +158,7 @@ def _direct_search(demo_tree, train_images: int, floor: float):
 
     entry = tuned_line(demo_tree)
     entry["templates"] = {}  # kind and size left to the tuner
-    entry["tune"].update(min_images_per_second=floor)
+    entry["inspection"] = {"min_images_per_second": floor}
     line = parse_params({"product_lines": {"line": entry}}).line("line")
     templates, evalset = _search_images(demo_tree, line)
     return tuning.search(line, templates, evalset, train_images, native_side=160)
@@ -200,7 +201,7 @@ def test_the_tuner_scores_its_validation_set_exactly_as_the_deployed_scorer(demo
     templates, evalset = _search_images(demo_tree, line, crop=(160, 112))  # not square: pad leaves borders
     run = tuning._Search(line, templates, evalset, len(templates), torch.device("cpu"), None)
     feats = run._features(line.features)
-    maps, scores, _ = run._maps(line, feats, floor=0.0)
+    maps, scores = run._maps(line, feats)
     tset = build(TemplateKind.ALL, feats.templates, [str(i) for i in range(len(templates))],
                  BuildOptions(size=len(templates), feature=line.features.fingerprint()))
     deployed = Inspector(line, tset).score_features(feats.queries, feats.boxes)
@@ -238,3 +239,63 @@ def test_the_work_clock_ignores_time_spent_waiting():
         torch.randn(400, 400).matmul(torch.randn(400, 400))
     worked = clock() - start
     assert waited < 0.05 and worked > 0.01
+
+
+def test_new_good_images_rerun_the_search_only_beyond_tune_rerun_share(demo_tree, tmp_path):
+    """A hot update reuses the recorded choice until more than ``tune.rerun_share`` (default 0.2) of the images it
+    was searched on are added or removed; the share itself decides when, not what, so changing it reruns nothing."""
+    from hetmm.pipeline.stages.tune import changed_share
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_tree, src)
+    train = sorted((src / "train/good").glob("*.png"))
+    line = tuned_line(src)
+
+    def add(count: int, start: int) -> None:  # new good images: mirrored training images (other contents)
+        for path in train[start:start + count]:
+            Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path.with_name(f"new_{path.name}"))
+
+    assert tune(tmp_path, line)["action"] == "searched"
+    add(2, 0)  # 2 of 24: 8 %
+    small = tune(tmp_path, line)
+    assert small["action"] == "reused" and "8% of its training images" in small["reason"]
+    add(4, 2)  # 6 of 24 since the search: 25 %
+    line["tune"]["rerun_share"] = 0.3
+    assert tune(tmp_path, line)["action"] == "reused"
+    line["tune"]["rerun_share"] = 0.2
+    assert tune(tmp_path, line)["action"] == "searched"
+    record = yaml.safe_load((tmp_path / "reports/line/tuning.json").read_text())
+    assert len(record["train"]) == 30  # later changes are measured against the new search's images
+    assert changed_share(["a", "b", "c", "d"], ["a", "b", "c", "e", "f"]) == 0.75
+
+
+def test_the_choice_does_not_depend_on_the_machines_load(demo_tree):
+    """The throughput contract is checked by the cost model, never by timings: a search beside processes that keep
+    every core busy chooses exactly what a search on a quiet machine chooses, and excludes the same candidates."""
+    import subprocess
+    import sys
+
+    from hetmm.config import parse_params
+    from hetmm.pipeline import throughput
+
+    entry = tuned_line(demo_tree)
+    entry["templates"] = {}
+    line = parse_params({"product_lines": {"line": entry}}).line("line")
+    start = line.with_keys({"templates.kind": "ALL"})
+    fast = throughput.estimate(start, 8).images_per_second
+    slow = throughput.estimate(start.with_keys({"matching.mode": "patch"}), 8).images_per_second
+    assert slow < fast
+    floor = (slow + fast) / 2  # nearest-patch matching cannot meet it, the starting values can
+    quiet = _direct_search(demo_tree, train_images=8, floor=floor)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = _direct_search(demo_tree, train_images=8, floor=floor)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert busy.chosen == quiet.chosen
+    assert [(c["key"], c.get("excluded"), c["objective"], c["images_per_second"]) for c in busy.candidates] == \
+        [(c["key"], c.get("excluded"), c["objective"], c["images_per_second"]) for c in quiet.candidates]
+    assert any(c.get("excluded") == "too slow for inspection.min_images_per_second" for c in quiet.candidates)
+    assert quiet.chosen["matching.mode"] != "patch" and quiet.stopped is None

@@ -8,6 +8,7 @@ and gives a line equal to what parsing the entry with those values would give, o
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,8 +17,19 @@ from typing import Any, Literal
 import yaml
 
 from hetmm.config.schema import _check_value, build_config, replace_checked
-from hetmm.config.sections import (ClusterConfig, DataConfig, FeatureConfig, MatchingConfig, PostConfig,
-                                   ReportConfig, TemplateConfig, TFANetConfig, ThresholdConfig, TuneConfig)
+from hetmm.config.sections import (
+    ClusterConfig,
+    DataConfig,
+    FeatureConfig,
+    InspectionConfig,
+    MatchingConfig,
+    PostConfig,
+    ReportConfig,
+    TemplateConfig,
+    TFANetConfig,
+    ThresholdConfig,
+    TuneConfig,
+)
 from hetmm.config.tunable import AUTO, TUNABLE
 from hetmm.errors import ConfigError
 from hetmm.methods import spec
@@ -36,6 +48,7 @@ class ProductLine:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    inspection: InspectionConfig = field(default_factory=InspectionConfig)
     tfa_net: TFANetConfig = field(default_factory=TFANetConfig)
     # dotted keys the params.yaml entry sets (``matching.mode``): the tuner never changes these
     pinned: frozenset[str] = frozenset()
@@ -66,7 +79,8 @@ class ProductLine:
         return out
 
 
-SECTIONS = ("data", "features", "templates", "matching", "post", "threshold", "report", "tune", "tfa_net")
+SECTIONS = ("data", "features", "templates", "matching", "post", "threshold", "report", "tune", "inspection",
+            "tfa_net")
 READS_FEATURES = ("matching", "post", "tfa_net")  # sections whose checks read the features too
 
 
@@ -81,6 +95,7 @@ def validate_line(line: ProductLine, key: str, sections: Collection[str] = SECTI
               "threshold": lambda: line.threshold.check(f"{key}.threshold"),
               "data": lambda: line.data.check(f"{key}.data"),
               "tune": lambda: line.tune.check(f"{key}.tune"),
+              "inspection": lambda: line.inspection.check(f"{key}.inspection"),
               "tfa_net": lambda: line.tfa_net.check(f"{key}.tfa_net", f)}  # report: nothing to check
     for name, check in checks.items():
         if name in sections:
@@ -142,6 +157,22 @@ def open_keys(body: Any, key: str) -> tuple[Any, frozenset[str]]:
     return kept, frozenset(pinned)
 
 
+def _renamed_keys(body: Any, key: str) -> Any:
+    """``tune.min_images_per_second`` (old name) read as ``inspection.min_images_per_second``, with a notice."""
+    tune = body.get("tune") if isinstance(body, dict) else None
+    if not isinstance(tune, dict) or "min_images_per_second" not in tune:
+        return body
+    inspection = body.get("inspection") or {}
+    if not isinstance(inspection, dict) or "min_images_per_second" in inspection:
+        raise ConfigError(f"{key}.tune.min_images_per_second: the old name of inspection.min_images_per_second, "
+                          "which the entry also sets; remove tune.min_images_per_second")
+    tune = dict(tune)
+    floor = tune.pop("min_images_per_second")
+    print(f"hetmm: {key}.tune.min_images_per_second is deprecated; read as "
+          f"{key}.inspection.min_images_per_second = {floor} (move it there)", file=sys.stderr)
+    return {**body, "tune": tune, "inspection": {**inspection, "min_images_per_second": floor}}
+
+
 def parse_params(raw: Any) -> Params:
     """Parse the ``params.yaml`` mapping into :class:`Params`."""
     if not isinstance(raw, dict):
@@ -157,7 +188,7 @@ def parse_params(raw: Any) -> Params:
     for name, body in lines_raw.items():
         try:
             key = f"product_lines.{check_line_name(name)}"
-            body, pinned = open_keys(body, key)
+            body, pinned = open_keys(_renamed_keys(body, key), key)
             line = build_config(ProductLine, body, key, name=name, pinned=pinned)
             validate_line(line, key)
             lines[name] = line

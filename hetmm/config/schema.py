@@ -10,8 +10,8 @@ allowed. Range and cross-field checks are not here: they sit next to each sectio
 from __future__ import annotations
 
 import dataclasses
-import math
 import enum
+import math
 import types
 import typing
 from typing import Any, Literal

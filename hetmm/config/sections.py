@@ -215,8 +215,9 @@ class TuneConfig:
     """
 
     enabled: bool = True
-    budget_s: float = 600.0  # the search starts no new candidate after this many seconds of its own work
-    min_images_per_second: float = 0.5  # throughput floor: slower candidates (measured here) are not chosen
+    budget_s: float = 180.0  # the search starts no new candidate after this many seconds of its own work
+    # adding or removing good images reruns the search only when this share of the searched training set changed
+    rerun_share: float = 0.2
     validation_share: float = 0.2  # share of the good training images held out as validation normals
     max_validation: int = 20  # at most this many validation normals
     max_templates: int = 40  # the search matches against at most this many training images
@@ -235,8 +236,22 @@ class TuneConfig:
         for name in ("max_validation", "max_templates", "synthetic_per_image", "min_synthetic"):
             if not 1 <= getattr(self, name) <= MAX_BATCH:
                 raise ConfigError(f"{key}.{name}: must be in 1..{MAX_BATCH}")
-        if self.budget_s < 0 or self.min_images_per_second < 0:
-            raise ConfigError(f"{key}: budget_s and min_images_per_second are >= 0")
+        if self.budget_s < 0 or not 0.0 <= self.rerun_share <= 1.0:
+            raise ConfigError(f"{key}: budget_s is >= 0 and rerun_share lies in [0, 1]")
+
+
+@dataclass(frozen=True)
+class InspectionConfig:
+    """The line's throughput contract: the deployed model inspects at least ``min_images_per_second`` on
+    ``device``, as estimated by the device profile (``hetmm.pipeline.throughput``) in the search and measured by
+    the infer stage. 0 = no contract. (``tune.min_images_per_second`` is this key's deprecated old name.)"""
+
+    min_images_per_second: float = 10.0
+    device: str = "cpu"  # a device measured in hetmm/resources/device_profile.json
+
+    def check(self, key: str) -> None:
+        if self.min_images_per_second < 0:
+            raise ConfigError(f"{key}.min_images_per_second: must be >= 0 (0 = no throughput contract)")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,17 @@ def dvc_metrics(evaluation: dict) -> dict:
     return {**{k: evaluation[k] for k in HEADLINE}, **({"subsets": subsets} if subsets else {})}
 
 
+SPEED_METRICS = ("images_per_second", "images_per_second_batch_1", "ms_per_image_batch_1", "ms_per_image_batch_8",
+                 "backbone_ms_per_image", "work_images_per_second", "contract_met")
+
+
+def speed_metrics(inference: dict) -> dict:
+    """The infer stage's measured speed (:mod:`hetmm.pipeline.speed`) as ``metrics.json``'s ``speed`` block, so
+    ``dvc exp show`` / ``metrics diff`` put it beside the accuracy; none when the record has no speed."""
+    measured = inference.get("speed")
+    return {"speed": {k: measured.get(k) for k in SPEED_METRICS}} if measured else {}
+
+
 def predicted_mask(amap: np.ndarray, defective: bool, pixel_threshold: float) -> np.ndarray:
     """A part's defect mask: empty when it passed; else its map ``>= pixel_threshold``, and at least its peak
     (resizing, or a pixel threshold above the map, must not leave a flagged part without a region)."""

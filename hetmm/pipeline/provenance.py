@@ -121,7 +121,7 @@ def tuning_code() -> str:
     return code_digest("hetmm.pipeline.tuning", "hetmm.config.tunable", "hetmm.pipeline.settings",
                        "hetmm.pipeline.validation_set",
                        "hetmm.data.synthetic", "hetmm.data.splits", "hetmm.data.images", "hetmm.core.features",
-                       "hetmm.core.inspector")
+                       "hetmm.core.inspector", "hetmm.pipeline.throughput")
 
 
 @cache

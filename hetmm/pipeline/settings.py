@@ -19,7 +19,8 @@ from hetmm.config import ProductLine, build_config, validate_line
 from hetmm.errors import ConfigError
 from hetmm.io import atomic_path, sha256_json
 
-SECTIONS = ("method", "data", "features", "templates", "matching", "post", "threshold", "report", "tune", "tfa_net")
+SECTIONS = ("method", "data", "features", "templates", "matching", "post", "threshold", "report", "tune", "inspection",
+            "tfa_net")
 
 
 def _plain(value: Any) -> Any:

@@ -10,10 +10,11 @@ resolution so that image sizes compare fairly. Search: coordinate descent from t
 fixed order of :data:`hetmm.config.TUNABLE` (matching first, then features, then matching again on the final
 features); a value replaces the current one only when it beats it by more than :data:`MARGIN`. Features are
 extracted once per feature setting and every window's distances once per layer, so a matching candidate costs one
-fusion and the metrics. A candidate whose measured cost would inspect fewer than ``tune.min_images_per_second``
-images (with the template the line will deploy, fixed first by :meth:`_Search.template_size`) is recorded as too
-slow and never chosen. Speeds and the budget are read off :class:`WorkClock` (the process's own work), so a busy
-machine does not change the choice.
+fusion and the metrics. A candidate that the deterministic cost model (:mod:`hetmm.pipeline.throughput`: the
+settings, the template the line will deploy, fixed first by :meth:`_Search.template_size`, and the measured profile
+of ``inspection.device``) puts below ``inspection.min_images_per_second`` is recorded as too slow, never computed and
+never chosen; no timing enters the choice, so a busy machine cannot change it. The budget is read off
+:class:`WorkClock` (the process's own work).
 """
 
 from __future__ import annotations
@@ -30,20 +31,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hetmm.config import TUNABLE_KEYS, FeatureConfig, ProductLine, phase_keys
+from hetmm.errors import ConfigError
 from hetmm.core.backbones import build_backbone
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.inspector import post_plan
 from hetmm.core.matching import match_layer, nearest_patch
 from hetmm.core.metrics import aupro, image_auroc, pixel_auroc
-from hetmm.modes import MatchMode, TemplateKind
+from hetmm.modes import MatchMode
 from hetmm.core.scoring import LayerMatches, match_plan, post_process
-from hetmm.pipeline import settings
+from hetmm.pipeline import settings, throughput
 from hetmm.pipeline.validation_set import ValidationImages
 
 EVAL_SIZE = (256, 256)  # every candidate's maps and masks are compared at this resolution
 MARGIN = 0.1  # objective points a new value must gain over the current one (below the synthetic set's noise)
 QUERY_CHUNK = 16
-PROBE = 2  # queries timed first
 
 
 def objective(scores: dict[str, float]) -> float:
@@ -72,13 +73,12 @@ class Result:
 
 
 class TooSlow(Exception):
-    """A candidate whose measured cost is below the throughput floor."""
+    """A candidate that cannot be deployed: every layer weighted 0."""
 
 
 class WorkClock:
-    """Seconds of this process's own work, so that another job on the machine changes neither the speeds measured
-    nor the budget, hence not the choice: CPU time over torch's threads on the CPU, wall time after a sync on CUDA
-    (the GPU's work is not CPU time)."""
+    """Seconds of this process's own work, so that another job on the machine does not cut the search short: CPU
+    time over torch's threads on the CPU, wall time after a sync on CUDA (the GPU's work is not CPU time)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -92,49 +92,28 @@ class WorkClock:
 
 
 class _Features:
-    """Features of the templates and queries for one feature setting, the distances computed from them and what
-    each cost per query image."""
+    """Features of the templates and queries for one feature setting and the distances computed from them."""
 
     def __init__(self, config: FeatureConfig, templates: Sequence[Image.Image], queries: Sequence[Image.Image],
-                 device: torch.device, backbones: dict, clock: WorkClock):
-        self.clock = clock
+                 device: torch.device, backbones: dict):
         name = (config.backbone, config.weights, config.preact, config.blocks)
         if name not in backbones:
             backbones[name] = build_backbone(config.backbone, weights=config.weights, preact=config.preact,
                                              blocks=config.blocks)
         extractor = FeatureExtractor(config, device, backbone=backbones[name])
-        start = clock()
         self.templates = _extract(extractor, templates, config.batch_size)
         self.queries = _extract(extractor, queries, config.batch_size)
-        self.seconds_per_image = (clock() - start) / (len(templates) + len(queries))
         self.boxes = [content_box(im.size, config.image_size, config.resize) for im in queries]
         self.config = config
         self.distances: dict[tuple[int, str, int], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self.cost: dict[tuple[int, str, int], float] = {}  # seconds per query image against one template sheet
-        self.too_slow: set[tuple[int, str, int]] = set()
 
-    def geometry(self, layer: int, patch: bool, window: int, sheets_deployed: int, floor: float
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def geometry(self, layer: int, patch: bool, window: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(forward, backward) ``[Q, h, w]`` of one layer and window (or the nearest patch), computed once."""
         key = (layer, "patch" if patch else "window", 0 if patch else window)
-        if key in self.too_slow:
-            raise TooSlow(key)
         if key not in self.distances:
             query, sheets = self.queries[layer], self.templates[layer]
-            parts, spent = [], 0.0
-            # a small first chunk measures the cost before a hopeless candidate is paid for in full
-            starts = [0, *range(PROBE, query.shape[0], QUERY_CHUNK)]
-            for start, stop in zip(starts, [*starts[1:], query.shape[0]]):
-                tick = self.clock()
-                batch = query[start:stop]
-                parts.append((nearest_patch(batch, sheets), None) if patch else match_layer(batch, sheets, window,
-                                                                                             window))
-                spent += self.clock() - tick
-                per_sheet = spent / (start + batch.shape[0]) / sheets.shape[0]
-                if floor > 0 and per_sheet * sheets_deployed > 1.0 / floor:  # stop paying for a hopeless candidate
-                    self.too_slow.add(key)
-                    raise TooSlow(key)
-            self.cost[key] = per_sheet
+            parts = [(nearest_patch(batch, sheets), None) if patch else match_layer(batch, sheets, window, window)
+                     for batch in query.split(QUERY_CHUNK)]
             self.distances[key] = tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
         return self.distances[key]
 
@@ -150,7 +129,7 @@ class _Search:
         self.line, self.templates, self.evalset = line, list(templates), evalset
         self.train_images = train_images
         self.device = device
-        self.floor = line.tune.min_images_per_second
+        self.floor = line.inspection.min_images_per_second
         self.tunable = set(line.tunable())
         self.backbones: dict = {}
         self.features: dict[str, _Features] = {}
@@ -164,66 +143,70 @@ class _Search:
 
     def sheets(self, line: ProductLine) -> int:
         """Template sheets the line would match against when deployed."""
-        n = self.train_images
-        return n if line.templates.kind == TemplateKind.ALL else min(n, line.templates.size)
+        return throughput.deployed_sheets(line, self.train_images)
 
     def _features(self, config: FeatureConfig) -> _Features:
         key = repr(config.fingerprint())
         if key not in self.features:
-            self.features[key] = _Features(config, self.templates, self.evalset.images, self.device, self.backbones,
-                                               self.clock)
+            self.features[key] = _Features(config, self.templates, self.evalset.images, self.device, self.backbones)
         return self.features[key]
 
     def evaluate(self, line: ProductLine, phase: str, key: str) -> dict:
         """Score ``line`` on the validation set and record it."""
         record = {"phase": phase, "key": key, "settings": {k: settings._plain(settings.get(line, k))
                                                            for k in sorted(self.tunable)}}
+        rate = self._rate(line)
+        record["images_per_second"] = None if rate is None else round(rate, 2)
+        if rate is not None and rate < self.floor:  # never computed: the cost model alone decides
+            record.update(excluded="too slow for inspection.min_images_per_second", objective=None)
+            self.candidates.append(record)
+            return record
         try:
             feats = self._features(line.features)
-            maps, scores, cost = self._maps(line, feats)
+            maps, scores = self._maps(line, feats)
         except TooSlow:
-            record.update(excluded="too slow for tune.min_images_per_second", objective=None)
+            record.update(excluded="every layer weight is 0", objective=None)
             self.candidates.append(record)
             return record
         small = F.interpolate(maps[:, None], size=EVAL_SIZE, mode="bilinear", align_corners=False)[:, 0].numpy()
         metrics = {"image_auroc": image_auroc(scores.numpy(), self.evalset.labels),
                    "pixel_auroc": pixel_auroc(small, self.evalset.masks),
                    "aupro": aupro(small, self.evalset.masks)}
-        rate = 1.0 / (feats.seconds_per_image + cost)
         record.update({k: round(v, 4) for k, v in metrics.items()})
-        record.update(objective=round(objective(metrics), 4), images_per_second=round(rate, 2))
-        if self.floor > 0 and rate < self.floor:
-            record.update(excluded="too slow for tune.min_images_per_second", objective=None)
+        record.update(objective=round(objective(metrics), 4))
         self.candidates.append(record)
         self.progress(f"{phase} {key}: objective {record['objective']}")
         return record
 
-    def _maps(self, line: ProductLine, feats: _Features, floor: float | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Anomaly maps ``[Q, H, W]`` and image scores ``[Q]`` of ``line`` (the deployed recipe,
-        :func:`~hetmm.core.scoring.post_process`, on distances computed once per window) and its matching cost per
-        image (seconds, full template); ``floor`` overrides the throughput floor (0: measure whatever it costs)."""
-        m, sheets = line.matching, self.sheets(line)
-        floor = self.floor if floor is None else floor
-        found, cost = LayerMatches([], [], [], len(self.evalset.images)), 0.0
+    def _rate(self, line: ProductLine) -> float | None:
+        """Estimated images/s of ``line`` deployed; without a contract, None when the profile cannot say."""
+        try:
+            return throughput.estimate(line, self.sheets(line)).images_per_second
+        except ConfigError:
+            if self.floor > 0:  # a contract that cannot be checked is an error, never a silent pass
+                raise
+            return None
+
+    def _maps(self, line: ProductLine, feats: _Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps ``[Q, H, W]`` and image scores ``[Q]`` of ``line``: the deployed recipe,
+        :func:`~hetmm.core.scoring.post_process`, on distances computed once per window."""
+        m = line.matching
+        found = LayerMatches([], [], [], len(self.evalset.images))
         for step in match_plan(m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode):
             fwd = bwd = None
             if step.patch:
-                fwd = feats.geometry(step.layer, True, 0, sheets, floor)[0]
-                cost += feats.cost[(step.layer, "patch", 0)]
+                fwd = feats.geometry(step.layer, True, 0)[0]
             else:
                 for window, take in ((step.forward_window, 0), (step.backward_window, 1)):
                     if window:
-                        pair = feats.geometry(step.layer, False, window, sheets, floor)
+                        pair = feats.geometry(step.layer, False, window)
                         fwd, bwd = (pair[0], bwd) if take == 0 else (fwd, pair[1])
-                        cost += feats.cost[(step.layer, "window", window)] / 2  # one pass gives both directions
             found.forward.append(fwd)
             found.backward.append(bwd)
             found.plan.append(step)
         if not found.plan:
             raise TooSlow("no layer")  # every weight 0: not a usable candidate
-        maps, scores = post_process(found, post_plan(line), feats.boxes)
-        return maps, scores, cost * sheets
+        return post_process(found, post_plan(line), feats.boxes)
 
     # ----------------------------------------------------------------- coordinate descent
 
@@ -276,7 +259,7 @@ class _Search:
         return line, best
 
     def template_size(self, line: ProductLine) -> tuple[ProductLine, list[str]]:
-        """Fix the deployed template before the search, from the starting values' measured speed: ALL (the most
+        """Fix the deployed template before the search, from the starting values' estimated speed: ALL (the most
         accurate) when it meets the throughput floor with every training image, else the largest PTS K that does.
         Every candidate is then held to the floor at that size, so a slow mode cannot win on a small template
         and push the line onto a smaller one afterwards."""
@@ -286,11 +269,10 @@ class _Search:
         everything = line.with_keys({"templates.kind": every})
         if self.floor <= 0:
             return everything, ["templates: ALL (no throughput floor)"]
-        feats = self._features(line.features)
-        per_sheet = self._maps(line, feats, floor=0.0)[2] / self.sheets(line)
 
         def rate(sheets: int) -> float:
-            return 1.0 / (feats.seconds_per_image + per_sheet * sheets)
+            return throughput.estimate(line, sheets).images_per_second
+
         if rate(self.train_images) >= self.floor:
             return everything, [f"templates: ALL ({self.train_images} sheets, about "
                                 f"{rate(self.train_images):.1f} images/s with the starting values)"]

@@ -121,6 +121,30 @@ def decision_sections(threshold: Mapping[str, Any], calibration: Mapping[str, An
             "calibration": calibration_summary(calibration), "tuned_keys": list(tuned)}
 
 
+def throughput_section(speed: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The card's throughput: the contract (floor and the device it is for), the cost model's estimate and the
+    speed the infer stage measured, with a verdict sentence."""
+    if not speed:
+        return {"verdict": "not measured (no test images)"}
+    c = speed["contract"]
+    floor, met = c["min_images_per_second"], speed.get("contract_met")
+    measured = (f"measured {speed['work_images_per_second']} images/s of its own work at batch 8 on {speed['device']} "
+                f"({speed['images_per_second']} wall)")
+    if not floor:
+        verdict = f"no contract (inspection.min_images_per_second is 0); {measured}"
+    elif met is None:
+        verdict = f"contract >= {floor} images/s on {c['device']}, not checked: {measured}"
+    else:
+        verdict = (f"contract >= {floor} images/s on {c['device']} {'MET' if met else 'NOT MET'}: {measured}"
+                   + ("" if met else " (the infer stage warned)"))
+    estimate = c.get("estimated_images_per_second")
+    model = (f"{estimate} images/s estimated by the cost model (device profile hetmm/resources/device_profile.json), "
+             "the figure the search holds candidates to" if estimate is not None else
+             "no cost-model estimate for this method")
+    return {"verdict": verdict, "cost_model": model, "contract_device": c["device"],
+            "contract_met": met, "measured": {k: v for k, v in speed.items() if k != "contract"}}
+
+
 def _title(key: str) -> str:
     text = str(key).replace("_", " ")
     return text[:1].upper() + text[1:]

@@ -2,13 +2,16 @@
 
 Reads the model, the feature cache and the ``matching`` / ``post`` settings; writes ``outputs/<line>/scores.csv``,
 ``outputs/<line>/maps.npy``, ``outputs/<line>/matches.pt`` (persisted, methods with stored distances: ALL templates)
-and ``reports/<line>/infer.json``. Stored distances are reused only under the rules of
+and ``reports/<line>/infer.json`` with ``speed``: images/s and ms per image at batch 1 and 8 measured on the test
+images against ``inspection.min_images_per_second`` (:mod:`hetmm.pipeline.speed`; one warning line on stderr when
+below it). Stored distances are reused only under the rules of
 :mod:`hetmm.pipeline.match_cache` (same feature key, plan, dtype, code and old sheets); the record's
 ``matching.reason`` says what was reused and why.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -17,7 +20,7 @@ from hetmm.core.scoring import match_plan
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, spreadsheet_safe, write_json_atomic
 from hetmm.methods import spec
-from hetmm.pipeline import cluster
+from hetmm.pipeline import cluster, speed
 from hetmm.pipeline.batch_scoring import score_cached
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import StageRun, split, validated_manifest
@@ -66,5 +69,10 @@ def run(ctx: StageRun) -> dict:
                                                                                    "distances"}}
     if matcher is not None:
         stats["cluster"] = matcher.describe()
+    if len(test):
+        stats["speed"] = speed.measure(scorer, FeatureCache(paths.features, key), list(test["sha256"]),
+                                       [paths.data / p for p in test["path"]])
+        if (message := speed.warning(line.name, stats["speed"])) is not None:
+            print(message, file=sys.stderr)
     write_json_atomic(paths.reports / "infer.json", stats)
     return stats

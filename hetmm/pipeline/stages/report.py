@@ -73,7 +73,9 @@ def run(ctx: StageRun) -> dict:
     release = deploy.Release(paths)  # every file below goes to staging; commit() puts them in place together
     reports = release.path(paths.reports / "metrics.json").parent
     write_json_atomic(reports / "evaluation.json", metrics)
-    write_json_atomic(reports / "metrics.json", evaluation.dvc_metrics(metrics))
+    inference = read_json(paths.reports / "infer.json")
+    write_json_atomic(reports / "metrics.json", {**evaluation.dvc_metrics(metrics),
+                                                 **evaluation.speed_metrics(inference)})
     write_json_atomic(release.path(paths.threshold), threshold)
     with atomic_path(reports / "per_defect.csv") as tmp:
         spreadsheet_safe(pd.DataFrame(per_type)).to_csv(tmp, index=False)
@@ -87,7 +89,7 @@ def run(ctx: StageRun) -> dict:
 
     timings = {"extract": read_json(paths.reports / "extract.json").get("seconds"),
                method.model_stage: model.get("seconds"),
-               "infer": read_json(paths.reports / "infer.json").get("seconds")}
+               "infer": inference.get("seconds")}
     timings["report"] = round(time.perf_counter() - start, 2)
     df = manifest(paths)
     card = {
@@ -106,7 +108,8 @@ def run(ctx: StageRun) -> dict:
         "per_defect_type": per_type,
         "ablation": table,
         "timings_seconds": timings,
-        "inference": read_json(paths.reports / "infer.json"),
+        "throughput": model_card.throughput_section(inference.get("speed")),
+        "inference": inference,
         "environment": _environment(),
         "params": {"device": ctx.params.device, **json.loads(json.dumps(asdict(line), default=list))},
         "overlays": [str(p.relative_to(reports)) for p in written],
