@@ -1,8 +1,9 @@
 """The DVC pipeline itself (``dvc.yaml`` + ``params.yaml``), run offline in a throwaway copy of the repository.
 
-One test walks the whole life cycle on the embedded demo line, because every step depends on the previous
-one's workspace: repro, no-op repro, a per-line parameter change, metrics, offline plots, an experiment, and edits
-of the feature code (a comment only, then a statement) that must recompute exactly what depends on it.
+The life cycle on the embedded demo line starts from one reproduced repository (a module fixture); each step works
+on its own copy, so an early failure hides none of the others: no-op repro, a per-line parameter change, metrics,
+offline plots, an experiment, queued experiments, edits of the feature code (a comment only, then a statement)
+that must recompute exactly what depends on it, and another machine restoring from the team's remote.
 """
 
 from __future__ import annotations
@@ -117,122 +118,142 @@ def _set_param(root: Path, dotted: str, value) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_dvc_pipeline_life_cycle_on_the_demo_line(repo_copy):
-    root = repo_copy
-    dvc = str(Path(sys.executable).with_name("dvc")) if Path(sys.executable).with_name("dvc").is_file() else "dvc"
+DVC = str(Path(sys.executable).with_name("dvc")) if Path(sys.executable).with_name("dvc").is_file() else "dvc"
 
-    # 1. first reproduction: every stage of the line runs, metrics are sane
-    first = _run(root, dvc, "repro")
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the repository after its first `dvc repro`, committed, and that repro's output. Shared and
+    read-only: each life-cycle test works on its own copy (:func:`_copy`), so one failing step hides no other."""
+    root = _repo(tmp_path_factory.mktemp("reproduced"), with_mtd=True)
+    first = _run(root, DVC, "repro")
+    _commit(root, "first reproduction")
+    return root, first.stdout
+
+
+def _copy(reproduced: tuple[Path, str], tmp_path: Path) -> tuple[Path, set[str], set[str]]:
+    """A private copy of the reproduced repository, its product lines and their download stages."""
+    root = Path(shutil.copytree(reproduced[0], tmp_path / "repo", symlinks=True))
     lines = set(yaml.safe_load((root / "params.yaml").read_text())["product_lines"])
-    assert _ran(first.stdout) == {f"{s}@{line}" for s in stages_for("hetmm") for line in lines}
+    return root, lines, {f"download@{line}" for line in lines}
+
+
+def test_the_first_reproduction_runs_every_stage_and_a_second_only_refreshes_the_downloads(reproduced, tmp_path):
+    root, lines, downloads = _copy(reproduced, tmp_path)
+    assert _ran(reproduced[1]) == {f"{s}@{line}" for s in stages_for("hetmm") for line in lines}
     metrics = json.loads((root / "reports/demo/evaluation.json").read_text())
     assert metrics["n_images"] == 26 and metrics["image_auroc"] >= 95.0 and metrics["pixel_auroc"] >= 97.0
     assert (root / "dvc.lock").is_file() and (root / "reports/demo/model_card.json").is_file()
     assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "rebuild"
+    # nothing changed: only the download stages (always_changed: their sources are outside DVC) refresh their
+    # copy, which hashes the same, so nothing downstream runs
+    assert _ran(_run(root, DVC, "repro").stdout) == downloads
 
-    # 2. nothing changed: only the download stages (always_changed: their sources are outside DVC) refresh
-    # their copy, which hashes the same, so nothing downstream runs
-    downloads = {f"download@{line}" for line in lines}
-    second = _run(root, dvc, "repro")
-    assert _ran(second.stdout) == downloads
-    _commit(root, "first reproduction")
 
-    # 3. a matching parameter of the line: only its infer and report stages are stale and rerun (report declares
-    # the matching settings because its ablation uses them)
+def test_a_matching_parameter_reruns_only_the_stages_that_read_it(reproduced, tmp_path):
+    # (report declares the matching settings because its ablation uses them)
+    root, _, downloads = _copy(reproduced, tmp_path)
     tuning = json.loads((root / "reports/demo/tuning.json").read_text())
     assert tuning["action"] == "searched" and set(tuning["chosen"]) == {"post.blur_sigma"}
     _set_param(root, "product_lines.demo.matching.alphas", [0.7, 0.5, 0.5])
-    status = json.loads(_run(root, dvc, "status", "--json").stdout)
+    status = json.loads(_run(root, DVC, "status", "--json").stdout)
     assert set(status) == {"tune@demo"} | downloads  # the effective settings are remade first
-    third = _run(root, dvc, "repro")
+    third = _run(root, DVC, "repro")
     assert _ran(third.stdout) == {"tune@demo", "calibrate@demo", "infer@demo", "report@demo"} | downloads
     assert json.loads((root / "reports/demo/tuning.json").read_text())["action"] == "searched"  # a new input
     assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "rebuild"  # not rerun
-    _commit(root, "alphas 0.7")
 
-    # 4. metrics and offline plots
-    shown = json.loads(_run(root, dvc, "metrics", "show", "--json").stdout)
+
+def test_metrics_and_plots_are_shown_offline(reproduced, tmp_path):
+    root, lines, _ = _copy(reproduced, tmp_path)
+    shown = json.loads(_run(root, DVC, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
     demo = files["reports/demo/metrics.json"]["data"]
     if "mtd" in lines:
         assert 0 <= files["reports/mtd/metrics.json"]["data"]["image_auroc"] <= 100
     assert demo["image_auroc"] == json.loads((root / "reports/demo/metrics.json").read_text())["image_auroc"]
     assert 0 <= demo["pixel_auroc"] <= 100
-    plots_dir = root.parent / "plots"
-    _run(root, dvc, "plots", "show", "-o", str(plots_dir))
+    plots_dir = tmp_path / "plots"
+    _run(root, DVC, "plots", "show", "-o", str(plots_dir))
     html = (plots_dir / "index.html").read_text()
     assert "cdn.jsdelivr" not in html
     assert not re.search(r"<script[^>]*\bsrc\s*=", html), "plots must not load scripts from anywhere"
     assert "vega" in html and "demo image ROC" in html and "demo PRO curve" in html
     assert re.search(r"<img[^>]+roc\.png", html) and re.search(r"<img[^>]+overlays", html)  # image plots
 
-    # 5. an experiment: the parameter lands in params.yaml and only the affected stages run
+
+def test_an_experiment_sets_its_parameter_and_runs_only_the_affected_stages(reproduced, tmp_path):
+    root, _, downloads = _copy(reproduced, tmp_path)
     before = json.loads((root / "reports/demo/metrics.json").read_text())
     # (pinning the blur, the last tuned key, reruns the tuning: nothing is left to search)
-    exp = _run(root, dvc, "exp", "run", "-S", "product_lines.demo.post.blur_sigma=1.0")  # `auto` key: no `+`
+    exp = _run(root, DVC, "exp", "run", "-S", "product_lines.demo.post.blur_sigma=1.0")  # `auto` key: no `+`
     assert _ran(exp.stdout) == {"tune@demo", "calibrate@demo", "infer@demo", "report@demo"} | downloads
     assert yaml.safe_load((root / "params.yaml").read_text())["product_lines"]["demo"]["post"]["blur_sigma"] == 1.0
     tuning = json.loads((root / "reports/demo/tuning.json").read_text())
     assert tuning["action"] == "none" and "pinned" in tuning["reason"]
     after = json.loads((root / "reports/demo/metrics.json").read_text())
     assert after["image_auroc"] >= 95.0 and after != before
-    listed = _run(root, dvc, "exp", "show", "--json").stdout
-    assert "blur_sigma" in listed
+    assert "blur_sigma" in _run(root, DVC, "exp", "show", "--json").stdout
 
-    # 6. code-keyed artifacts: a comment-only edit of the feature code reruns the stages that depend on the file
-    # (DVC hashes files) but recomputes nothing; a behaviour-preserving statement edit recomputes every feature and
-    # rebuilds the template, saying why
-    _commit(root, "experiment applied")
 
-    # 5b. parallel experiments: two queued runs on two DVC queue workers, each in its own temporary workspace
+def test_queued_experiments_run_on_two_workers(reproduced, tmp_path):
+    root, _, _ = _copy(reproduced, tmp_path)
     for count in (1, 3):
-        _run(root, dvc, "exp", "run", "--queue", "-n", f"overlays{count}",
+        _run(root, DVC, "exp", "run", "--queue", "-n", f"overlays{count}",
              "-S", f"product_lines.demo.report.overlays={count}")
     # the workers run on in the background (and stop when the queue is empty): they must not hold our pipes
-    subprocess.run([dvc, "queue", "start", "-j", "2"], cwd=root, env=_env(root), stdout=subprocess.DEVNULL,
+    subprocess.run([DVC, "queue", "start", "-j", "2"], cwd=root, env=_env(root), stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=120, check=True)
     deadline = time.monotonic() + DVC_TIMEOUT_S
-    while re.search(r"\b(Queued|Running)\b", status := _run(root, dvc, "queue", "status").stdout):
+    while re.search(r"\b(Queued|Running)\b", status := _run(root, DVC, "queue", "status").stdout):
         assert time.monotonic() < deadline, status
         time.sleep(3)
     assert re.search(r"overlays1\s.*Success", status) and re.search(r"overlays3\s.*Success", status), status
-    assert {"overlays1", "overlays3"} <= set(_run(root, dvc, "exp", "list", "--name-only").stdout.split())
+    assert {"overlays1", "overlays3"} <= set(_run(root, DVC, "exp", "list", "--name-only").stdout.split())
+
+
+def test_feature_code_edits_recompute_what_depends_on_them_and_comments_nothing(reproduced, tmp_path):
+    # a comment-only edit reruns the stages that depend on the file (DVC hashes files) but recomputes nothing; a
+    # behaviour-preserving statement edit recomputes every feature and rebuilds the template, saying why
+    root, _, _ = _copy(reproduced, tmp_path)
     features_py = root / "hetmm" / "core" / "features.py"
     source = features_py.read_text()
     body = "    return F.normalize(features, p=2, dim=1)\n"
     assert body in source
     features_py.write_text(source.replace(body, "    # unit length: dot products are cosines\n" + body))
-    _run(root, dvc, "repro", "report@demo")
+    _run(root, DVC, "repro", "report@demo")
     extract = json.loads((root / "reports/demo/extract.json").read_text())
     assert (extract["computed"], extract["reason"]) == (0, "feature settings and code unchanged")
     assert json.loads((root / "reports/demo/template.json").read_text())["action"] == "unchanged"
     features_py.write_text(source.replace(body, "    normalised = F.normalize(features, p=2, dim=1)\n"
                                                 "    return normalised\n"))
-    _run(root, dvc, "repro", "report@demo")
+    _run(root, DVC, "repro", "report@demo")
     extract = json.loads((root / "reports/demo/extract.json").read_text())
     assert extract["computed"] == 50 and extract["reused"] == 0 and extract["reason"] == "feature code changed"
     template = json.loads((root / "reports/demo/template.json").read_text())
     assert template["action"] == "rebuild" and template["reason"].startswith("feature code changed")
 
-    # 7. another machine: a fresh clone without a remote restores nothing but fails nothing (--allow-missing); with
-    # the team's remote (a local folder here) `dvc pull` restores every artifact byte for byte
-    _commit(root, "feature code edited")
-    fresh = root.parent / "fresh"
-    _run(root.parent, "git", "clone", "-q", str(root), str(fresh))
+
+def test_another_machine_restores_every_artifact_from_the_team_remote(reproduced, tmp_path):
+    # a fresh clone without a remote restores nothing but fails nothing (--allow-missing); with the team's remote
+    # (a local folder here) `dvc pull` restores every artifact byte for byte
+    root, _, downloads = _copy(reproduced, tmp_path)
+    fresh = tmp_path / "fresh"
+    _run(tmp_path, "git", "clone", "-q", str(root), str(fresh))
     for command in (("pull", "--allow-missing"), ("checkout", "--allow-missing")):
-        _run(fresh, dvc, *command)
+        _run(fresh, DVC, *command)
     assert not (fresh / "models/demo/template.pt").exists()
-    _run(root, dvc, "remote", "add", "-d", "team", str(root.parent / "remote"))
-    _run(root, dvc, "push")
+    _run(root, DVC, "remote", "add", "-d", "team", str(tmp_path / "remote"))
+    _run(root, DVC, "push")
     _commit(root, "team remote")
-    teammate = root.parent / "teammate"
-    _run(root.parent, "git", "clone", "-q", str(root), str(teammate))
-    _run(teammate, dvc, "pull")
+    teammate = tmp_path / "teammate"
+    _run(tmp_path, "git", "clone", "-q", str(root), str(teammate))
+    _run(teammate, DVC, "pull")
     for rel in ("models/demo/template.pt", "outputs/demo/maps.npy", "reports/demo/overlays/worst_defect_1.png"):
         assert (teammate / rel).read_bytes() == (root / rel).read_bytes(), rel
-    # the same stages are stale as on the first machine (the mtd slice was not rerun after the code edit), no more
-    stale = json.loads(_run(teammate, dvc, "status", "--json").stdout)
-    assert set(stale) == set(json.loads(_run(root, dvc, "status", "--json").stdout))
+    # the same stages are stale as on the first machine, and no more
+    stale = json.loads(_run(teammate, DVC, "status", "--json").stdout)
+    assert set(stale) == set(json.loads(_run(root, DVC, "status", "--json").stdout))
     assert not {name for name in stale if name.endswith("@demo")} - downloads
 
 
