@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test test-fast lint bench
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the suite without the end-to-end, DVC and Ray tests (marked slow): a few minutes on 2 cores, for the edit loop
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup
 	$(PY) benchmarks/bench_matching.py
