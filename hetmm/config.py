@@ -126,6 +126,29 @@ class ThresholdConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """Cross-fitted calibration (``hetmm.pipeline.calibration``): every good training image scored by a model that
+    did not see it. ALL templates leave each image out exactly; PTS / COVER use ``folds`` folds, an image's fold
+    fixed by its content hash (adding images never moves one)."""
+
+    folds: int = 5
+
+
+GateMode = Literal["off", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The promotion gate of the report stage (``hetmm.pipeline.gate``): a new version against the last blessed one
+    on the same labelled test images. ``warn`` reports a failed check; ``fail`` also refuses the version (the
+    stage exits 1 and predict keeps the last blessed threshold and model)."""
+
+    mode: GateMode = "warn"
+    max_recall_drop: float = 0.0  # recall at the deployed threshold may fall by at most this much (0.02 = 2 points)
+    max_false_alarm_rate: float | None = None  # false alarms on the good test parts, at most this share (None: off)
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """Label-free settings selection (``hetmm.pipeline.tune``) and the validation normals it shares with calibration.
 
@@ -220,6 +243,8 @@ class ProductLine:
     report: ReportConfig = field(default_factory=ReportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tfa_net: TFANetConfig = field(default_factory=TFANetConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     # dotted keys the params.yaml entry sets (``matching.mode``): the tuner never changes these
     pinned: frozenset[str] = frozenset()
 
@@ -413,6 +438,11 @@ def validate_line(line: ProductLine, key: str) -> None:
     if rule == "manual" and value is None:
         raise ConfigError(f"{key}.threshold.value: the manual rule needs the threshold value")
     _validate_tfa(line, key)
+    if not 2 <= line.calibration.folds <= MAX_BATCH:
+        raise ConfigError(f"{key}.calibration.folds: must be in 2..{MAX_BATCH}, got {line.calibration.folds}")
+    gate = line.gate
+    if not 0.0 <= gate.max_recall_drop <= 1.0 or not 0.0 <= (gate.max_false_alarm_rate or 0.0) <= 1.0:
+        raise ConfigError(f"{key}.gate: max_recall_drop and max_false_alarm_rate are shares in [0, 1]")
     if d.source == "folder" and not d.path:
         raise ConfigError(f"{key}.data.path: the folder source needs the path of an MVTec-layout tree")
     if d.source == "mvtec" and not d.category:

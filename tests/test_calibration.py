@@ -1,0 +1,117 @@
+"""A trusted operating point (issue 26): cross-fitted calibration, the conformal guarantee, hash-stable folds under
+hot update, and the promotion gate. Real features of the demo images; the validity check is numpy only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import folder_line, run_stages, write_params
+from hetmm.core import conformal
+from hetmm.core.inspector import Inspector
+from hetmm.pipeline.calibration import cross_fit, fold_of
+from hetmm.pipeline.feature_cache import FeatureCache
+from hetmm.pipeline.line import LinePaths, manifest, split
+from hetmm.pipeline.line_template import build_template
+from hetmm.pipeline.provenance import FeatureKey
+
+UPTO_TEMPLATE = ("download", "validate", "tune", "extract", "template")
+
+
+def _line_run(src, root, kind, **sections):
+    params = write_params(root, {"line": folder_line(src, kind=kind, k=6, **sections)})
+    run_stages(params, "line", root, UPTO_TEMPLATE)
+    line = params.line("line")
+    paths = LinePaths.for_line("line", root)
+    return params, line, paths
+
+
+@pytest.fixture(scope="module")
+def all_run(demo_tree, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loo")
+    return _line_run(demo_tree, root, "ALL")
+
+
+def test_leave_one_out_equals_a_template_built_without_the_image(all_run):
+    """Every training image's calibration score is its score by an ALL template of the other images (1e-6)."""
+    _, line, paths = all_run
+    train = split(manifest(paths), "train")
+    fit = cross_fit(line, paths, train, "cpu")
+    shas = sorted(set(train["sha256"]))
+    assert fit.scheme == "leave_one_out" and fit.normals == shas and len(fit.normal_scores) == len(shas) == 24
+    cache = FeatureCache(paths.features, FeatureKey.of(line.features))
+    for i in (0, 7, 23):  # first, middle and last sheet (the block edges)
+        others = shas[:i] + shas[i + 1 :]
+        layers, _ = cache.load(others, pixel_major=True)
+        scorer = Inspector(line, build_template(line, layers, others, progress=False), "cpu")
+        query, boxes = cache.load([shas[i]])
+        expected = scorer.score_features(query, boxes).scores.item()
+        assert fit.normal_scores[i] == pytest.approx(expected, abs=1e-6)
+    # a training image scored by the full template matches itself: its leave-one-out score is what makes it honest
+    assert fit.normal_scores.min() > 1e-3
+
+
+def test_folds_come_from_the_content_hash_and_adding_images_moves_none():
+    shas = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(200)]
+    before = {s: fold_of(s, 5) for s in shas}
+    sizes = np.bincount(list(before.values()), minlength=5)
+    assert sizes.min() >= 25  # near-equal folds
+    # the fold is a function of the image's own hash: no other image (added or not) enters it
+    assert [fold_of(s, 5) for s in reversed(shas)] == [before[s] for s in reversed(shas)]
+
+
+def test_k_fold_scores_each_image_by_a_template_without_its_fold(demo_tree, tmp_path):
+    _, line, paths = _line_run(demo_tree, tmp_path / "pts", "PTS")
+    train = split(manifest(paths), "train")
+    fit = cross_fit(line, paths, train, "cpu")
+    assert fit.scheme == "k_fold" and fit.models >= 2 and len(fit.normal_scores) == 24
+    shas = sorted(set(train["sha256"]))
+    f = fold_of(shas[0], line.calibration.folds)
+    members = [s for s in shas if fold_of(s, line.calibration.folds) == f]
+    others = [s for s in shas if s not in members]
+    cache = FeatureCache(paths.features, FeatureKey.of(line.features))
+    layers, _ = cache.load(others, pixel_major=True)
+    scorer = Inspector(line, build_template(line, layers, others, progress=False), "cpu")
+    query, boxes = cache.load(members)
+    expected = scorer.score_features(query, boxes).scores.numpy()
+    got = fit.normal_scores[[shas.index(s) for s in members]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_conformal_threshold_and_what_n_supports():
+    scores = np.arange(1.0, 200.0)  # n = 199
+    g = conformal.guarantee(scores, 0.01)
+    assert g["supported"] and g["rank"] == 198 and g["threshold"] == 198.0 and g["promised_rate"] <= 0.01
+    small = conformal.guarantee(np.array([0.3, 0.1, 0.2, 0.5, 0.4]), 0.01)
+    assert not small["supported"] and small["threshold"] == 0.5 and small["promised_rate"] == pytest.approx(1 / 6)
+    assert "cannot support a false-alarm rate of 1.00%" in small["statement"] and "16.67%" in small["statement"]
+    assert conformal.needed(0.01) == 99 and conformal.guarantee(np.arange(99.0), 0.01)["supported"]
+    assert not conformal.guarantee(np.arange(98.0), 0.01)["supported"]
+    p = conformal.p_values(np.array([0.05, 0.25, 0.6]), np.array([0.1, 0.2, 0.3, 0.4]))
+    np.testing.assert_allclose(p, [5 / 5, 3 / 5, 1 / 5])
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.1])
+def test_conformal_rule_keeps_its_promise_over_200_exchangeable_draws(rate):
+    """Mean false-alarm rate on fresh normals <= rate (+ 3 standard errors), for three score distributions."""
+    rng = np.random.default_rng(26)
+    draws = {"lognormal": lambda size: rng.lognormal(size=size), "gamma": lambda size: rng.standard_gamma(1.0, size),
+             "normal": lambda size: rng.standard_normal(size)}
+    for name, draw in draws.items():
+        alarms, fresh = [], 2000
+        for _ in range(200):
+            n = int(rng.integers(100, 400))
+            sample = draw(n + fresh)
+            g = conformal.guarantee(sample[:n], rate)
+            assert g["supported"]
+            alarms.append(float((sample[n:] >= g["threshold"]).mean()))
+        mean = float(np.mean(alarms))
+        se = float(np.std(alarms)) / np.sqrt(len(alarms))  # the binomial noise of the fresh parts and of the draw
+        assert mean <= rate + 3 * se + 1e-12, (name, mean)
+        assert mean >= rate - 0.01  # not vacuous: it uses the rate it may (within 1/(n+1))
