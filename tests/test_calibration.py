@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -115,3 +114,90 @@ def test_conformal_rule_keeps_its_promise_over_200_exchangeable_draws(rate):
         se = float(np.std(alarms)) / np.sqrt(len(alarms))  # the binomial noise of the fresh parts and of the draw
         assert mean <= rate + 3 * se + 1e-12, (name, mean)
         assert mean >= rate - 0.01  # not vacuous: it uses the rate it may (within 1/(n+1))
+
+
+def _mirror_into(train_good, count):
+    """``count`` mirrored copies of the first good training images: new, valid good parts (the issue's scenario)."""
+    added = []
+    for path in sorted(train_good.glob("*.png"))[:count]:
+        target = train_good / f"mirrored_{path.name}"
+        Image.open(path).transpose(Image.FLIP_LEFT_RIGHT).save(target)
+        added.append(target)
+    return added
+
+
+def test_hot_update_moves_old_calibration_scores_only_through_the_new_sheets(folder_src, tmp_path):
+    """Adding good images to an ALL line: every old image keeps its place among the calibration normals, and its
+    score changes only by the new sheets (a minimum over more sheets: never up); the new images add their own."""
+    params, line, paths = _line_run(folder_src, tmp_path / "run", "ALL")
+    run_stages(params, "line", tmp_path / "run", ("calibrate",))
+    before = json.loads(paths.calibration.read_text())
+    _mirror_into(folder_src / "train" / "good", 3)
+    run_stages(params, "line", tmp_path / "run", UPTO_TEMPLATE + ("calibrate",))
+    after = json.loads(paths.calibration.read_text())
+    assert json.loads((paths.reports / "template.json").read_text())["action"] == "hot_update"
+    old = dict(zip(before["normals"], before["image"]["normal_scores"], strict=True))
+    new = dict(zip(after["normals"], after["image"]["normal_scores"], strict=True))
+    assert set(old) < set(new) and len(new) == len(old) + 3
+    assert all(new[s] <= old[s] + 1e-6 for s in old)
+    assert before["scheme"] == after["scheme"] == "leave_one_out" and after["validation_normals"]
+
+
+def test_the_gate_refuses_a_version_that_newly_misses_defects_and_predict_keeps_the_blessed_one(folder_src, tmp_path):
+    """Defect images dropped into train/good (a contaminated hot update) make their test twins pass: with
+    ``gate.mode: fail`` the report stage exits with an error naming them, threshold.json and the model predict
+    uses stay the last blessed version; the metrics and the card carry the verdict."""
+    from hetmm.errors import DataError
+    from hetmm.pipeline.predict import predict_images
+
+    root = tmp_path / "run"
+    params = write_params(root, {"line": folder_line(folder_src, kind="ALL", k=6, threshold={"rule": "normal_fpr"},
+                                                     gate={"mode": "fail"})})
+    run_stages(params, "line", root)
+    paths = LinePaths.for_line("line", root)
+    first = json.loads(paths.threshold.read_text())
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert metrics["gate"] == {"verdict": "pass", "blessed": True, "newly_missed": 0}
+    assert metrics["false_alarm_guarantee"]["calibration_normals"] == 24
+    assert not metrics["false_alarm_guarantee"]["supported"]  # 24 normals cannot promise 1 %
+    card = (paths.reports / "model_card.md").read_text()
+    assert "cannot support a false-alarm rate of 1.00%" in card and "4.00%" in card
+    scores = pd.read_csv(paths.outputs / "scores.csv", keep_default_na=False)
+    caught = scores[(scores["label"] == "defect") & (scores["score"] >= first["threshold"])]
+    assert len(caught) >= 2
+    for rel in caught["path"][:2]:  # one pixel changed: not a duplicate file (validation refuses those)
+        pixels = np.array(Image.open(paths.data / rel).convert("RGB"))
+        pixels[0, 0] ^= 1
+        Image.fromarray(pixels).save(folder_src / "train" / "good" / f"contaminated_{rel.replace('/', '_')}")
+    with pytest.raises(DataError, match=r"blessed\.json: line version .* not deployed, gate REFUSED.*newly missed: "
+                                        + ".*".join(sorted(caught["path"][:2]))):
+        run_stages(params, "line", root)
+    assert json.loads(paths.threshold.read_text()) == first  # untouched
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert metrics["gate"]["verdict"] == "fail" and metrics["gate"]["newly_missed"] >= 2
+    card = json.loads((paths.reports / "model_card.json").read_text())
+    assert card["gate"]["verdict"] == "fail" and not card["gate"]["blessed"]
+    out = predict_images(params.line("line"), paths, [paths.data / caught["path"].iloc[0]], tmp_path / "pred",
+                         device="cpu", progress=False)
+    assert out["model_hash"] == first["model_hash"] != out["refused_model_hash"]
+    assert out["defective"] == 1  # the blessed version still flags it
+
+
+def test_gate_verdicts_by_mode():
+    from hetmm.config import GateConfig
+    from hetmm.pipeline.gate import judge
+
+    labels = {"a": True, "b": True, "c": False, "d": False}
+    names = {s: f"test/{s}.png" for s in labels}
+    baseline = {"model_hash": "old", "threshold": 0.5, "scores": {"a": 0.9, "b": 0.7, "c": 0.1, "d": 0.2}}
+    worse = {"a": 0.9, "b": 0.4, "c": 0.1, "d": 0.6}  # b missed, d a new false alarm
+    for mode, verdict in (("warn", "warn"), ("fail", "fail"), ("off", "off")):
+        out = judge(GateConfig(mode=mode, max_false_alarm_rate=0.25), baseline, worse, labels, 0.5, names)
+        assert out["verdict"] == verdict and out["blessed"] == (mode != "fail")
+        assert out["newly_missed"] == ["test/b.png"] and out["failed"] == ["max_recall_drop", "max_false_alarm_rate"]
+    same = judge(GateConfig(mode="fail"), baseline, baseline["scores"], labels, 0.5, names)
+    assert same["verdict"] == "pass" and same["previous"] == same["candidate"]
+    first = judge(GateConfig(mode="fail"), None, worse, labels, 0.5, names)
+    assert first["verdict"] == "pass" and first["first"] and "becomes the baseline" in first["summary"]
+    tolerant = judge(GateConfig(mode="fail", max_recall_drop=0.5), baseline, worse, labels, 0.5, names)
+    assert tolerant["verdict"] == "pass" and tolerant["newly_missed"] == ["test/b.png"]

@@ -165,8 +165,11 @@ def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_ru
 
     # verdicts follow the threshold, and match the infer stage's scores of the same files
     assert (table["defective"] == (table["score"] >= threshold["threshold"])).all()
-    assert ((table["normalised_score"] >= 0.5) == table["defective"]).all()
-    assert table["normalised_score"].between(0, 1).all()
+    # the p-value falls as the score rises: the share of calibration normals scoring at least as high (+1)
+    n = threshold["calibration"]["n"]
+    assert summary["calibration_normals"] == n == 24 and table["p_value"].between(1 / (n + 1), 1).all()
+    ordered = table.sort_values("score")
+    assert (np.diff(ordered["p_value"].to_numpy()) <= 0).all()
     assert summary["defective"] == int(table["defective"].sum())
     confusion = threshold["confusion"]
     assert summary["defective"] == confusion["true_positive"] + confusion["false_positive"]

@@ -6,8 +6,11 @@ the command that rebuilds it. ``update`` is HETMM's hot update; a TFA-Net line i
 
 ``predict`` applies the decision the report stage saved in ``models/<line>/threshold.json`` for this very model:
 a part is defective when its raw ``score >= threshold`` (``--threshold`` overrides that value only); its mask is the
-map ``>= pixel_threshold`` (:func:`hetmm.pipeline.evaluation.predicted_mask`); ``normalised_score`` maps the score
-to [0, 1] with 0.5 exactly at the threshold (:func:`normalised_score`).
+map ``>= pixel_threshold`` (:func:`hetmm.pipeline.evaluation.predicted_mask`). Beside the raw score, ``p_value`` is the
+conformal p-value of the score against the calibration normals saved with the threshold
+(:func:`hetmm.core.conformal.p_values`: the share of them scoring at least as high, +1 corrected), so ``p_value <= a``
+flags a good part with probability at most a; a threshold file written before the calibration scores were saved
+gives no p-value (``null``) and says so.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from PIL import Image
 
 from hetmm.config import ClusterConfig, ProductLine
+from hetmm.core.conformal import p_values
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
 from hetmm.core.templates import hot_update, save_template
@@ -30,7 +34,7 @@ from hetmm.data.images import IMAGE_EXTENSIONS
 from hetmm.errors import ConfigError, DataError
 from hetmm.io import atomic_path, sha256_file, write_json_atomic
 from hetmm.methods import spec
-from hetmm.pipeline import cluster
+from hetmm.pipeline import cluster, gate
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
 from hetmm.pipeline.line import LinePaths
@@ -72,18 +76,9 @@ def saved_threshold(paths: LinePaths, line: str, model_hash: str) -> dict:
     if chosen_for != model_hash:
         raise DataError(f"{paths.threshold}: the threshold was chosen for model {str(chosen_for)[:12]} "
                         f"but the line's model is {model_hash[:12]} (rebuilt since the last report); {rerun}")
-    if "pixel_threshold" not in record or not {"min", "max"} <= set(record.get("normalisation", {})):
-        raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold or score "
-                        f"normalisation); {rerun}")
+    if "pixel_threshold" not in record:
+        raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold); {rerun}")
     return record
-
-
-def normalised_score(score: float, threshold: float, low: float, high: float) -> float:
-    """``score`` in [0, 1], 0.5 exactly at ``threshold``, one unit per calibration score range ``high - low``
-    (the anomalib convention); a degenerate range gives the verdict alone (0, 0.5 or 1)."""
-    if high <= low:
-        return 0.5 + 0.5 * float(np.sign(score - threshold))
-    return float(np.clip((score - threshold) / (high - low) + 0.5, 0.0, 1.0))
 
 
 def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], out: Path, *,
@@ -95,6 +90,11 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     method = spec(line.method)
     model = template_path or model_path(line, paths)
     scorer = load_scorer(line, paths, device, model)
+    refused = None
+    if template_path is None and (blessed := gate.blessed_model(paths, scorer.version)) is not None:
+        # the promotion gate refused the line's current model: keep deploying the last blessed one
+        refused, model = scorer.version, blessed
+        scorer = load_scorer(line, paths, device, model)
     extractor, match = scorer.extractor, scorer.match
     if cluster_config is not None and cluster.enabled(cluster_config):
         extractor = cluster.ExtractorPool(line.features, cluster_config)
@@ -104,7 +104,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     rule = decision["rule"] if threshold is None else "--threshold"
     threshold = float(decision["threshold"]) if threshold is None else threshold
     pixel = float(decision["pixel_threshold"])
-    low, high = float(decision["normalisation"]["min"]), float(decision["normalisation"]["max"])
+    reference = decision.get("calibration", {}).get("scores")
     vmin, vmax = anchored_scale(pixel)  # the same colours mean the same thing on every image
     version = scorer.version[:12]
     rows = []
@@ -127,19 +127,33 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
                 panel(image, full, None, None, title, pred_mask=mask, vmin=vmin, vmax=vmax,
                       threshold=pixel).save(tmp, format="PNG")
-            rows.append({"path": str(path), "score": float(score),
-                         "normalised_score": normalised_score(float(score), threshold, low, high),
+            p_value = float(p_values(np.array([score]), np.array(reference))[0]) if reference else None
+            rows.append({"path": str(path), "score": float(score), "p_value": p_value,
                          "defective": defective, "defect_area_fraction": float(mask.mean()),
                          "mask": f"masks/{stem}.png", "overlay": f"overlays/{stem}.png"})
     df = pd.DataFrame(rows)
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
     summary = {"images": len(rows), "defective": int(df["defective"].sum()), "threshold": threshold,
-               "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
+               "threshold_rule": rule, "pixel_threshold": pixel, "guarantee": _guarantee(decision, rule),
+               "calibration_normals": len(reference) if reference else None,
                "method": str(line.method), "model_hash": scorer.version, "model": str(model),
+               **({"refused_model_hash": refused} if refused else {}),
                "code_version": code_version(), "out": str(out)}
     write_json_atomic(out / "predictions.json", {**summary, "predictions": rows})
     return summary
+
+
+def _guarantee(decision: dict, rule: str) -> str:
+    """What the deployed decision promises on good parts, in one sentence (printed by ``hetmm predict``)."""
+    if rule == "--threshold":
+        return "threshold given on the command line: no false-alarm rate is promised"
+    if "guarantee" in decision:
+        return decision["guarantee"]["statement"]
+    if "calibration" not in decision:
+        return (f"no stated false-alarm rate: {rule} threshold from a report written before calibration scores were "
+                "saved (no p-values); rerun the report stage")
+    return f"no stated false-alarm rate: rule {rule}; p-values compare with {decision['calibration']['n']} normals"
 
 
 def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], *,

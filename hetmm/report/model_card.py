@@ -87,6 +87,13 @@ def _git_out(root: Path, *args: str) -> str:
                           check=True).stdout.strip()
 
 
+# How the calibration normals were scored (hetmm.pipeline.calibration), in words.
+SCHEMES = {"leave_one_out": "every good training image, each scored by the template without its own sheet "
+                            "(leave-one-out)",
+           "k_fold": "every good training image, each scored by a template built without its fold (content-hash "
+                     "folds)",
+           "held_out": "the held-out share of the good training images the model was not trained on"}
+
 ORACLE_NOTE = "F1-max with the threshold read off the test labels: an optimistic figure, not deployable"
 
 
@@ -94,7 +101,12 @@ def decision(threshold: Mapping[str, Any], calibration: Mapping[str, Any]) -> st
     """One sentence: the deployed rule, where its image threshold came from, and the pixel threshold's origin."""
     t, n = threshold["threshold"], len(calibration.get("validation_normals", []))
     rule = threshold["rule"]
-    if rule == "normal_fpr":
+    if rule == "normal_fpr" and "guarantee" in threshold:
+        image = (f"the conformal threshold of {threshold['guarantee']['n']} calibration normals "
+                 f"({SCHEMES.get(calibration.get('scheme'), calibration.get('scheme'))}); "
+                 f"{threshold['guarantee']['statement']}, for good parts exchangeable with the training images; "
+                 "no test labels used")
+    elif rule == "normal_fpr":
         image = (f"the score that at most {threshold['false_alarm_rate']:.2%} of {n} validation normals (held-out "
                  "good training images) exceed; no test labels used")
     elif rule == "synthetic_f1":
@@ -115,8 +127,9 @@ def decision(threshold: Mapping[str, Any], calibration: Mapping[str, Any]) -> st
 
 def calibration_summary(calibration: Mapping[str, Any]) -> dict[str, Any]:
     """The calibrate stage's record for a card: counts instead of the per-image lists."""
-    out = {k: v for k, v in calibration.items() if k != "validation_normals"}
-    out = {"validation_normals": len(calibration.get("validation_normals", [])), **out}
+    out = {k: v for k, v in calibration.items() if k not in ("validation_normals", "normals")}
+    out = {"validation_normals": len(calibration.get("validation_normals", [])),
+           **({"calibration_normals": len(calibration["normals"])} if "normals" in calibration else {}), **out}
     if "image" in out:
         out["image"] = {k: v for k, v in out["image"].items() if k != "normal_scores"}
     return out
@@ -126,7 +139,8 @@ def decision_sections(threshold: Mapping[str, Any], calibration: Mapping[str, An
                       tuned: Sequence[str]) -> dict[str, Any]:
     """The card's account of the decision: the :func:`decision` sentence, the ``threshold.json`` record, the
     oracle F1 (named as such), the calibration it came from and the keys the tuner chose."""
-    return {"decision": decision(threshold, calibration), "threshold": dict(threshold),
+    shown = {k: v for k, v in threshold.items() if k != "calibration"}  # the per-normal scores stay in the file
+    return {"decision": decision(threshold, calibration), "threshold": shown,
             "oracle": {"f1_max": summary.get("f1_max"), "f1_threshold": summary.get("f1_threshold"),
                        "note": ORACLE_NOTE},
             "calibration": calibration_summary(calibration), "tuned_keys": list(tuned)}

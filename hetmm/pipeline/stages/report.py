@@ -16,6 +16,7 @@ import json
 import os
 from importlib import metadata
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from hetmm.data.manifest import manifest_hash
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, write_json_atomic
 from hetmm.methods import spec
-from hetmm.pipeline import evaluation, panels
+from hetmm.pipeline import evaluation, gate, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, plots
@@ -58,6 +59,9 @@ def run(ctx: StageRun) -> dict:
     threshold = evaluation.decide(line.threshold, scores[labelled], labels[labelled], calibration,
                                   model.get("content_hash"))
     metrics = {**evaluation.headline(by_subset["all"], threshold), "subsets": by_subset}
+    verdict = _gate(ctx, test[labelled], scores[labelled], threshold["threshold"])
+    metrics["gate"] = {"verdict": verdict["verdict"], "blessed": verdict["blessed"],
+                       "newly_missed": len(verdict["newly_missed"])}
     per_type = evaluation.per_group_metrics(scores[labelled], labels[labelled], test["defect_type"][labelled],
                                             maps[labelled], masks[labelled], pixel[labelled])
     s_l, y_l = scores[labelled], labels[labelled]
@@ -71,13 +75,16 @@ def run(ctx: StageRun) -> dict:
 
     write_json_atomic(paths.reports / "evaluation.json", metrics)
     write_json_atomic(paths.reports / "metrics.json", evaluation.dvc_metrics(metrics))
-    write_json_atomic(paths.threshold, threshold)
+    if verdict["blessed"]:  # a refused version leaves the last blessed threshold (and model, gate.bless) in place
+        write_json_atomic(paths.threshold, threshold)
     with atomic_path(paths.reports / "per_defect.csv") as tmp:
         pd.DataFrame(per_type).to_csv(tmp, index=False)
     with atomic_path(paths.reports / "ablation.csv") as tmp:  # header only when report.ablation is off
         pd.DataFrame(table, columns=ABLATION_COLUMNS).to_csv(tmp, index=False)
     plots.report_curves(paths.reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
-    plots.score_histogram_png(paths.reports / "scores.png", panels.score_groups(test, scores),
+    groups = {**panels.score_groups(test, scores),
+              "calibration normals": np.asarray(calibration["image"].get("normal_scores", []), dtype=np.float64)}
+    plots.score_histogram_png(paths.reports / "scores.png", {k: v for k, v in groups.items() if len(v)},
                               threshold["threshold"], f"{line.name}: test image scores")
     written = panels.report_panels(ctx, test, scores, maps, masks, threshold)
 
@@ -96,6 +103,7 @@ def run(ctx: StageRun) -> dict:
                  "unlabelled": int((~labelled).sum()),
                  "unlabelled_flagged": int((scores[~labelled] >= threshold["threshold"]).sum())},
         "template": model,  # the template set's record, or TFA-Net's (kind tfa_net, one template image)
+        "gate": verdict,
         **model_card.decision_sections(threshold, calibration, by_subset["all"], tuned_keys(paths.settings)),
         "metrics": by_subset,
         "per_defect_type": per_type,
@@ -107,7 +115,31 @@ def run(ctx: StageRun) -> dict:
         "overlays": [str(p.relative_to(paths.reports)) for p in written],
     }
     model_card.model_card(paths.reports / "model_card.md", paths.reports / "model_card.json", card)
+    _promote(ctx, verdict, test[labelled], scores[labelled], threshold)
     return metrics
+
+
+def _gate(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, threshold: float) -> dict:
+    """The promotion gate's verdict on this version (labelled test images only), printed as one line."""
+    current = dict(zip(test["sha256"], scores.tolist(), strict=True))
+    verdict = gate.judge(ctx.line.gate, gate.load_baseline(ctx.paths), current,
+                         dict(zip(test["sha256"], (test["label"] == "defect").tolist(), strict=True)), threshold,
+                         dict(zip(test["sha256"], test["path"], strict=True)))
+    print(f"{ctx.line.name}: {verdict['summary']}", file=sys.stderr)
+    return verdict
+
+
+def _promote(ctx: StageRun, verdict: dict, test: pd.DataFrame, scores: np.ndarray, threshold: dict) -> None:
+    """Bless this version (the next baseline), or refuse it: exit 1 naming the images it newly misses."""
+    paths, model_hash = ctx.paths, threshold["model_hash"]
+    if verdict["blessed"]:
+        gate.bless(paths, paths.models / f"{spec(ctx.line.method).model_file}.pt", model_hash, threshold["threshold"],
+                   dict(zip(test["sha256"], scores.tolist(), strict=True)))
+        return
+    gate.refuse(paths, gate.load_baseline(paths) or {}, verdict, model_hash)
+    raise DataError(f"{paths.models / gate.BLESSED}: {ctx.line.name} version {str(model_hash)[:12]} not deployed, "
+                    f"{verdict['summary']}; predict keeps the last blessed version (fix the cause, or set "
+                    "gate.mode to warn to deploy it anyway)")
 
 
 def _environment() -> dict:
