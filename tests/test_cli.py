@@ -284,11 +284,13 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     assert all(r["line"] == "demo" and r["backbone"] == "efficientnet_lite0" for r in rows)
     assert rows[0]["data_hash"] == rows[1]["data_hash"] != ""
     assert rows[1]["image_auroc"] == first["metrics"]["all"]["image_auroc"]
+    # each version's promotion-gate verdict: the first had no baseline, the second was compared with it
+    assert [r["gate"] for r in rows] == [second["gate"]["verdict"], "pass"] and "previous" in second["gate"]
 
     table = invoke("audit", "--root", root)
     assert table.exit_code == 0
     lines = table.output.strip().split("\n")
-    assert len(lines) == 3 and "model_hash" in lines[0]
+    assert len(lines) == 3 and "model_hash" in lines[0] and "gate" in lines[0]
     assert first["template"]["content_hash"][:12] in table.output and second["template"]["content_hash"][:12] in lines[1]
     assert_one_line_error(invoke("audit", "other_line", "--root", root, "--json"), "other_line", "demo")
 

@@ -19,7 +19,7 @@ from hetmm.errors import ConfigError, HetmmError
 
 CARD = "model_card.json"
 TABLE = ("commit", "date", "author", "ref", "line", "template", "model_hash", "data_hash", "code", "threshold",
-         "image_auroc", "pixel_auroc", "aupro")
+         "gate", "image_auroc", "pixel_auroc", "aupro")
 
 
 def _git(root: Path, *args: str) -> str:
@@ -80,6 +80,8 @@ def _row(card: dict, commit: str, author: str, when: str, ref: str, subject: str
         "model_hash": template.get("content_hash"), "template_action": template.get("action"),
         "data_hash": card.get("data", {}).get("manifest_sha256"), "code": card.get("code_version"),
         "threshold": threshold.get("threshold"), "threshold_rule": threshold.get("rule"),
+        # the promotion gate's verdict (pass / warn / fail / off); cards from before the gate have none
+        "gate": card.get("gate", {}).get("verdict"),
         "backbone": params.get("features", {}).get("backbone"),
         "image_auroc": metrics.get("image_auroc"), "pixel_auroc": metrics.get("pixel_auroc"),
         "aupro": metrics.get("aupro"), "params": params,
