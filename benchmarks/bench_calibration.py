@@ -73,6 +73,7 @@ def entries() -> dict[str, dict]:
 
 
 def run(root: Path, name: str, entry: dict, stages) -> tuple:
+    root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump({"device": "cpu", "product_lines": {name: entry}},
                                                      sort_keys=False))
     params = load_params(root / "params.yaml")
