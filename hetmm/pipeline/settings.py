@@ -19,7 +19,8 @@ from hetmm.config import ProductLine, build_config, validate_line
 from hetmm.errors import ConfigError
 from hetmm.io import atomic_path, sha256_json
 
-SECTIONS = ("method", "data", "features", "templates", "matching", "post", "threshold", "report", "tune", "tfa_net", "calibration", "gate")
+SECTIONS = ("method", "data", "features", "templates", "matching", "post", "threshold", "report", "tune", "tfa_net",
+            "calibration", "gate")
 
 
 def _plain(value: Any) -> Any:
