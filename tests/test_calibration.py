@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import folder_line, run_stages, write_params
 from hetmm.core import conformal
 from hetmm.core.inspector import Inspector
-from hetmm.pipeline.calibration import cross_fit, fold_of
+from hetmm.pipeline.calibration import cross_fit, fold_of, leave_one_out
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths, manifest, split
 from hetmm.pipeline.line_template import build_template
@@ -54,6 +54,14 @@ def test_leave_one_out_equals_a_template_built_without_the_image(all_run):
         assert fit.normal_scores[i] == pytest.approx(expected, abs=1e-6)
     # a training image scored by the full template matches itself: its leave-one-out score is what makes it honest
     assert fit.normal_scores.min() > 1e-3
+    # without an exclusion the blocks combine to the full template's score (any block size)
+    layers, _ = cache.load(shas, pixel_major=True)
+    full = Inspector(line, build_template(line, layers, shas, progress=False), "cpu")
+    query, boxes = cache.load(shas[:3])
+    scores, maps = leave_one_out(full, query, boxes, [-1, -1, 2], keep_maps=np.array([True, False, True]), block=5)
+    np.testing.assert_allclose(scores[:2], full.score_features([q[:2] for q in query], boxes[:2]).scores.numpy(),
+                               atol=1e-6)
+    assert scores[2] == pytest.approx(fit.normal_scores[2], abs=1e-6) and maps.shape[0] == 2
 
 
 def test_folds_come_from_the_content_hash_and_adding_images_moves_none():
