@@ -173,6 +173,18 @@ def test_the_gate_refuses_a_version_that_newly_misses_defects_and_predict_keeps_
     scores = pd.read_csv(paths.outputs / "scores.csv", keep_default_na=False)
     caught = scores[(scores["label"] == "defect") & (scores["score"] >= first["threshold"])]
     assert len(caught) >= 2
+    image = paths.data / caught["path"].iloc[0]
+    out = predict_images(params.line("line"), paths, [image], tmp_path / "p", device="cpu", progress=False)
+    row = json.loads((tmp_path / "p" / "predictions.json").read_text())["predictions"][0]
+    assert row["p_value"] == pytest.approx((1 + sum(s >= row["score"] for s in first["calibration"]["scores"])) / 25)
+    assert "cannot support" in out["guarantee"] and out["calibration_normals"] == 24
+    # a threshold file from before the calibration scores were saved still works, without p-values, and says so
+    old = {k: v for k, v in first.items() if k not in ("calibration", "guarantee")}
+    paths.threshold.write_text(json.dumps(old))
+    out = predict_images(params.line("line"), paths, [image], tmp_path / "old", device="cpu", progress=False)
+    assert json.loads((tmp_path / "old" / "predictions.json").read_text())["predictions"][0]["p_value"] is None
+    assert "no p-values" in out["guarantee"] and out["defective"] == 1
+    paths.threshold.write_text(json.dumps(first))
     for rel in caught["path"][:2]:  # one pixel changed: not a duplicate file (validation refuses those)
         pixels = np.array(Image.open(paths.data / rel).convert("RGB"))
         pixels[0, 0] ^= 1
