@@ -58,7 +58,7 @@ def test_leave_one_out_equals_a_template_built_without_the_image(all_run):
     layers, _ = cache.load(shas, pixel_major=True)
     full = Inspector(line, build_template(line, layers, shas, progress=False), "cpu")
     query, boxes = cache.load(shas[:3])
-    scores, maps = leave_one_out(full, query, boxes, [-1, -1, 2], keep_maps=np.array([True, False, True]), block=5)
+    scores, maps, _ = leave_one_out(full, query, boxes, [-1, -1, 2], keep_maps=np.array([True, False, True]), block=5)
     np.testing.assert_allclose(scores[:2], full.score_features([q[:2] for q in query], boxes[:2]).scores.numpy(),
                                atol=1e-6)
     assert scores[2] == pytest.approx(fit.normal_scores[2], abs=1e-6) and maps.shape[0] == 2
@@ -149,6 +149,13 @@ def test_hot_update_moves_old_calibration_scores_only_through_the_new_sheets(fol
     assert set(old) < set(new) and len(new) == len(old) + 3
     assert all(new[s] <= old[s] + 1e-6 for s in old)
     assert before["scheme"] == after["scheme"] == "leave_one_out" and after["validation_normals"]
+    # the old images' stored distances were reused (matched against the 3 new sheets only), exactly
+    assert before["matching"]["images_reused"] == 0 and after["matching"]["images_reused"] == 24
+    (paths.models / "calibration_matches.pt").unlink()
+    run_stages(params, "line", tmp_path / "run", ("calibrate",))
+    fresh = json.loads(paths.calibration.read_text())
+    assert fresh["matching"]["images_reused"] == 0 and fresh["normals"] == after["normals"]
+    np.testing.assert_allclose(fresh["image"]["normal_scores"], after["image"]["normal_scores"], atol=1e-6)
 
 
 def test_the_gate_refuses_a_version_that_newly_misses_defects_and_predict_keeps_the_blessed_one(folder_src, tmp_path):

@@ -29,7 +29,7 @@ from hetmm.config import ProductLine
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.inspector import Inspector, Scorer
 from hetmm.core.layout import to_pixel_major
-from hetmm.core.scoring import LayerMatches, match_layers
+from hetmm.core.scoring import LayerMatches, match_layers, match_plan
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError
 from hetmm.methods import spec
@@ -37,11 +37,13 @@ from hetmm.modes import TemplateKind
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.line_template import build_template
+from hetmm.pipeline.match_cache import MatchCache
 from hetmm.pipeline.models import load_tfa_scorer, model_path
 from hetmm.pipeline.provenance import FeatureKey
 from hetmm.pipeline.validation_set import validation_images
 
 QUERY_BATCH = 32  # query images per matching call and per post-processing step
+MATCHES = "calibration_matches.pt"  # leave-one-out distances kept for the next run (not a DVC output: a cache)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class CrossFit:
     families: list[str]
     models: int
     sheets: int | None
+    reuse: dict | None = None  # leave-one-out: how many images' stored distances were reused, and why (not)
 
     @property
     def base_scores(self) -> np.ndarray:
@@ -96,7 +99,7 @@ def cross_fit(line: ProductLine, paths: LinePaths, train: pd.DataFrame, device: 
     owners = [bases[j // per_base] for j in range(len(synthetic.defects))]
     extractor = FeatureExtractor(line.features, device)
     defect_layers, defect_boxes = _extract(extractor, line, synthetic.defects)
-    kind = scheme(line)
+    kind, reuse = scheme(line), None
     if kind == "held_out":
         normals = bases
         scorer = load_tfa_scorer(line, model_path(line, paths), device, expect_images=templates)
@@ -106,38 +109,95 @@ def cross_fit(line: ProductLine, paths: LinePaths, train: pd.DataFrame, device: 
         models, sheets = 1, None
     elif kind == "leave_one_out":
         normals = shas
-        layers, boxes = cache.load(shas, pixel_major=True)
-        scorer = Inspector(line, build_template(line, layers, shas, progress=progress), device)
-        index = {s: i for i, s in enumerate(shas)}
-        queries = [torch.cat([t, d.to(t.dtype)]) for t, d in zip(scorer.template.layers, defect_layers, strict=True)]
-        exclude = [index[s] for s in shas] + [index[s] for s in owners]
-        keep = np.zeros(len(exclude), dtype=bool)
-        keep[[index[s] for s in bases]] = True
-        keep[len(shas):] = True
-        scores, maps = leave_one_out(scorer, queries, list(boxes) + defect_boxes, exclude, keep_maps=keep)
-        normal_scores, defect_scores = scores[: len(shas)], scores[len(shas):]
-        base_maps, defect_maps = maps[: len(bases)], maps[len(bases):]
-        models, sheets = len(shas), scorer.sheets - 1
+        normal_scores, base_maps, defect_scores, defect_maps, sheets, reuse = _loo_line(
+            line, paths, cache, shas, bases, owners, defect_layers, defect_boxes, device, progress)
+        models = len(shas)
     else:
         normals = shas
         normal_scores, base_maps, defect_scores, defect_maps, models, sheets = _k_fold(
             line, cache, shas, bases, owners, defect_layers, defect_boxes, device, progress)
     return CrossFit(kind, normals, normal_scores, bases, base_maps, defect_scores, defect_maps, synthetic.masks,
-                    synthetic.families, models, sheets)
+                    synthetic.families, models, sheets, reuse)
+
+
+def _loo_line(line: ProductLine, paths: LinePaths, cache: FeatureCache, shas: list[str], bases: list[str],
+              owners: list[str], defect_layers: list[torch.Tensor], defect_boxes: list, device: torch.device,
+              progress: bool):
+    """Leave-one-out over an ALL template of every training image, reusing the stored distances of the images an
+    earlier run saw (``models/<line>/calibration_matches.pt``, :class:`~hetmm.pipeline.match_cache.MatchCache`):
+    those are matched against the new sheets only. The sheets keep the stored order, new images after it."""
+    store = paths.models / MATCHES
+    stored = _stored_sources(store)
+    order = [s for s in stored if s in set(shas)] if set(stored) <= set(shas) else []
+    order += sorted(set(shas) - set(order))
+    layers, boxes = cache.load(order, pixel_major=True)
+    scorer = Inspector(line, build_template(line, layers, order, progress=progress), device)
+    m = line.matching
+    matches = MatchCache(scorer.template, match_plan(m.forward_windows, m.backward_windows, m.alphas, m.weights,
+                                                     m.mode), FeatureKey.of(line.features))
+    matches.resume(store)
+    index = {s: i for i, s in enumerate(order)}
+    queries = [torch.cat([t, d.to(t.dtype)]) for t, d in zip(scorer.template.layers, defect_layers, strict=True)]
+    exclude = [index[s] for s in order] + [index[s] for s in owners]
+    old = [s in matches.previous for s in order] + [False] * len(owners)
+    start = np.where(old, matches.reuse, 0)
+    initial = _initial(matches, order, len(exclude)) if any(old) else None
+    keep = np.zeros(len(exclude), dtype=bool)
+    keep[[index[s] for s in bases]] = True
+    keep[len(order):] = True
+    scores, maps, found = leave_one_out(scorer, queries, list(boxes) + defect_boxes, exclude, keep_maps=keep,
+                                        start=start, initial=initial)
+    n = len(order)
+    matches.add(order, LayerMatches([None if t is None else t[:n] for t in found.forward],
+                                    [None if t is None else t[:n] for t in found.backward], found.plan, n))
+    matches.save(store)
+    by_sha = dict(zip(order, scores[:n], strict=True))
+    base_rows = sorted(index[s] for s in bases)  # maps come in query order
+    base_maps = dict(zip([order[i] for i in base_rows], maps[: len(bases)], strict=True))
+    return (np.array([by_sha[s] for s in shas]), np.stack([base_maps[s] for s in bases]), scores[n:],
+            maps[len(bases):], scorer.sheets - 1, {"images_reused": int(sum(old)), "reason": matches.reason})
+
+
+def _stored_sources(path) -> list[str]:
+    try:
+        return list(torch.load(path, map_location="cpu", weights_only=True)["sources"])
+    except Exception:  # missing, torn or foreign: nothing is reused (MatchCache.resume says why)
+        return []
+
+
+def _initial(matches: MatchCache, order: list[str], total: int) -> LayerMatches:
+    """The stored distances of the images the store holds, +inf for the other queries."""
+    rows = [i for i, s in enumerate(order) if s in matches.previous]
+    first = matches.previous[order[rows[0]]]
+
+    def layer(direction: int, j: int) -> torch.Tensor | None:
+        if first[direction][j] is None:
+            return None
+        out = torch.full((total, *first[direction][j].shape), float("inf"))
+        for i in rows:
+            out[i] = matches.previous[order[i]][direction][j]
+        return out
+
+    n = len(matches.plan)
+    return LayerMatches([layer(0, j) for j in range(n)], [layer(1, j) for j in range(n)], list(matches.plan), total)
 
 
 def leave_one_out(scorer: Inspector, queries: Sequence[torch.Tensor], boxes: Sequence, exclude: Sequence[int],
-                  keep_maps: np.ndarray | None = None, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  keep_maps: np.ndarray | None = None, block: int | None = None, start: np.ndarray | None = None,
+                  initial: LayerMatches | None = None) -> tuple[np.ndarray, np.ndarray, LayerMatches]:
     """Scores ``[Q]`` of the queries (per-layer features ``[Q, C_j, H_j, W_j]``) against ``scorer``'s template with
-    sheet ``exclude[i]`` left out for query ``i`` (-1: none), and float32 maps ``[K, H, W]`` of the queries where
-    ``keep_maps`` is set. Sheets are matched in blocks of ``block`` (default ~sqrt(sheets)); a query is matched
-    against a block without its excluded sheet only in the block holding it, and the blocks combine by minimum."""
+    sheet ``exclude[i]`` left out for query ``i`` (-1: none), float32 maps ``[K, H, W]`` of the queries where
+    ``keep_maps`` is set, and the distances. Sheets are matched in blocks of ``block`` (default ~sqrt(sheets)); a
+    query is matched against a block without its excluded sheet only in the block holding it, and the blocks
+    combine by minimum. With ``start``, query ``i`` is matched against sheets ``start[i]:`` only, its distances to
+    the sheets before taken from ``initial`` (stored distances, +inf where none)."""
     exclude = np.asarray(exclude)
     sheets = scorer.sheets
+    start = np.zeros(len(exclude), dtype=int) if start is None else np.asarray(start)
     block = block or max(8, int(np.ceil(np.sqrt(sheets))))
     m, layers = scorer.line.matching, scorer.template.layers
     device = scorer.device
-    best: LayerMatches | None = None
+    best: LayerMatches | None = initial
 
     def match(rows: np.ndarray, sheet_layers: list[torch.Tensor]) -> None:
         nonlocal best
@@ -148,15 +208,18 @@ def leave_one_out(scorer: Inspector, queries: Sequence[torch.Tensor], boxes: Seq
             found = match_layers(q, sheet_layers, m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode)
             best = _scatter_min(best, len(exclude), part, found)
 
-    for b0 in range(0, sheets, block):
-        b1 = min(b0 + block, sheets)
-        outside = np.flatnonzero((exclude < b0) | (exclude >= b1))
-        if outside.size:
-            match(outside, [t[b0:b1] for t in layers])
-        for e in np.unique(exclude[(exclude >= b0) & (exclude < b1)]):
-            if b1 - b0 > 1:  # a block of the excluded sheet alone adds nothing
-                match(np.flatnonzero(exclude == e),
-                      [to_pixel_major(torch.cat([t[b0:e], t[e + 1 : b1]])) for t in layers])
+    edges = sorted({0, sheets, *(int(s) for s in start if 0 < s < sheets)})  # blocks never straddle a start
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        for b0 in range(lo, hi, block):
+            b1 = min(b0 + block, hi)
+            active = start <= b0
+            outside = np.flatnonzero(active & ((exclude < b0) | (exclude >= b1)))
+            if outside.size:
+                match(outside, [t[b0:b1] for t in layers])
+            for e in np.unique(exclude[active & (exclude >= b0) & (exclude < b1)]):
+                if b1 - b0 > 1:  # a block of the excluded sheet alone adds nothing
+                    match(np.flatnonzero(active & (exclude == e)),
+                          [to_pixel_major(torch.cat([t[b0:e], t[e + 1 : b1]])) for t in layers])
     if best is None:
         raise ValueError("leave-one-out needs a template of at least two sheets")
     keep_maps = np.zeros(len(exclude), dtype=bool) if keep_maps is None else np.asarray(keep_maps)
@@ -169,7 +232,7 @@ def leave_one_out(scorer: Inspector, queries: Sequence[torch.Tensor], boxes: Seq
         out = scorer.finish(part, list(boxes[rows]))
         scores.append(out.scores.numpy())
         maps.append(out.maps.numpy()[keep_maps[rows]])
-    return np.concatenate(scores).astype(np.float64), np.concatenate(maps)
+    return np.concatenate(scores).astype(np.float64), np.concatenate(maps), best
 
 
 def _scatter_min(best: LayerMatches | None, total: int, rows: np.ndarray, found: LayerMatches) -> LayerMatches:

@@ -40,7 +40,8 @@ def run(ctx: StageRun) -> dict:
     record = _thresholds(line, fit.normal_scores, scores, labels, maps, masks)
     record.update(key=calibration_key(line, list(train["sha256"])), scheme=fit.scheme, models=fit.models,
                   normals=fit.normals, validation_normals=fit.bases, synthetic=len(fit.defect_scores),
-                  families=fit.families, sheets=fit.sheets, seconds=round(time.perf_counter() - start, 2))
+                  families=fit.families, sheets=fit.sheets, seconds=round(time.perf_counter() - start, 2),
+                  **({"matching": fit.reuse} if fit.reuse is not None else {}))
     write_json_atomic(paths.calibration, record)
     return {k: record[k] for k in ("image", "pixel", "synthetic_metrics")}
 
