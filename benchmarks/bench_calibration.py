@@ -122,7 +122,7 @@ def measure(root: Path, name: str, entry: dict) -> dict:
                     "supported": g["supported"], "statement": g["statement"], "test": outcomes(test, g["threshold"])}}
     infer = json.loads((paths.reports / "infer.json").read_text())
     return {"train_images": len(new), "test_images": len(test), "scheme": calibration["scheme"],
-            "calibration_models": calibration["models"], "rules": rules,
+            "calibration_models": calibration["models"], "rules": rules, "matching": calibration.get("matching"),
             "cost_seconds": {"calibrate": calibration["seconds"], "infer": infer["seconds"],
                              "ratio": round(calibration["seconds"] / infer["seconds"], 3)}}
 
@@ -150,6 +150,10 @@ def hot_update(root: Path, name: str, entry: dict) -> dict:
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     out["gate"] = metrics["gate"]
     out["deployed_threshold"] = {"before": before["deployed"], "after": metrics["threshold"]}
+    calibration = json.loads(paths.calibration.read_text())
+    out["cost_seconds_after"] = {"calibrate": calibration["seconds"],
+                                 "infer": json.loads((paths.reports / "infer.json").read_text())["seconds"],
+                                 "calibration_matching": calibration.get("matching")}
     return out
 
 
