@@ -8,7 +8,9 @@ TFA-Net's held-out share), and synthetic defects made on some of them. Writes ``
   synthetic);
 * ``normal_scores`` (every calibration normal, in the order of ``normals``): predict's p-values come from them;
 * the pixel threshold for defect masks: F1-max over the pixels of the synthetic defects and their normals;
-* ``min`` / ``max`` of those image scores, and the synthetic validation metrics (a label-free estimate).
+* ``min`` / ``max`` of those image scores, and the synthetic validation metrics (a label-free estimate);
+* ``matching`` (ALL): how many images' leave-one-out distances were reused from the previous run
+  (``models/<line>/calibration_matches.pt``, a cache outside DVC): after a hot update only the new sheets are matched.
 """
 
 from __future__ import annotations
