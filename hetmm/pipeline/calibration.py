@@ -197,7 +197,10 @@ def leave_one_out(scorer: Inspector, queries: Sequence[torch.Tensor], boxes: Seq
     block = block or max(8, int(np.ceil(np.sqrt(sheets))))
     m, layers = scorer.line.matching, scorer.template.layers
     device = scorer.device
-    best: LayerMatches | None = initial
+    best: LayerMatches | None = None
+    if initial is not None:  # stored distances live on the CPU
+        best = LayerMatches([None if t is None else t.to(device) for t in initial.forward],
+                            [None if t is None else t.to(device) for t in initial.backward], initial.plan, len(exclude))
 
     def match(rows: np.ndarray, sheet_layers: list[torch.Tensor]) -> None:
         nonlocal best
