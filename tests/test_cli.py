@@ -166,8 +166,11 @@ def test_predict_folder_writes_consistent_predictions_masks_and_overlays(demo_ru
 
     # verdicts follow the threshold, and match the infer stage's scores of the same files
     assert (table["defective"] == (table["score"] >= threshold["threshold"])).all()
-    assert ((table["normalised_score"] >= 0.5) == table["defective"]).all()
-    assert table["normalised_score"].between(0, 1).all()
+    # the p-value falls as the score rises: the share of calibration normals scoring at least as high (+1)
+    n = threshold["calibration"]["n"]
+    assert summary["calibration_normals"] == n == 24 and table["p_value"].between(1 / (n + 1), 1).all()
+    ordered = table.sort_values("score")
+    assert (np.diff(ordered["p_value"].to_numpy()) <= 0).all()
     assert summary["defective"] == int(table["defective"].sum())
     confusion = threshold["confusion"]
     assert summary["defective"] == confusion["true_positive"] + confusion["false_positive"]
@@ -356,11 +359,13 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     assert all(r["line"] == "demo" and r["backbone"] == "efficientnet_lite0" for r in rows)
     assert rows[0]["data_hash"] == rows[1]["data_hash"] != ""
     assert rows[1]["image_auroc"] == first["metrics"]["all"]["image_auroc"]
+    # each version's promotion-gate verdict: the first had no baseline, the second was compared with it
+    assert [r["gate"] for r in rows] == [second["gate"]["verdict"], "pass"] and "previous" in second["gate"]
 
     table = invoke("audit", "--root", root)
     assert table.exit_code == 0
     lines = table.output.strip().split("\n")
-    assert len(lines) == 4 and "model#" in lines[0] and lines[3].startswith("(versions in use on ")
+    assert len(lines) == 4 and "model#" in lines[0] and "gate" in lines[0] and lines[3].startswith("(versions in use on ")
     assert first["template"]["content_hash"][:9] in table.output and second["template"]["content_hash"][:9] in lines[1]
     assert_one_line_error(invoke("audit", "other_line", "--root", root, "--json"), "other_line", "demo")
 
@@ -485,9 +490,10 @@ def test_tune_and_calibrate_report_phases_with_counts_and_eta_without_flooding_a
     assert any(re.fullmatch(r"tune@demo: matching: 1/5 candidates, \d+ s, ETA \d+ s", line) for line in tune), tune
     assert any(re.fullmatch(r"tune@demo: matching: done, [1-5]/5 candidates in \d+ s", line) for line in tune), tune
     calibrate = [line for line in lines if line.startswith("calibrate@demo: ")]
-    assert any(re.fullmatch(r"calibrate@demo: scoring synthetic defects: started, \d+ images", line)
+    assert any(re.fullmatch(r"calibrate@demo: synthetic defects: started, \d+ images", line)
                for line in calibrate), calibrate
-    assert any("scoring synthetic defects: " in line and "ETA" in line for line in calibrate), calibrate
-    assert any(line.startswith("calibrate@demo: validation normals: done, 3/3 images") for line in calibrate)
+    assert any("synthetic defects: " in line and "ETA" in line for line in calibrate), calibrate
+    assert any(re.match(r"calibrate@demo: cross-fitted scores \(k_fold\): done, (\d+)/\1 training images", line)
+               for line in calibrate), calibrate
     phases = {line.split(": ")[1] for line in tune + calibrate}
     assert len(tune + calibrate) <= 3 * len(phases)  # started, first ETA, done: a 30 s interval adds none here

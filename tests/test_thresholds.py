@@ -16,7 +16,7 @@ from hetmm.errors import DataError
 from hetmm.pipeline import evaluation
 from hetmm.pipeline.line import LinePaths
 from hetmm.pipeline.settings import calibration_key
-from hetmm.pipeline.predict import normalised_score, predict_images, saved_threshold
+from hetmm.pipeline.predict import predict_images, saved_threshold
 from hetmm.report import model_card
 
 CALIBRATION = {
@@ -91,19 +91,6 @@ def test_model_card_names_where_the_threshold_came_from():
     assert summary["validation_normals"] == 3 and "normal_scores" not in summary["image"]
 
 
-def test_normalised_score_is_one_half_at_the_threshold_monotone_and_clipped():
-    threshold, low, high = 0.8, 0.2, 1.4
-    assert normalised_score(threshold, threshold, low, high) == 0.5
-    grid = np.linspace(-1.0, 3.0, 401)
-    values = np.array([normalised_score(s, threshold, low, high) for s in grid])
-    assert (np.diff(values) >= 0).all() and values.min() == 0.0 and values.max() == 1.0
-    assert normalised_score(threshold + 0.6, threshold, low, high) == pytest.approx(1.0)  # half the range above
-    assert normalised_score(threshold - 0.3, threshold, low, high) == pytest.approx(0.25)
-    assert ((values >= 0.5) == (grid >= threshold)).all()
-    # a degenerate range (every calibration score equal) gives the verdict alone
-    assert [normalised_score(s, 1.0, 1.0, 1.0) for s in (0.9, 1.0, 1.1)] == [0.0, 0.5, 1.0]
-
-
 def test_predicted_mask_uses_the_pixel_threshold():
     yy, xx = np.mgrid[:32, :32]
     amap = np.exp(-((yy - 16.0) ** 2 + (xx - 16.0) ** 2) / 50.0)  # one blob, peak 1.0
@@ -156,7 +143,9 @@ def test_report_and_predict_deploy_the_calibrated_threshold(demo_run, tmp_path):
     out = predict_images(params.line("demo"), paths, images, tmp_path / "pred", device="cpu", progress=False)
     assert (out["threshold"], out["pixel_threshold"]) == (decision["threshold"], decision["pixel_threshold"])
     rows = json.loads((tmp_path / "pred" / "predictions.json").read_text())["predictions"]
+    reference = np.array(decision["calibration"]["scores"])
     for row in rows:
-        assert 0.0 <= row["normalised_score"] <= 1.0
+        # the conformal p-value against every cross-fitted normal, +1 corrected
+        assert row["p_value"] == pytest.approx((1 + (reference >= row["score"]).sum()) / (len(reference) + 1))
         assert row["defective"] == (row["score"] >= decision["threshold"])
         assert (row["defect_area_fraction"] > 0) == row["defective"]

@@ -11,12 +11,14 @@ from hetmm.config.line import (LINE_NAME, SECTIONS, Params, ProductLine, check_l
                                parse_params, validate_line)
 from hetmm.config.schema import _check_value, build_config
 from hetmm.config.sections import (MAX_BATCH, MAX_IMAGE_SIDE, MAX_TFA_PARAMETERS, ORACLE_RULES, TFA_CAPS, TFA_PRESETS,
-                                   ClusterConfig, DataConfig, FeatureConfig, InspectionConfig, MatchingConfig,
-                                   PostConfig, ReportConfig, TemplateConfig, TFANetConfig, ThresholdConfig, TuneConfig)
+                                   CalibrationConfig, ClusterConfig, DataConfig, FeatureConfig, GateConfig,
+                                   InspectionConfig, MatchingConfig, PostConfig, ReportConfig, TemplateConfig,
+                                   TFANetConfig, ThresholdConfig, TuneConfig)
 from hetmm.config.tunable import AUTO, TUNABLE, TUNABLE_KEYS, TunableKey, phase_keys
 
 __all__ = ["AUTO", "LINE_NAME", "MAX_BATCH", "MAX_IMAGE_SIDE", "MAX_TFA_PARAMETERS", "ORACLE_RULES", "SECTIONS",
-           "TFA_CAPS", "TFA_PRESETS", "TUNABLE", "TUNABLE_KEYS", "ClusterConfig", "DataConfig", "FeatureConfig",
-           "InspectionConfig", "MatchingConfig", "Params", "PostConfig", "ProductLine", "ReportConfig", "TFANetConfig",
-           "TemplateConfig", "ThresholdConfig", "TuneConfig", "TunableKey", "_check_value", "build_config",
-           "check_line_name", "load_params", "open_keys", "parse_params", "phase_keys", "validate_line"]
+           "TFA_CAPS", "TFA_PRESETS", "TUNABLE", "TUNABLE_KEYS", "CalibrationConfig", "ClusterConfig", "DataConfig",
+           "FeatureConfig", "GateConfig", "InspectionConfig", "MatchingConfig", "Params", "PostConfig", "ProductLine",
+           "ReportConfig", "TFANetConfig", "TemplateConfig", "ThresholdConfig", "TuneConfig", "TunableKey",
+           "_check_value", "build_config", "check_line_name", "load_params", "open_keys", "parse_params",
+           "phase_keys", "validate_line"]

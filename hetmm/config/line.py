@@ -18,9 +18,11 @@ import yaml
 
 from hetmm.config.schema import _check_value, build_config, replace_checked
 from hetmm.config.sections import (
+    CalibrationConfig,
     ClusterConfig,
     DataConfig,
     FeatureConfig,
+    GateConfig,
     InspectionConfig,
     MatchingConfig,
     PostConfig,
@@ -50,6 +52,8 @@ class ProductLine:
     tune: TuneConfig = field(default_factory=TuneConfig)
     inspection: InspectionConfig = field(default_factory=InspectionConfig)
     tfa_net: TFANetConfig = field(default_factory=TFANetConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     # dotted keys the params.yaml entry sets (``matching.mode``): the tuner never changes these
     pinned: frozenset[str] = frozenset()
 
@@ -80,7 +84,7 @@ class ProductLine:
 
 
 SECTIONS = ("data", "features", "templates", "matching", "post", "threshold", "report", "tune", "inspection",
-            "tfa_net")
+            "tfa_net", "calibration", "gate")
 READS_FEATURES = ("matching", "post", "tfa_net")  # sections whose checks read the features too
 
 
@@ -96,6 +100,8 @@ def validate_line(line: ProductLine, key: str, sections: Collection[str] = SECTI
               "data": lambda: line.data.check(f"{key}.data"),
               "tune": lambda: line.tune.check(f"{key}.tune"),
               "inspection": lambda: line.inspection.check(f"{key}.inspection"),
+              "calibration": lambda: line.calibration.check(f"{key}.calibration"),
+              "gate": lambda: line.gate.check(f"{key}.gate"),
               "tfa_net": lambda: line.tfa_net.check(f"{key}.tfa_net", f)}  # report: nothing to check
     for name, check in checks.items():
         if name in sections:

@@ -207,6 +207,37 @@ class ThresholdConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """Cross-fitted calibration (``hetmm.pipeline.calibration``): every good training image scored by a model that
+    did not see it. ALL templates leave each image out exactly; PTS / COVER use ``folds`` folds, an image's fold
+    fixed by its content hash (adding images never moves one)."""
+
+    folds: int = 5
+
+    def check(self, key: str) -> None:
+        if not 2 <= self.folds <= MAX_BATCH:
+            raise ConfigError(f"{key}.folds: must be in 2..{MAX_BATCH}, got {self.folds}")
+
+
+GateMode = Literal["off", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The promotion gate of the report stage (``hetmm.pipeline.gate``): a new version against the last blessed one
+    on the same labelled test images. ``warn`` reports a failed check; ``fail`` also refuses the version (the
+    stage exits 1 and predict keeps the last blessed threshold and model)."""
+
+    mode: GateMode = "warn"
+    max_recall_drop: float = 0.0  # recall at the deployed threshold may fall by at most this much (0.02 = 2 points)
+    max_false_alarm_rate: float | None = None  # false alarms on the good test parts, at most this share (None: off)
+
+    def check(self, key: str) -> None:
+        if not 0.0 <= self.max_recall_drop <= 1.0 or not 0.0 <= (self.max_false_alarm_rate or 0.0) <= 1.0:
+            raise ConfigError(f"{key}: max_recall_drop and max_false_alarm_rate are shares in [0, 1]")
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """Label-free settings selection (``hetmm.pipeline.stages.tune``) and the validation normals it shares with calibration.
 

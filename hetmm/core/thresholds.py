@@ -33,6 +33,30 @@ def _normals(calibration: Mapping[str, Any]) -> int:
     return len(calibration.get("validation_normals", []))
 
 
+# How the calibration normals were scored (hetmm.pipeline.calibration), in words.
+SCHEMES = {"leave_one_out": "every good training image, each scored by the template without its own sheet "
+                            "(leave-one-out)",
+           "k_fold": "every good training image, each scored by a template built without its fold (content-hash "
+                     "folds)",
+           "held_out": "the held-out share of the good training images the model was not trained on"}
+
+
+def _normal_fpr(value: float | None, scores: np.ndarray, labels: np.ndarray, image: Mapping[str, Any]) -> dict:
+    out = {"threshold": float(image["normal_fpr"]), "false_alarm_rate": image["false_alarm_rate"]}
+    if "guarantee" in image:  # calibrations from before the conformal threshold have none
+        out["guarantee"] = image["guarantee"]
+    return out
+
+
+def _describe_normal_fpr(t: Mapping[str, Any], c: Mapping[str, Any]) -> str:
+    if "guarantee" in t:
+        return (f"the conformal threshold of {t['guarantee']['n']} calibration normals "
+                f"({SCHEMES.get(c.get('scheme'), c.get('scheme'))}); {t['guarantee']['statement']}, for good parts "
+                "exchangeable with the training images; no test labels used")
+    return (f"the score that at most {t['false_alarm_rate']:.2%} of {_normals(c)} validation normals (held-out good "
+            "training images) exceed; no test labels used")
+
+
 def _f1_max(value: float | None, scores: np.ndarray, labels: np.ndarray, image: Mapping[str, Any]) -> dict:
     if labels.all() or not labels.any():
         good = scores[~labels] if (~labels).any() else scores
@@ -50,12 +74,7 @@ def _normal_quantile(value: float | None, scores: np.ndarray, labels: np.ndarray
 
 
 RULES: dict[ThresholdRule, Rule] = {
-    ThresholdRule.NORMAL_FPR: Rule(
-        "validation normals",
-        lambda value, scores, labels, image: {"threshold": float(image["normal_fpr"]),
-                                              "false_alarm_rate": image["false_alarm_rate"]},
-        lambda t, c: (f"the score that at most {t['false_alarm_rate']:.2%} of {_normals(c)} validation normals "
-                      "(held-out good training images) exceed; no test labels used")),
+    ThresholdRule.NORMAL_FPR: Rule("calibration normals", _normal_fpr, _describe_normal_fpr),
     ThresholdRule.SYNTHETIC_F1: Rule(
         "synthetic defects",
         lambda value, scores, labels, image: {"threshold": float(image["synthetic_f1"]),

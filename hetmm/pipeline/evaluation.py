@@ -58,6 +58,9 @@ def choose_threshold(rule: ThresholdConfig, scores: np.ndarray, labels: np.ndarr
     out.update(RULES[chosen].choose(rule.value, scores, labels, image))
     out["pixel_threshold"] = float(calibration["pixel"]["threshold"])
     out["normalisation"] = {"min": float(image["min"]), "max": float(image["max"])}
+    if "normals" in calibration:  # cross-fitted: every normal's score, for predict's p-values
+        out["calibration"] = {"scheme": calibration.get("scheme"), "n": len(image["normal_scores"]),
+                              "scores": sorted(float(v) for v in image["normal_scores"])}
     return out
 
 
@@ -76,9 +79,20 @@ def headline(summary: dict, decision: dict) -> dict:
     ``oracle_f1_threshold``, F1-max with the threshold read off the test labels (optimistic, not deployable;
     ``summary``'s ``f1_max`` / ``f1_threshold`` are the same figures)."""
     counts = decision["confusion"]
-    return {**summary, "threshold": decision["threshold"], "threshold_rule": decision["rule"],
-            "pixel_threshold": decision["pixel_threshold"], "confusion": counts, "f1_at_threshold": f1_at(counts),
-            "oracle_f1_max": summary["f1_max"], "oracle_f1_threshold": summary["f1_threshold"]}
+    out = {**summary, "threshold": decision["threshold"], "threshold_rule": decision["rule"],
+           "pixel_threshold": decision["pixel_threshold"], "confusion": counts, "f1_at_threshold": f1_at(counts),
+           "oracle_f1_max": summary["f1_max"], "oracle_f1_threshold": summary["f1_threshold"]}
+    if "guarantee" in decision:
+        out["false_alarm_guarantee"] = promise(decision["guarantee"])
+    return out
+
+
+def promise(guarantee: dict) -> dict:
+    """The conformal guarantee as metrics: the rate asked for, the rate promised, the n behind it, the smallest rate
+    n supports, and whether n supports the rate asked for."""
+    return {"requested_rate": guarantee["rate"], "promised_rate": round(guarantee["promised_rate"], 6),
+            "calibration_normals": guarantee["n"], "smallest_rate": round(guarantee["smallest_rate"], 6),
+            "supported": guarantee["supported"]}
 
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "pro_official", "f1_at_threshold", "oracle_f1_max", "threshold",
@@ -91,7 +105,8 @@ def dvc_metrics(evaluation: dict) -> dict:
     confusion and the reasons of undefined metrics, is ``evaluation.json``."""
     subsets = {name: {k: values[k] for k in HEADLINE[:3]}
                for name, values in evaluation["subsets"].items() if name != "all"}
-    return {**{k: evaluation[k] for k in HEADLINE}, **({"subsets": subsets} if subsets else {})}
+    extra = {k: evaluation[k] for k in ("false_alarm_guarantee", "gate") if k in evaluation}
+    return {**{k: evaluation[k] for k in HEADLINE}, **extra, **({"subsets": subsets} if subsets else {})}
 
 
 SPEED_METRICS = ("images_per_second", "images_per_second_batch_1", "ms_per_image_batch_1", "ms_per_image_batch_8",

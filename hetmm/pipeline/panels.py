@@ -15,7 +15,7 @@ import pandas as pd
 
 from hetmm.data.images import load_image
 from hetmm.data.manifest import UNLABELLED
-from hetmm.io import atomic_path
+from hetmm.io import atomic_path, spreadsheet_safe
 from hetmm.pipeline import evaluation
 from hetmm.pipeline.line import StageRun
 from hetmm.report import overlays
@@ -34,14 +34,16 @@ def score_groups(test: pd.DataFrame, scores: np.ndarray) -> dict[str, np.ndarray
 
 def report_panels(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray,
                   decision: dict, out_dir: Path | None = None) -> list[Path]:
-    """Write the panels (see the module docstring) into ``out_dir`` (default ``reports/<line>/overlays``);
+    """Write the panels (see the module docstring) into ``out_dir`` (default ``reports/<line>/overlays``) and their
+    index beside it;
     ``scores`` [M], ``maps`` / ``masks`` [M, H, W] follow ``test``'s rows. Returns the files written."""
     out_dir = out_dir or ctx.paths.reports / "overlays"
+    index_path = out_dir.parent / "overlays.csv"  # beside the folder: staged with it when the report is released
     for old in out_dir.glob("*.png") if out_dir.is_dir() else []:
         old.unlink()
     count = ctx.line.report.overlays
     if count <= 0:
-        with atomic_path(ctx.paths.reports / "overlays.csv") as tmp:
+        with atomic_path(index_path) as tmp:
             pd.DataFrame(columns=INDEX_COLUMNS).to_csv(tmp, index=False)
         return []
     labels, label = (test["label"] == "defect").to_numpy(), test["label"].to_numpy()
@@ -68,6 +70,6 @@ def report_panels(ctx: StageRun, test: pd.DataFrame, scores: np.ndarray, maps: n
                            "defect_type": test["defect_type"][i], "score": float(scores[i]),
                            "flagged": bool(flagged[i])} for path, (group, rank, i) in zip(written, order)],
                          columns=INDEX_COLUMNS)
-    with atomic_path(ctx.paths.reports / "overlays.csv") as tmp:
-        index.to_csv(tmp, index=False)
+    with atomic_path(index_path) as tmp:
+        spreadsheet_safe(index).to_csv(tmp, index=False)
     return written

@@ -6,13 +6,15 @@ the command that rebuilds it. ``update`` is HETMM's hot update; a TFA-Net line i
 
 ``predict`` applies the decision the report stage saved in ``models/<line>/threshold.json`` for this very model:
 a part is defective when its raw ``score >= threshold`` (``--threshold`` overrides that value only); its mask is the
-map ``>= pixel_threshold`` (:func:`hetmm.pipeline.evaluation.predicted_mask`); ``normalised_score`` maps the score
-to [0, 1] with 0.5 exactly at the threshold (:func:`normalised_score`).
+map ``>= pixel_threshold`` (:func:`hetmm.pipeline.evaluation.predicted_mask`). Beside the raw score, ``p_value`` is the
+conformal p-value of the score against the calibration normals saved with the threshold
+(:func:`hetmm.core.conformal.p_values`: the share of them scoring at least as high, +1 corrected), so ``p_value <= a``
+flags a good part with probability at most a; a threshold file written before the calibration scores were saved
+gives no p-value (``null``) and says so.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +25,7 @@ import torch
 from PIL import Image
 
 from hetmm.config import ClusterConfig, ProductLine
+from hetmm.core.conformal import p_values
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
 from hetmm.core.templates import hot_update, save_template
@@ -30,7 +33,7 @@ from hetmm.data.images import IMAGE_EXTENSIONS, load_image
 from hetmm.errors import ConfigError, DataError
 from hetmm.io import atomic_path, remove_stale_temps, sha256_file, spreadsheet_safe, write_json_atomic
 from hetmm.methods import spec
-from hetmm.pipeline import cluster, deploy
+from hetmm.pipeline import cluster, deploy, gate
 from hetmm.pipeline.evaluation import predicted_mask
 from hetmm.pipeline.feature_cache import extract_images
 from hetmm.pipeline.line import LinePaths, read_json
@@ -66,7 +69,7 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def saved_threshold(paths: LinePaths, line: str, model_hash: str) -> dict:
-    """The report stage's decision (``threshold``, ``pixel_threshold``, ``normalisation``, ``rule``), refused unless
+    """The report stage's decision (``threshold``, ``pixel_threshold``, ``rule``, calibration scores), refused unless
     it was made for this very model. Needed even with ``--threshold``: the pixel threshold and the score range
     come from it. Files written before the key was renamed name the model ``template_hash``."""
     rerun = f"run `dvc repro report@{line}` (or `hetmm infer {line}` and `hetmm report {line}`)"
@@ -78,22 +81,13 @@ def saved_threshold(paths: LinePaths, line: str, model_hash: str) -> dict:
     if chosen_for != model_hash:
         raise DataError(f"{paths.threshold}: the threshold was chosen for model {str(chosen_for)[:12]} "
                         f"but the line's model is {model_hash[:12]} (rebuilt since the last report); {rerun}")
-    if "pixel_threshold" not in record or not {"min", "max"} <= set(record.get("normalisation", {})):
-        raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold or score "
-                        f"normalisation); {rerun}")
-    values = (record.get("threshold"), record["pixel_threshold"], *(record["normalisation"][k] for k in ("min", "max")))
+    if "pixel_threshold" not in record:
+        raise DataError(f"{paths.threshold}: written by an older report stage (no pixel threshold); {rerun}")
+    values = (record.get("threshold"), record["pixel_threshold"])
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
-        raise DataError(f"{paths.threshold}: threshold, pixel_threshold and normalisation must be finite numbers (a "
-                        f"null or NaN would pass or flag every part); {rerun}")
+        raise DataError(f"{paths.threshold}: threshold and pixel_threshold must be finite numbers (a null or NaN "
+                        f"would pass or flag every part); {rerun}")
     return record
-
-
-def normalised_score(score: float, threshold: float, low: float, high: float) -> float:
-    """``score`` in [0, 1], 0.5 exactly at ``threshold``, one unit per calibration score range ``high - low``
-    (the anomalib convention); a degenerate range gives the verdict alone (0, 0.5 or 1)."""
-    if high <= low:
-        return 0.5 + 0.5 * float(np.sign(score - threshold))
-    return float(np.clip((score - threshold) / (high - low) + 0.5, 0.0, 1.0))
 
 
 def readable(files: Sequence[Path]) -> tuple[list[Path], list[dict]]:
@@ -117,7 +111,7 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     ``cluster_config`` the features and the matching run on the cluster (:mod:`hetmm.pipeline.cluster`).
 
     Returns the summary with ``predictions``: one record per given image, in input order, ``status`` ``inspected``
-    (verdict, score, normalised score, defect area, mask and overlay files) or ``failed`` (the reason); a record is a
+    (verdict, score, p-value, defect area, mask and overlay files) or ``failed`` (the reason); a record is a
     flat mapping, so later fields (a p-value) add a key."""
     if threshold is not None and not np.isfinite(threshold):  # nan compares False: every part would pass
         raise ConfigError(f"--threshold: must be a finite score, got {threshold}")
@@ -134,6 +128,11 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     method = spec(line.method)
     model = template_path or model_path(line, paths)
     scorer = load_scorer(line, paths, device, model)
+    refused = None
+    if template_path is None and (blessed := gate.blessed_model(paths, scorer.version)) is not None:
+        # the promotion gate refused the line's current model: keep deploying the last blessed one
+        refused, model = scorer.version, blessed
+        scorer = load_scorer(line, paths, device, model)
     extractor, match = scorer.extractor, scorer.match
     if cluster_config is not None and cluster.enabled(cluster_config):
         extractor = cluster.ExtractorPool(line.features, cluster_config)
@@ -144,13 +143,13 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     rule = decision["rule"] if threshold is None else "--threshold"
     threshold = float(decision["threshold"]) if threshold is None else threshold
     pixel = float(decision["pixel_threshold"])
-    low, high = float(decision["normalisation"]["min"]), float(decision["normalisation"]["max"])
+    reference = decision.get("calibration", {}).get("scores")
     vmin, vmax = anchored_scale(pixel)  # the same colours mean the same thing on every image
     version = scorer.version[:12]
     rows = []
     done = 0
-    for record in (out / "predictions.json", out / "predictions.csv"):  # a killed run must not leave the previous
-        record.unlink(missing_ok=True)  # run's table pointing at masks it overwrote; the table comes last
+    for table in (out / "predictions.json", out / "predictions.csv"):  # a killed run must not leave the previous
+        table.unlink(missing_ok=True)  # run's table pointing at masks it overwrote; the table comes last
     for images, layers in extract_images(extractor, files, line.features.batch_size, progress, "predict"):
         scored = scorer.finish(match(layers), scorer.boxes(images))
         chunk = files[done : done + len(images)]
@@ -169,9 +168,9 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
             with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
                 panel(image, full, None, None, title, pred_mask=mask, vmin=vmin, vmax=vmax,
                       threshold=pixel).save(tmp, format="PNG")
+            p_value = float(p_values(np.array([score]), np.array(reference))[0]) if reference else None
             rows.append({"path": str(path), "status": "inspected", "verdict": "defective" if defective else "good",
-                         "score": float(score),
-                         "normalised_score": normalised_score(float(score), threshold, low, high),
+                         "score": float(score), "p_value": p_value,
                          "defective": defective, "defect_area_fraction": float(mask.mean()),
                          "mask": f"masks/{stem}.png", "overlay": f"overlays/{stem}.png", "error": ""})
     order = {str(path): i for i, path in enumerate(given)}
@@ -182,8 +181,10 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
     inspected = df[df["status"] == "inspected"]
     summary = {"images": len(rows), "inspected": len(inspected), "failed": len(failed),
                "defective": int(inspected["defective"].astype(bool).sum()), "threshold": threshold,
-               "threshold_rule": rule, "pixel_threshold": pixel, "normalisation": {"min": low, "max": high},
+               "threshold_rule": rule, "pixel_threshold": pixel, "guarantee": _guarantee(decision, rule),
+               "calibration_normals": len(reference) if reference else None,
                "method": str(line.method), "model_hash": scorer.version, "model": str(model),
+               **({"refused_model_hash": refused} if refused else {}),
                "code_version": code_version(), "out": str(out)}
     written = {row[kind] for row in rows for kind in ("mask", "overlay") if row.get(kind)}
     ours = "[0-9][0-9][0-9][0-9][0-9]_*.png"  # the names this function gives them
@@ -195,21 +196,35 @@ def predict_images(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], 
 
 
 def format_predictions(summary: dict) -> str:
-    """The terminal answer: one line per image (verdict, score, normalised score, defect area, file; or why it
-    failed), then the counts."""
-    lines = [f"{'verdict':<9} {'score':>9} {'norm':>5} {'area':>6}  image"]
+    """The terminal answer: one line per image (verdict, score, conformal p-value, defect area, file; or why it
+    failed), then the counts and what the threshold promises."""
+    lines = [f"{'verdict':<9} {'score':>9} {'p':>6} {'area':>6}  image"]
     for row in summary["predictions"]:
         if row["status"] == "failed":
             said = row["error"] if row["error"].startswith(row["path"]) else f"{row['path']}: {row['error']}"
-            lines.append(f"{'FAILED':<9} {'':>9} {'':>5} {'':>6}  {said}")
+            lines.append(f"{'FAILED':<9} {'':>9} {'':>6} {'':>6}  {said}")
         else:
-            lines.append(f"{row['verdict']:<9} {row['score']:>9.4g} {row['normalised_score']:>5.2f} "
+            p = "-" if row["p_value"] is None else f"{row['p_value']:.4f}"
+            lines.append(f"{row['verdict']:<9} {row['score']:>9.4g} {p:>6} "
                          f"{100 * row['defect_area_fraction']:>5.1f}%  {row['path']}")
     lines.append(f"{summary['inspected']} inspected: {summary['defective']} defective, "
                  f"{summary['inspected'] - summary['defective']} good; {summary['failed']} could not be read. "
                  f"Threshold {summary['threshold']:.4g} ({summary['threshold_rule']}); masks, overlays and "
                  f"predictions.csv/json in {summary['out']}")
+    lines.append(f"Promise: {summary['guarantee']}")
     return "\n".join(lines)
+
+
+def _guarantee(decision: dict, rule: str) -> str:
+    """What the deployed decision promises on good parts, in one sentence (printed by ``hetmm predict``)."""
+    if rule == "--threshold":
+        return "threshold given on the command line: no false-alarm rate is promised"
+    if "guarantee" in decision:
+        return decision["guarantee"]["statement"]
+    if "calibration" not in decision:
+        return (f"no stated false-alarm rate: {rule} threshold from a report written before calibration scores were "
+                "saved (no p-values); rerun the report stage")
+    return f"no stated false-alarm rate: rule {rule}; p-values compare with {decision['calibration']['n']} normals"
 
 
 def update_template(line: ProductLine, paths: LinePaths, inputs: Sequence[Path], *,

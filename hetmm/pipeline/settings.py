@@ -20,7 +20,7 @@ from hetmm.errors import ConfigError
 from hetmm.io import atomic_path, sha256_json
 
 SECTIONS = ("method", "data", "features", "templates", "matching", "post", "threshold", "report", "tune", "inspection",
-            "tfa_net")
+            "tfa_net", "calibration", "gate")
 
 
 def _plain(value: Any) -> Any:
@@ -51,7 +51,8 @@ def section_digest(line: ProductLine, names: tuple[str, ...], images: list[str])
 
 
 # What the calibrate stage's thresholds depend on (besides the feature and matching code, which DVC tracks).
-CALIBRATION_SECTIONS = ("method", "features", "templates", "matching", "post", "threshold", "tune", "tfa_net")
+CALIBRATION_SECTIONS = ("method", "features", "templates", "matching", "post", "threshold", "tune", "tfa_net",
+                        "calibration")
 
 
 def calibration_key(line: ProductLine, train: list[str]) -> str:

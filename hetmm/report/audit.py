@@ -21,12 +21,12 @@ from hetmm.errors import ConfigError, HetmmError
 
 CARD = "model_card.json"
 # the terminal view: every column capped so that a row fits 120 characters (``--json`` keeps every value whole)
-TABLE = ("commit", "date", "author", "line", "template", "model_hash", "data_hash", "code", "threshold",
+TABLE = ("commit", "date", "author", "line", "template", "model_hash", "data_hash", "code", "threshold", "gate",
          "image_auroc", "pixel_auroc", "aupro")
 HEADINGS = {"model_hash": "model#", "data_hash": "data#", "image_auroc": "img_auroc",
             "pixel_auroc": "px_auroc"}
-WIDTHS = {"commit": 8, "date": 16, "author": 12, "ref": 14, "line": 10, "template": 9, "model_hash": 9,
-          "data_hash": 8, "code": 8}
+WIDTHS = {"commit": 8, "date": 16, "author": 9, "ref": 14, "line": 9, "template": 9, "model_hash": 8,
+          "data_hash": 8, "code": 8, "gate": 4}
 # a DVC experiment as `dvc exp` names it: refs/exps/<2 hex>/<38 hex>/<name>; everything else under refs/exps is
 # DVC's own bookkeeping (exec/EXEC_HEAD, stash, celery, ...)
 EXPERIMENT_REF = re.compile(r"^refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+$")
@@ -145,6 +145,8 @@ def _row(card: dict, commit: str, author: str, when: str, ref: str, subject: str
         "model_hash": template.get("content_hash"), "template_action": template.get("action"),
         "data_hash": _part(card.get("data")).get("manifest_sha256"), "code": card.get("code_version"),
         "threshold": threshold.get("threshold"), "threshold_rule": threshold.get("rule"),
+        # the promotion gate's verdict (pass / warn / fail / off); cards from before the gate have none
+        "gate": _part(card.get("gate")).get("verdict"),
         "backbone": _part(params.get("features")).get("backbone"),
         "image_auroc": metrics.get("image_auroc"), "pixel_auroc": metrics.get("pixel_auroc"),
         "aupro": metrics.get("aupro"), "params": params,

@@ -104,8 +104,9 @@ def decision(threshold: Mapping[str, Any], calibration: Mapping[str, Any]) -> st
 
 def calibration_summary(calibration: Mapping[str, Any]) -> dict[str, Any]:
     """The calibrate stage's record for a card: counts instead of the per-image lists."""
-    out = {k: v for k, v in calibration.items() if k != "validation_normals"}
-    out = {"validation_normals": len(calibration.get("validation_normals", [])), **out}
+    out = {k: v for k, v in calibration.items() if k not in ("validation_normals", "normals")}
+    out = {"validation_normals": len(calibration.get("validation_normals", [])),
+           **({"calibration_normals": len(calibration["normals"])} if "normals" in calibration else {}), **out}
     if "image" in out:
         out["image"] = {k: v for k, v in out["image"].items() if k != "normal_scores"}
     return out
@@ -115,7 +116,8 @@ def decision_sections(threshold: Mapping[str, Any], calibration: Mapping[str, An
                       tuned: Sequence[str]) -> dict[str, Any]:
     """The card's account of the decision: the :func:`decision` sentence, the ``threshold.json`` record, the
     oracle F1 (named as such), the calibration it came from and the keys the tuner chose."""
-    return {"decision": decision(threshold, calibration), "threshold": dict(threshold),
+    shown = {k: v for k, v in threshold.items() if k != "calibration"}  # the per-normal scores stay in the file
+    return {"decision": decision(threshold, calibration), "threshold": shown,
             "oracle": {"f1_max": summary.get("f1_max"), "f1_threshold": summary.get("f1_threshold"),
                        "note": ORACLE_NOTE},
             "calibration": calibration_summary(calibration), "tuned_keys": list(tuned)}

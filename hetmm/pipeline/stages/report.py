@@ -19,7 +19,6 @@ from importlib import metadata
 import platform
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,7 @@ from hetmm.data.manifest import manifest_hash, read_source_record
 from hetmm.errors import DataError
 from hetmm.io import atomic_path, spreadsheet_safe, write_json_atomic
 from hetmm.methods import spec
-from hetmm.pipeline import deploy, evaluation, panels
+from hetmm.pipeline import deploy, evaluation, gate, panels
 from hetmm.pipeline.line import StageRun, manifest, read_json, split
 from hetmm.pipeline.settings import tuned_keys
 from hetmm.report import model_card, plots
@@ -59,6 +58,9 @@ def run(ctx: StageRun) -> dict:
     threshold = evaluation.decide(line.threshold, scores[labelled], labels[labelled], calibration,
                                   model.get("content_hash"))
     metrics = {**evaluation.headline(by_subset["all"], threshold), "subsets": by_subset}
+    verdict = gate.check(line, paths, test[labelled], scores[labelled], threshold["threshold"])
+    metrics["gate"] = {"verdict": verdict["verdict"], "blessed": verdict["blessed"],
+                       "newly_missed": len(verdict["newly_missed"])}
     per_type = evaluation.per_group_metrics(scores[labelled], labels[labelled], test["defect_type"][labelled],
                                             maps[labelled], masks[labelled], pixel[labelled])
     s_l, y_l = scores[labelled], labels[labelled]
@@ -76,13 +78,16 @@ def run(ctx: StageRun) -> dict:
     inference = read_json(paths.reports / "infer.json")
     write_json_atomic(reports / "metrics.json", {**evaluation.dvc_metrics(metrics),
                                                  **evaluation.speed_metrics(inference)})
-    write_json_atomic(release.path(paths.threshold), threshold)
+    if verdict["blessed"]:  # a refused version leaves the last blessed threshold (and model, gate.bless) in place
+        write_json_atomic(release.path(paths.threshold), threshold)
     with atomic_path(reports / "per_defect.csv") as tmp:
         spreadsheet_safe(pd.DataFrame(per_type)).to_csv(tmp, index=False)
     with atomic_path(reports / "ablation.csv") as tmp:  # header only when report.ablation is off
         spreadsheet_safe(pd.DataFrame(table, columns=ABLATION_COLUMNS)).to_csv(tmp, index=False)
     plots.report_curves(reports, line.name, roc, pro, metrics, s_l, y_l, threshold["threshold"])
-    plots.score_histogram_png(reports / "scores.png", panels.score_groups(test, scores),
+    groups = {**panels.score_groups(test, scores),
+              "calibration normals": np.asarray(calibration["image"].get("normal_scores", []), dtype=np.float64)}
+    plots.score_histogram_png(reports / "scores.png", {k: v for k, v in groups.items() if len(v)},
                               threshold["threshold"], f"{line.name}: test image scores")
     written = panels.report_panels(ctx, test, scores, maps, masks, threshold,
                                    release.folder(paths.reports / "overlays"))
@@ -103,6 +108,7 @@ def run(ctx: StageRun) -> dict:
                  "unlabelled": int((~labelled).sum()),
                  "unlabelled_flagged": int((scores[~labelled] >= threshold["threshold"]).sum())},
         "template": model,  # the template set's record, or TFA-Net's (kind tfa_net, one template image)
+        "gate": verdict,
         **model_card.decision_sections(threshold, calibration, by_subset["all"], tuned_keys(paths.settings)),
         "metrics": by_subset,
         "per_defect_type": per_type,
@@ -115,7 +121,8 @@ def run(ctx: StageRun) -> dict:
         "overlays": [str(p.relative_to(reports)) for p in written],
     }
     model_card.model_card(reports / "model_card.md", reports / "model_card.json", card)
-    release.commit()
+    release.commit()  # the report and (when blessed) the threshold, as one unit; then the gate's record
+    gate.promote(line, paths, verdict, test[labelled], scores[labelled], threshold)
     return metrics
 
 
