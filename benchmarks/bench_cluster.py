@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
-from hetmm.config import ClusterConfig, FeatureConfig, MatchingConfig, ProductLine
+from hetmm.config import ClusterConfig, FeatureConfig, ProductLine
 from hetmm.core.features import FeatureExtractor
 from hetmm.core.inspector import Inspector
 from hetmm.core.templates import build_all

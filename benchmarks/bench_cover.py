@@ -27,9 +27,9 @@ import yaml
 
 from hetmm.config import load_params
 from hetmm.io import write_json_atomic
-from hetmm.pipeline.stages import stage
-from hetmm.pipeline.line import StageRun
 from hetmm.pipeline.ablation import line_ablation
+from hetmm.pipeline.line import StageRun
+from hetmm.pipeline.stages import stage
 
 RESULTS = Path(__file__).parent / "results" / "cover.json"
 SIZES = [10, 20, 40, 60, 200]
@@ -39,8 +39,9 @@ def _table(root: Path, name: str, sizes: list[int], subset: str) -> list[dict]:
     ctx = StageRun.for_line(load_params(root / "params.yaml"), name, root, "cpu", progress=True, stage="report")
     report = replace(ctx.line.report, ablation=True, ablation_sizes=tuple(sizes), ablation_subset=subset)
     ctx = replace(ctx, line=replace(ctx.line, report=report))
-    from hetmm.pipeline import evaluation
     import pandas as pd
+
+    from hetmm.pipeline import evaluation
 
     test = pd.read_csv(ctx.paths.outputs / "scores.csv", keep_default_na=False)
     masks = evaluation.gt_masks(test, ctx.paths.data, ctx.line.features.image_size)

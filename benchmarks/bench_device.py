@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from hetmm.config import FeatureConfig, MatchingConfig, PostConfig, ProductLine, TemplateConfig
-from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
+from hetmm.core.features import FeatureExtractor
 from hetmm.core.inspector import Inspector
 from hetmm.core.templates import build_all
 
@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _images(folder: Path, count: int) -> list[Image.Image]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".png"} and "ground_truth" not in p.parts)
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".png"} and "ground_truth" not in p.parts
+    )
     if not files:
         raise SystemExit(f"no images under {folder}")
     return [Image.open(files[i % len(files)]).convert("RGB") for i in range(count)]

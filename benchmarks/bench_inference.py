@@ -40,14 +40,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from hetmm.config import FeatureConfig, MatchingConfig, PostConfig, ProductLine, TemplateConfig  # noqa: E402
-from hetmm.data.images import load_image  # noqa: E402
 from hetmm.core.features import FeatureExtractor, to_tensor  # noqa: E402
 from hetmm.core.inspector import Inspector  # noqa: E402
-from hetmm.io import write_json_atomic  # noqa: E402
 from hetmm.core.matching import match_layer  # noqa: E402
 from hetmm.core.scoring import fuse_layers, gaussian_blur, image_scores  # noqa: E402
-from hetmm.data.splits import MTD_CLASSES, load_mtd_split  # noqa: E402
 from hetmm.core.templates import TemplateSet, build_pts, load_template, save_template  # noqa: E402
+from hetmm.data.images import load_image  # noqa: E402
+from hetmm.data.splits import MTD_CLASSES, load_mtd_split  # noqa: E402
+from hetmm.io import write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 TARGET_IMAGES_PER_S = 8.0
@@ -179,7 +179,8 @@ def samples_per_image(line: ProductLine, inspector: Inspector, nchw: Inspector, 
 
 def profile(inspector: Inspector, queries: list, batch: int, top: int = 15) -> list[dict]:
     """torch.profiler over one ``predict`` of ``batch`` images: the top ops by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     images = queries[:batch]
     inspector.predict(images)

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hetmm.io import write_json_atomic
 from hetmm.core.layout import to_pixel_major
 from hetmm.core.matching import match_layer
+from hetmm.io import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results" / "matching.json"
 # (C, side) per layer at 256×256 input.
@@ -173,7 +173,8 @@ def config_rows(families: list[str], sheets: list[int], batches: list[int], repe
                        "ratio_nchw_templates": plain_m["ratio"], "ms_nchw_templates": plain_m["ms"]}
                 rows.append(row)
                 print(f"{family:>6} 3 layers {str(windows):>26} N={n:<3d} B={b}  {m['ms']:9.1f} ms "
-                      f"{m['gflops']:6.1f} GF/s  ratio {m['ratio']:.2f} best {m['ratio_best']:.2f} (official {row['ratio_official_flops']:.2f}, "
+                      f"{m['gflops']:6.1f} GF/s  ratio {m['ratio']:.2f} best {m['ratio_best']:.2f} "
+                      f"(official {row['ratio_official_flops']:.2f}, "
                       f"NCHW templates {plain_m['ratio']:.2f})", flush=True)
     return rows
 

@@ -91,8 +91,7 @@ def _peak() -> int:
 def _line(args: argparse.Namespace, kind: str | None = None):
     """The MTD benchmark line, pinned here (params.yaml is tuned separately): Lite0 at 256 px, ImageNet
     normalisation, layers 1-3, fwd 5/5/3, bwd 3/3/3, blur sigma 4, image score max."""
-    from hetmm.config import (DataConfig, FeatureConfig, MatchingConfig, PostConfig, ProductLine,
-                              TemplateConfig)
+    from hetmm.config import DataConfig, FeatureConfig, MatchingConfig, PostConfig, ProductLine, TemplateConfig
 
     return ProductLine(
         name="mtd",
@@ -138,8 +137,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from hetmm.core.features import FeatureExtractor
-    from hetmm.pipeline.feature_cache import FeatureCache
     from hetmm.pipeline.batch_scoring import score_cached
+    from hetmm.pipeline.feature_cache import FeatureCache
     from hetmm.pipeline.models import load_scorer
     from hetmm.pipeline.provenance import FeatureKey
     from hetmm.pipeline.stages import stage

@@ -101,13 +101,15 @@ def hazelnut_case(work: Path, env: dict, source: Path, *, limit: int | None, hol
 
 
 def print_table(results: dict) -> None:
-    rows = [(f"{case} {name}", run) for case in ("hazelnut", "mtd") for name, run in results[case].get("runs", {}).items()]
+    rows = [(f"{case} {name}", run)
+            for case in ("hazelnut", "mtd") for name, run in results[case].get("runs", {}).items()]
     stages = list(dict.fromkeys(s for _, run in rows for s in run["stage_seconds"]))
     print("\n" + " | ".join(["run".ljust(24), "total".rjust(7), *(s.rjust(13) for s in stages)]))
     for name, run in rows:
         internal = run["stage_internal_seconds"]
-        cells = [(f"{run['stage_seconds'][s]:.1f}" + (f" ({internal[s]:.1f})" if isinstance(internal.get(s), (int, float))
-                  else "")) if s in run["stage_seconds"] else "-" for s in stages]
+        cells = [(f"{run['stage_seconds'][s]:.1f}"
+                  + (f" ({internal[s]:.1f})" if isinstance(internal.get(s), (int, float)) else ""))
+                 if s in run["stage_seconds"] else "-" for s in stages]
         print(" | ".join([name.ljust(24), f"{run['seconds']:7.1f}", *(c.rjust(13) for c in cells)]))
     print("(stage wall time between DVC's 'Running stage' lines; in brackets the stage's own timer)")
     for case in ("hazelnut", "mtd"):

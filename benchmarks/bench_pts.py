@@ -21,8 +21,8 @@ import sklearn
 import torch
 from sklearn.cluster import OPTICS
 
-from hetmm.io import write_json_atomic
 from hetmm.core.templates import build_pts, optics_labels, select_prototypes
+from hetmm.io import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results" / "pts.json"
 
@@ -125,8 +125,10 @@ def main() -> None:
     print(f"{'N':>4} {'C':>4} {'official':>10} {'precomp':>9} {'optics':>8} {'select':>8} {'build':>8} "
           f"{'speedup':>8} {'labels':>7} {'protos':>7}   (ms per pixel)")
     for r in rows:
-        print(f"{r['N']:4d} {r['C']:4d} {r['official_optics_ms_per_pixel']:10.1f} {r['sklearn_precomputed_ms_per_pixel']:9.1f} "
-              f"{r['ours_optics_ms_per_pixel']:8.3f} {r['ours_select_ms_per_pixel']:8.3f} {r['ours_build_pts_ms_per_pixel']:8.3f} "
+        print(f"{r['N']:4d} {r['C']:4d} {r['official_optics_ms_per_pixel']:10.1f} "
+              f"{r['sklearn_precomputed_ms_per_pixel']:9.1f} "
+              f"{r['ours_optics_ms_per_pixel']:8.3f} {r['ours_select_ms_per_pixel']:8.3f} "
+              f"{r['ours_build_pts_ms_per_pixel']:8.3f} "
               f"{r['speedup_optics']:7.0f}x {str(r['labels_identical']):>7} {str(r['prototypes_identical']):>7}")
     write_json_atomic(RESULTS, {
         "benchmark": "pts",
@@ -136,7 +138,8 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "sklearn": sklearn.__version__, "numpy": np.__version__},
         "note": "official = sklearn OPTICS per pixel with a Python callable metric, timed on official_pixels pixels; "
                 "ours = batched optics_labels / select_prototypes / build_pts over the whole grid; speedup_optics = "
-                "official per-pixel / ours per-pixel (OPTICS only); labels and prototypes compared on the timed pixels.",
+                "official per-pixel / ours per-pixel (OPTICS only); labels and prototypes compared on the timed "
+                "pixels.",
         "runs": rows,
     })
     print(f"wrote {RESULTS}")

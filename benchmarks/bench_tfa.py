@@ -26,8 +26,8 @@ import yaml
 
 from hetmm.config import load_params
 from hetmm.io import write_json_atomic
-from hetmm.pipeline.stages import stage, stages_for
 from hetmm.pipeline.line import StageRun
+from hetmm.pipeline.stages import stage, stages_for
 
 RESULTS = Path(__file__).parent / "results" / "tfa.json"
 METRICS = ("image_auroc", "pixel_auroc", "aupro")

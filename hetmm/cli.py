@@ -73,7 +73,6 @@ def _friendly(fn: Callable) -> Callable:
 def _context(params_path: Path, root: Path, line_name: str):
     from hetmm.config import load_params
     from hetmm.pipeline.line import LinePaths
-
     from hetmm.pipeline.settings import effective_line
 
     params = load_params(params_path)
@@ -109,9 +108,9 @@ def _run_stages(names: tuple[str, ...], line: str, params: Path, root: Path, dev
                 quiet: bool) -> dict:
     from hetmm.config import load_params
     from hetmm.io import remove_stale_temps
-    from hetmm.pipeline.stages import stage
     from hetmm.pipeline.line import StageRun
     from hetmm.pipeline.lock import line_lock
+    from hetmm.pipeline.stages import stage
 
     loaded = load_params(params)
     loaded.line(line)  # a bad name or entry fails before the lock is taken
@@ -189,11 +188,10 @@ def update(
     quiet: QuietOpt = False, as_json: JsonOpt = False,
 ):
     """Hot-update a saved template with new good images (no rebuild; the file is replaced atomically)."""
-    from hetmm.pipeline.lock import line_lock
-    from hetmm.pipeline.predict import update_template
-
     from hetmm.errors import HetmmError
     from hetmm.pipeline.lines import dvc_lines
+    from hetmm.pipeline.lock import line_lock
+    from hetmm.pipeline.predict import update_template
 
     p, cfg, paths = _context(params, root, line)
     dvc_yaml = root / "dvc.yaml"

@@ -17,7 +17,6 @@ import numpy as np
 
 from hetmm.errors import DataError
 
-
 # The temporary files of atomic_path: ``.<name>.<8 random characters>.tmp``. A killed process leaves one behind;
 # remove_stale_temps clears them, and .dvcignore / .gitignore keep them out of DVC outputs and commits.
 TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")

@@ -525,8 +525,8 @@ class Runner:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         self.data = load_data(args.data, args.limit_train, args.limit_dev)
-        log(f"data: {len(self.data.train)} templates, {len(self.data.dev)} dev ({int(self.data.labels.sum())} defective)"
-            f", device {self.device}")
+        log(f"data: {len(self.data.train)} templates, {len(self.data.dev)} dev "
+            f"({int(self.data.labels.sum())} defective), device {self.device}")
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.results: dict = {"settings": {}, "meta": {"device": str(self.device), "n_train": len(self.data.train),
@@ -791,7 +791,8 @@ def main(argv=None) -> None:
     else:
         frozen = None
         if args.profile:
-            prof = json.loads(Path(args.profile).read_text()) if os.path.isfile(args.profile) else json.loads(args.profile)
+            prof = (json.loads(Path(args.profile).read_text()) if os.path.isfile(args.profile)
+                    else json.loads(args.profile))
             frozen = Combo(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in prof["combo"].items()})
         for s in json.loads(Path(args.settings).read_text() if os.path.isfile(args.settings) else args.settings):
             if runner.time_left() < 45:

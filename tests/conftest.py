@@ -77,8 +77,8 @@ def write_params(root: Path, lines: dict[str, dict], device: str = "cpu"):
 def run_stages(params, name: str, root: Path, stages=None) -> dict[str, Any]:
     """Run pipeline stages of one line in ``root`` (default: every stage of its method; no progress bars); returns
     each stage's result."""
-    from hetmm.pipeline.stages import stage, stages_for
     from hetmm.pipeline.line import StageRun
+    from hetmm.pipeline.stages import stage, stages_for
 
     stages = stages_for(params.line(name).method) if stages is None else stages
     return {s: stage(s)(StageRun.for_line(params, name, root, "cpu", progress=False, stage=s)) for s in stages}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from conftest import DEMO_LINE, REPO, SUBPROCESS_ENV, copy_run, folder_line, write_params
 from hetmm.cli import app
-from hetmm.pipeline.stages import STAGES
 from hetmm.core.templates import load_template
+from hetmm.pipeline.stages import STAGES
 from hetmm.report.audit import audit_history
 
 runner = CliRunner()
@@ -259,7 +259,8 @@ def test_a_mistyped_data_path_fails_unless_the_copy_is_kept_on_purpose(folder_sr
     assert (root / "data/line/manifest.csv").read_bytes() == before
     monkeypatch.setenv("HETMM_KEEP_COPY", "1")  # asked for: the last good copy, and the record of its real source
     kept = invoke("download", "line", *at(root), "-q")
-    assert kept.exit_code == 0 and "keeping the earlier copy" in kept.output and str(folder_src.resolve()) in kept.output
+    assert (kept.exit_code == 0 and "keeping the earlier copy" in kept.output
+            and str(folder_src.resolve()) in kept.output)
     assert json.loads((root / "data/line/source.json").read_text()) == record
 
 
@@ -365,7 +366,8 @@ def test_audit_lists_every_committed_template_version(demo_run, tmp_path):
     table = invoke("audit", "--root", root)
     assert table.exit_code == 0
     lines = table.output.strip().split("\n")
-    assert len(lines) == 4 and "model#" in lines[0] and "gate" in lines[0] and lines[3].startswith("(versions in use on ")
+    assert (len(lines) == 4 and "model#" in lines[0] and "gate" in lines[0]
+            and lines[3].startswith("(versions in use on "))
     assert first["template"]["content_hash"][:9] in table.output and second["template"]["content_hash"][:9] in lines[1]
     assert_one_line_error(invoke("audit", "other_line", "--root", root, "--json"), "other_line", "demo")
 

@@ -24,12 +24,12 @@ from hetmm.config import ClusterConfig
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from hetmm.core.templates import load_template  # noqa: E402
 from hetmm.pipeline import cluster as hcluster  # noqa: E402
 from hetmm.pipeline.cluster import ShardedMatcher, WorkerLost, shard_ranges  # noqa: E402
-from hetmm.pipeline.models import load_scorer  # noqa: E402
 from hetmm.pipeline.feature_cache import FeatureCache  # noqa: E402
+from hetmm.pipeline.models import load_scorer  # noqa: E402
 from hetmm.pipeline.provenance import FeatureKey  # noqa: E402
-from hetmm.core.templates import load_template  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +146,8 @@ def test_past_its_retries_a_dead_worker_fails_the_stage_and_nothing_is_written(r
 
     monkeypatch.setattr(hcluster, "ShardedMatcher", lambda t, m, c: Dying(t, m, config))
     from hetmm.config import load_params
-    from hetmm.pipeline.stages import stage
     from hetmm.pipeline.line import StageRun
+    from hetmm.pipeline.stages import stage
 
     root = tmp_path / "base"
     (root / "outputs/line/matches.pt").unlink()  # else every distance is reused and no worker is asked

@@ -31,9 +31,12 @@ def test_repository_params_parse():
 @pytest.mark.parametrize(
     "mutate, key",
     [
-        (lambda r: r["product_lines"]["demo"]["matching"].update(alpahs=[0.5]), "product_lines.demo.matching: unknown key(s) alpahs"),
-        (lambda r: r["product_lines"]["demo"]["matching"].update(alphas=[0.5, 0.5]), "product_lines.demo.matching.alphas"),
-        (lambda r: r["product_lines"]["demo"]["matching"].update(alphas=[0.5, 1.5, 0.5]), "product_lines.demo.matching.alphas[1]"),
+        (lambda r: r["product_lines"]["demo"]["matching"].update(alpahs=[0.5]),
+         "product_lines.demo.matching: unknown key(s) alpahs"),
+        (lambda r: r["product_lines"]["demo"]["matching"].update(alphas=[0.5, 0.5]),
+         "product_lines.demo.matching.alphas"),
+        (lambda r: r["product_lines"]["demo"]["matching"].update(alphas=[0.5, 1.5, 0.5]),
+         "product_lines.demo.matching.alphas[1]"),
         (lambda r: r["product_lines"]["demo"]["matching"].update(forward_windows=[5, 4, 3]), "forward_windows[1]"),
         (lambda r: r["product_lines"]["demo"]["features"].update(image_size=[100, 128]), "features.image_size"),
         (lambda r: r["product_lines"]["demo"]["features"].update(layers=[1, 4]), "features.layers"),

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from test_templates import FEATURE, clustered, ids, unit
 
 from hetmm.core.templates import build_cover, build_pts, hot_update, load_template, save_template
 from hetmm.core.templates.cover import coverage_radius, farthest_first
 from hetmm.errors import TemplateMismatchError
-from test_templates import FEATURE, clustered, ids, unit
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

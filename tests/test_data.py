@@ -10,7 +10,14 @@ from PIL import Image, ImageFile
 
 from _data_helpers import make_mvtec_tree, noise_rgb, square_mask, write_image
 from hetmm.data.images import load_image, load_mask, read_mask_levels
-from hetmm.data.manifest import MANIFEST_COLUMNS, build_manifest, discover_mvtec, manifest_hash, read_manifest, write_manifest
+from hetmm.data.manifest import (
+    MANIFEST_COLUMNS,
+    build_manifest,
+    discover_mvtec,
+    manifest_hash,
+    read_manifest,
+    write_manifest,
+)
 from hetmm.errors import DataError
 
 # ----------------------------------------------------------------------------- load_image

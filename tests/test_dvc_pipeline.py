@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from conftest import MTD, REPO, SUBPROCESS_ENV
-from hetmm.pipeline.stages import stages_for
 from hetmm.pipeline.lines import set_dvc_lines
+from hetmm.pipeline.stages import stages_for
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,8 @@ def _repo(tmp_path: Path, lines: dict | None = None, with_mtd: bool = False) -> 
             shutil.copy2(src, root / rel)
     params = yaml.safe_load((root / "params.yaml").read_text())
     lines = lines or {"demo": DEMO_PINNED}
-    if with_mtd and (MTD / "MT_Free" / "Imgs").is_dir():  # a second, tiny line shows that one line's change leaves the other be
+    # a second, tiny line shows that one line's change leaves the other be
+    if with_mtd and (MTD / "MT_Free" / "Imgs").is_dir():
         mtd = yaml.safe_load((root / "examples/mtd/params.yaml").read_text())["product_lines"]["mtd"]
         mtd["data"].update({"mirror": str(MTD), "subset": "dev", "limit": 2})
         mtd["features"].update({"image_size": [64, 64], "blocks": "last"})

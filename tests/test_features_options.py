@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from hetmm.config import FeatureConfig, parse_params
-from hetmm.errors import ConfigError
 from hetmm.core.features import FeatureExtractor, content_box, local_average, standardise_per_image, to_tensor
+from hetmm.errors import ConfigError
 from hetmm.io import sha256_json
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_dvc_pipeline import DEMO_PINNED, _commit, _ran, _repo, _run
 
 from conftest import REPO, SUBPROCESS_ENV
-from hetmm.pipeline.stages import stages_for
 from hetmm.pipeline.experiments import _leaves
 from hetmm.pipeline.lines import dvc_line_methods
-from test_dvc_pipeline import DEMO_PINNED, _commit, _ran, _repo, _run
+from hetmm.pipeline.stages import stages_for
 
 EXAMPLE = REPO / "examples" / "mtd"
 # tiny settings for the repository's TFA-Net line, so that its training takes seconds

@@ -49,7 +49,8 @@ def test_some_masks_and_unlabelled_images(folder_src, tmp_path):
 
     df = pd.read_csv(root / "data/mixed/manifest.csv", keep_default_na=False)
     test = df[df["split"] == "test"]
-    assert (test["label"] == "unlabelled").sum() == 4 and (test.loc[test["label"] == "unlabelled", "mask_path"] == "").all()
+    assert ((test["label"] == "unlabelled").sum() == 4
+            and (test.loc[test["label"] == "unlabelled", "mask_path"] == "").all())
     assert sorted(test.loc[(test["label"] == "defect") & (test["mask_path"] == ""), "path"]) == unmasked
 
     metrics = json.loads((root / "reports/mixed/evaluation.json").read_text())
@@ -121,7 +122,8 @@ def _anomalib_layout(demo_tree: Path, tmp_path: Path) -> Path:
         (base / "abnormal" / kind).mkdir(parents=True, exist_ok=True)
         (base / "masks" / kind).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(image, base / "abnormal" / kind / image.name)
-        shutil.copyfile(demo_tree / "ground_truth" / kind / image.name, base / "masks" / kind / f"{image.stem}_mask.png")
+        shutil.copyfile(demo_tree / "ground_truth" / kind / image.name,
+                        base / "masks" / kind / f"{image.stem}_mask.png")
     return base
 
 

@@ -20,10 +20,10 @@ from PIL import Image
 
 from conftest import DEMO_LINE, copy_run, folder_line, run_stages, write_params
 from hetmm.config import load_params
-from hetmm.errors import ConfigError, DataError, HetmmError
-from hetmm.pipeline.stages import stage
-from hetmm.pipeline.line import LinePaths, StageRun
 from hetmm.core.templates import load_template
+from hetmm.errors import ConfigError, DataError, HetmmError
+from hetmm.pipeline.line import LinePaths, StageRun
+from hetmm.pipeline.stages import stage
 
 # Measured on the demo line (efficientnet_lite0, 128 px, PTS K=10), percent: image AUROC 99.38 / 98.75, pixel AUROC
 # 99.05 / 99.26, AU-PRO 94.9 / 95.7 with 1 / 2 torch threads (float summation order shifts a few PTS choices).
@@ -213,7 +213,8 @@ def test_grown_all_template_rematches_only_new_sheets_and_equals_a_full_rematch(
                                  "reason": "matched the 3 new sheet(s) only"}
     incremental = _scores_and_maps(paths)
     (paths.outputs / "matches.pt").unlink()
-    assert stage("infer")(StageRun(params, params.line("line"), paths, "cpu", False))["matching"]["sheets_matched"] == 24
+    assert (stage("infer")(StageRun(params, params.line("line"), paths, "cpu", False))["matching"]["sheets_matched"]
+            == 24)
     full = _scores_and_maps(paths)
     assert np.allclose(incremental[0], full[0], atol=1e-6)
     assert np.allclose(incremental[1].astype(np.float32), full[1].astype(np.float32), atol=2e-3)  # float16 maps

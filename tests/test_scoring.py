@@ -182,7 +182,8 @@ def test_matches_against_two_sheet_sets_merge_into_the_matches_against_both(mode
     s = {**SETTINGS, "weights": [1.0, 0.0]} if mode == "pixel" else SETTINGS  # a skipped layer stays skipped
     args = (s["forward_windows"], s["backward_windows"], s["alphas"], s["weights"], mode)
     whole = match_layers(feats, temps, *args)
-    merged = match_layers(feats, [t[:2] for t in temps], *args).merged(match_layers(feats, [t[2:] for t in temps], *args))
+    merged = match_layers(feats, [t[:2] for t in temps], *args).merged(
+        match_layers(feats, [t[2:] for t in temps], *args))
     assert merged.plan == whole.plan and len(whole.plan) == (1 if mode == "pixel" else 2)
     for got, want in zip([*merged.forward, *merged.backward], [*whole.forward, *whole.backward]):
         assert (got is None) == (want is None)
@@ -193,4 +194,5 @@ def test_matches_against_two_sheet_sets_merge_into_the_matches_against_both(mode
     assert not torch.allclose(fuse_matches(match_layers(feats, [t[:2] for t in temps], *args), (24, 20)),
                               fuse_matches(whole, (24, 20)), atol=1e-3)
     with pytest.raises(ValueError, match="different plans"):
-        whole.merged(match_layers(feats, temps, [3, 3], [3, 3], s["alphas"], s["weights"], "mutual" if mode != "mutual" else "pixel"))
+        whole.merged(match_layers(feats, temps, [3, 3], [3, 3], s["alphas"], s["weights"],
+                                  "mutual" if mode != "mutual" else "pixel"))

@@ -12,10 +12,10 @@ from _data_helpers import make_mvtec_tree
 from hetmm.data import sources
 from hetmm.data.images import load_image, load_mask
 from hetmm.data.manifest import discover_mvtec, read_manifest
-from hetmm.errors import ConfigError, DataError
-from hetmm.io import sha256_file
 from hetmm.data.sources import fetch
 from hetmm.data.splits import MTD_CLASSES, load_mtd_split, make_mtd_split
+from hetmm.errors import ConfigError, DataError
+from hetmm.io import sha256_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # CI clones the repo with shared/ beside it
 HAZELNUT = SHARED / "data" / "hazelnut_toy"

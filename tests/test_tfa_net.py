@@ -14,14 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import run_stages, write_params
 from hetmm.core.tfa_net import NetShape, TFANet, error_maps, medoid, random_mask, to_grid
 from hetmm.errors import ConfigError, TemplateMismatchError
 from hetmm.pipeline.stages import stages_for
-from conftest import run_stages, write_params
 
 TINY = {"width": 64, "depth": 2, "heads": 4, "decoder_width": 64, "decoder_depth": 1, "batch_size": 8}
 
@@ -95,7 +94,8 @@ def test_training_lowers_the_loss_and_the_model_finds_the_demo_defects(trained):
     threshold = json.loads((root / "models/line/threshold.json").read_text())
     assert threshold["model_hash"] == record["content_hash"]
     card = json.loads((root / "reports/line/model_card.json").read_text())
-    assert card["method"] == "tfa_net" and card["template"]["kind"] == "tfa_net" and card["title"] == "TFA-Net model card"
+    assert (card["method"] == "tfa_net" and card["template"]["kind"] == "tfa_net"
+            and card["title"] == "TFA-Net model card")
 
 
 def test_unchanged_training_is_kept_and_other_features_are_refused(trained, tmp_path):
@@ -140,8 +140,8 @@ def _state_dict(path: Path) -> dict:
 
 
 def test_a_killed_training_resumes_to_the_same_model_and_a_changed_one_restarts(trained, tmp_path):
-    """Kill ``hetmm train`` after its second validation point; the rerun resumes and ends with the weights an uninterrupted run
-    has. A resume state made with other settings is discarded, and so is a torn one."""
+    """Kill ``hetmm train`` after its second validation point; the rerun resumes and ends with the weights an
+    uninterrupted run has. A resume state made with other settings is discarded, and so is a torn one."""
     root, _ = trained
     for name in ("straight", "killed"):
         target = tmp_path / name
@@ -197,8 +197,8 @@ def test_line_add_wires_a_tfa_net_line_into_its_own_stages(tmp_path):
 
     import yaml
 
-    from hetmm.pipeline.lines import add_line, check_lines, dvc_line_methods
     from conftest import REPO
+    from hetmm.pipeline.lines import add_line, check_lines, dvc_line_methods
 
     dvc, params = tmp_path / "dvc.yaml", tmp_path / "params.yaml"
     shutil.copy(REPO / "dvc.yaml", dvc)

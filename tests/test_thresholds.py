@@ -15,8 +15,8 @@ from hetmm.core import thresholds
 from hetmm.errors import DataError
 from hetmm.pipeline import evaluation
 from hetmm.pipeline.line import LinePaths
-from hetmm.pipeline.settings import calibration_key
 from hetmm.pipeline.predict import predict_images, saved_threshold
+from hetmm.pipeline.settings import calibration_key
 from hetmm.report import model_card
 
 CALIBRATION = {

@@ -12,8 +12,8 @@ from PIL import Image
 
 from conftest import folder_line, run_stages, write_params
 from hetmm.errors import ConfigError
-from hetmm.pipeline.stages import stage
 from hetmm.pipeline.line import LinePaths, StageRun
+from hetmm.pipeline.stages import stage
 
 TUNE_STAGES = ("download", "validate", "tune")
 
@@ -125,7 +125,8 @@ def test_nothing_to_tune_writes_the_params_entry_as_settings(demo_tree, tmp_path
 def test_a_line_with_only_a_data_block_runs_every_stage(demo_tree, tmp_path):
     """Out of the box: the tuner picks the settings (a tight budget keeps this test short) and calibration the
     thresholds; the report has honest and oracle figures."""
-    line = {"data": {"source": "folder", "path": str(demo_tree)}, "tune": {"budget_s": 20, "max_validation": 3, "min_synthetic": 10}}
+    line = {"data": {"source": "folder", "path": str(demo_tree)},
+            "tune": {"budget_s": 20, "max_validation": 3, "min_synthetic": 10}}
     params = write_params(tmp_path, {"line": line})
     out = run_stages(params, "line", tmp_path)
     assert out["tune"]["action"] == "searched"

@@ -31,7 +31,7 @@ def derived(root_text: str, example_text: str | None) -> str:
     """The example's dvc.yaml: the root's stages, code dependencies two folders up, the example's lists kept."""
     text = re.sub(r"^(\s*- )hetmm/", r"\1../../hetmm/", root_text, flags=re.M)
     if example_text is not None:
-        for name, pattern in _LISTS.items():
+        for pattern in _LISTS.values():
             own, root = pattern.search(example_text), pattern.search(text)
             text = text[:root.start()] + own.group(0) + text[root.end():]
     return HEADER + text

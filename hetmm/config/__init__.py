@@ -7,13 +7,39 @@ keys the tuner chooses and the values it tries, :mod:`~hetmm.config.line` the li
 :meth:`ProductLine.with_keys`. Importers use this package's names.
 """
 
-from hetmm.config.line import (LINE_NAME, SECTIONS, Params, ProductLine, check_line_name, load_params, open_keys,
-                               parse_params, validate_line)
+from hetmm.config.line import (
+                               LINE_NAME,
+                               SECTIONS,
+                               Params,
+                               ProductLine,
+                               check_line_name,
+                               load_params,
+                               open_keys,
+                               parse_params,
+                               validate_line,
+)
 from hetmm.config.schema import _check_value, build_config
-from hetmm.config.sections import (MAX_BATCH, MAX_IMAGE_SIDE, MAX_TFA_PARAMETERS, ORACLE_RULES, TFA_CAPS, TFA_PRESETS,
-                                   CalibrationConfig, ClusterConfig, DataConfig, FeatureConfig, GateConfig,
-                                   InspectionConfig, MatchingConfig, PostConfig, ReportConfig, TemplateConfig,
-                                   TFANetConfig, ThresholdConfig, TuneConfig)
+from hetmm.config.sections import (
+                               MAX_BATCH,
+                               MAX_IMAGE_SIDE,
+                               MAX_TFA_PARAMETERS,
+                               ORACLE_RULES,
+                               TFA_CAPS,
+                               TFA_PRESETS,
+                               CalibrationConfig,
+                               ClusterConfig,
+                               DataConfig,
+                               FeatureConfig,
+                               GateConfig,
+                               InspectionConfig,
+                               MatchingConfig,
+                               PostConfig,
+                               ReportConfig,
+                               TemplateConfig,
+                               TFANetConfig,
+                               ThresholdConfig,
+                               TuneConfig,
+)
 from hetmm.config.tunable import AUTO, TUNABLE, TUNABLE_KEYS, TunableKey, phase_keys
 
 __all__ = ["AUTO", "LINE_NAME", "MAX_BATCH", "MAX_IMAGE_SIDE", "MAX_TFA_PARAMETERS", "ORACLE_RULES", "SECTIONS",

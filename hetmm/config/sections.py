@@ -239,7 +239,8 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Label-free settings selection (``hetmm.pipeline.stages.tune``) and the validation normals it shares with calibration.
+    """Label-free settings selection (``hetmm.pipeline.stages.tune``) and the validation normals it shares with
+    calibration.
 
     The tuner chooses the keys in :data:`~hetmm.config.tunable.TUNABLE` that the line's ``params.yaml`` entry does
     not pin.

@@ -24,9 +24,9 @@ from hetmm.core.metrics import UndefinedMetricError, as_numpy, aupro, image_auro
 from hetmm.core.thresholds import RULES
 from hetmm.data.images import load_mask
 from hetmm.data.manifest import UNLABELLED
-from hetmm.pipeline.settings import calibration_key
 from hetmm.errors import DataError
 from hetmm.modes import ThresholdRule
+from hetmm.pipeline.settings import calibration_key
 
 PIXEL_METRICS = ("pixel_auroc", "aupro", "pro_official")
 

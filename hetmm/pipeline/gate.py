@@ -146,21 +146,21 @@ def blessed_model(paths: LinePaths, model_hash: str) -> Path | None:
 
 
 def check(line: ProductLine, paths: LinePaths, test: pd.DataFrame, scores: np.ndarray, threshold: float) -> dict:
-    """The report stage's verdict on this version (labelled test rows ``test`` and their ``scores``), printed as one
-    line."""
+    """The report stage's verdict on this version (labelled test rows ``test`` and their ``scores``)."""
     current = dict(zip(test["sha256"], scores.tolist(), strict=True))
     verdict = judge(line.gate, load_baseline(paths), current,
                     dict(zip(test["sha256"], (test["label"] == "defect").tolist(), strict=True)), threshold,
                     dict(zip(test["sha256"], test["path"], strict=True)))
-    print(f"{line.name}: {verdict['summary']}", file=sys.stderr)
     return verdict
 
 
 def promote(line: ProductLine, paths: LinePaths, verdict: dict, test: pd.DataFrame, scores: np.ndarray,
             threshold: dict) -> None:
-    """Bless this version (the next baseline), or refuse it: exit 1 naming the images it newly misses."""
+    """Bless this version (the next baseline) and print the verdict in one line, or refuse it: exit 1 naming the
+    images it newly misses. Called once the report is in place, so a report that failed says nothing of a gate."""
     model_hash = threshold["model_hash"]
     if verdict["blessed"]:
+        print(f"{line.name}: {verdict['summary']}", file=sys.stderr)
         bless(paths, paths.models / f"{spec(line.method).model_file}.pt", model_hash, threshold["threshold"],
               dict(zip(test["sha256"], scores.tolist(), strict=True)))
         return

@@ -69,8 +69,8 @@ class StageRun:
                  progress: bool = True, stage: str | None = None) -> "StageRun":
         """The context of ``stage``: stages after ``tune`` get the line's effective settings
         (``models/<line>/settings.yaml``), the others (and ``stage=None``) the ``params.yaml`` entry."""
-        from hetmm.pipeline.stages import PARAMS_STAGES
         from hetmm.pipeline.settings import effective_line
+        from hetmm.pipeline.stages import PARAMS_STAGES
 
         paths = LinePaths.for_line(name, root)
         line = params.line(name)

@@ -59,7 +59,9 @@ def record(tset: TemplateSet, action: str, reason: str, new_images: int, seconds
     return out
 
 
-def plan_update(line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureKey) -> tuple[TemplateSet | None, str]:
+def plan_update(
+    line: ProductLine, paths: LinePaths, sources: list[str], key: FeatureKey
+) -> tuple[TemplateSet | None, str]:
     """Decide between reuse, hot update and rebuild; returns (existing template or None, reason)."""
     if not paths.template.is_file():
         return None, "no previous template"

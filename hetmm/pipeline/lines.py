@@ -1,7 +1,8 @@
 """Which product lines exist: ``params.yaml`` holds their settings, ``dvc.yaml`` the list of lines that run.
 
 The lists in ``dvc.yaml`` (``foreach: &lines {...}`` on the first stage, ``*lines`` on the others, and the lines of
-the ``template`` and ``train`` stages) are literals, so no params key can ever become part of a stage command. :func:`add_line` writes a new line's entry (every key
+the ``template`` and ``train`` stages) are literals, so no params key can ever become part of a stage command.
+:func:`add_line` writes a new line's entry (every key
 spelled out, so ``dvc exp run -S`` can set it, except the keys the tune stage chooses) and appends its checked name
 to that list;
 :func:`remove_line` takes a line out of both; :func:`check_lines` says where the two files disagree.
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from hetmm.config import AUTO, DataConfig, ProductLine, _check_value, build_config, check_line_name, validate_line
-from hetmm.modes import Method
 from hetmm.errors import ConfigError
-from hetmm.methods import METHODS, spec
 from hetmm.io import write_text_atomic
+from hetmm.methods import METHODS, spec
+from hetmm.modes import Method
 
 # One flow mapping per list, each on its own line: every line -> its model file's stem (``template`` or
 # ``tfa_net``), then the lines of each model stage (DVC cannot filter a foreach, so each stage gets its own list).
@@ -216,7 +217,6 @@ def _lines_of(text: str) -> Any:
 def remove_line(name: str, params_yaml: str | Path = "params.yaml", dvc_yaml: str | Path = "dvc.yaml") -> dict:
     """Take the line out of params.yaml (its entry and the comment above it; every other byte stays) and out of
     dvc.yaml's lists. Its data, models and reports stay on disk: DVC no longer tracks them."""
-    import yaml
 
     params_yaml, dvc_yaml = Path(params_yaml), Path(dvc_yaml)
     names = dvc_line_methods(dvc_yaml)

@@ -21,10 +21,10 @@ from typing import Any, Sequence
 
 import torch
 
-from hetmm.modes import TemplateKind
 from hetmm.core.scoring import LayerMatches, LayerPlan
 from hetmm.core.templates import TemplateSet
 from hetmm.io import atomic_path
+from hetmm.modes import TemplateKind
 from hetmm.pipeline import provenance
 from hetmm.pipeline.provenance import FeatureKey
 

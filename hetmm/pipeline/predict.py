@@ -26,8 +26,8 @@ from PIL import Image
 
 from hetmm.config import ClusterConfig, ProductLine
 from hetmm.core.conformal import p_values
-from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
+from hetmm.core.features import FeatureExtractor
 from hetmm.core.templates import hot_update, save_template
 from hetmm.data.images import IMAGE_EXTENSIONS, load_image
 from hetmm.errors import ConfigError, DataError

@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hetmm.config import TUNABLE_KEYS, FeatureConfig, ProductLine, phase_keys
-from hetmm.errors import ConfigError
 from hetmm.core.backbones import build_backbone
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.inspector import post_plan
 from hetmm.core.matching import match_layer, nearest_patch
 from hetmm.core.metrics import aupro, image_auroc, pixel_auroc
-from hetmm.modes import MatchMode
 from hetmm.core.scoring import LayerMatches, match_plan, post_process
+from hetmm.errors import ConfigError
+from hetmm.modes import MatchMode
 from hetmm.pipeline import settings, throughput
 from hetmm.pipeline.validation_set import ValidationImages
 

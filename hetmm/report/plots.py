@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from hetmm.io import json_safe, write_png_atomic, write_text_atomic
 from hetmm.report.overlays import font

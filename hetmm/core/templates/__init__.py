@@ -12,11 +12,18 @@ from typing import Any
 
 from torch import Tensor
 
-from hetmm.modes import TemplateKind
 from hetmm.core.templates.optics import optics_labels
 from hetmm.core.templates.selection import select_prototypes
-from hetmm.core.templates.store import (TemplateSet, build_all, build_cover, build_pts, hot_update, load_template,
-                                        save_template)
+from hetmm.core.templates.store import (
+    TemplateSet,
+    build_all,
+    build_cover,
+    build_pts,
+    hot_update,
+    load_template,
+    save_template,
+)
+from hetmm.modes import TemplateKind
 
 __all__ = ["BUILDERS", "BuildOptions", "TemplateSet", "build", "build_all", "build_cover", "build_pts",
            "hot_update", "load_template", "optics_labels", "save_template", "select_prototypes"]

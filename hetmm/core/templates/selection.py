@@ -48,7 +48,8 @@ def greedy(gram: Tensor, seeds: Tensor, n_seeds: Tensor, steps: int, avoid: Tens
 
 
 def select_block(gram: Tensor, first: Tensor | None, labels: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """PTS selection for a chunk: ``gram`` ``[P, N, N]`` float64 and ``first`` from :func:`hetmm.core.templates.optics.gram`,
+    """PTS selection for a chunk: ``gram`` ``[P, N, N]`` float64 and ``first`` from
+    :func:`hetmm.core.templates.optics.gram`,
     ``labels`` ``[P, N]``. Returns ``[P, min(N, K)]`` chosen indices (easy seeds first) and
     ``[P]`` easy-seed counts.
     """

@@ -24,12 +24,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hetmm.core.layout import to_pixel_major
-from hetmm.modes import TemplateKind
-from hetmm.core.templates.optics import check_features, check_size, chunks, min_samples_for, optics_block, pixel_grams
 from hetmm.core.templates.cover import cover_pixels, extend
+from hetmm.core.templates.optics import check_features, check_size, chunks, min_samples_for, optics_block, pixel_grams
 from hetmm.core.templates.selection import gather_sheets, reseed, select_block
 from hetmm.errors import HetmmError, TemplateMismatchError
 from hetmm.io import atomic_path, sha256_json
+from hetmm.modes import TemplateKind
 
 _FORMAT = "hetmm.template"
 _VERSION = 1

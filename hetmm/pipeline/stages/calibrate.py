@@ -29,6 +29,7 @@ from hetmm.pipeline.line import StageRun, split, validated_manifest
 from hetmm.pipeline.settings import calibration_key
 from hetmm.report.progress import Phases
 
+
 def run(ctx: StageRun) -> dict:
     line, paths = ctx.line, ctx.paths
     train = split(validated_manifest(paths, line.name), "train")

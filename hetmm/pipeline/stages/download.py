@@ -55,7 +55,8 @@ def run(ctx: StageRun) -> dict:
                             f"from {origin}. Fix the path in params.yaml, or go on with that copy: "
                             f"{KEEP_COPY_ENV}=1 dvc repro (or {KEEP_COPY_ENV}=1 hetmm download {ctx.line.name})")
         print(clean_text(f"warning: {why}; keeping the earlier copy in {ctx.paths.data} ({kept} images from "
-                         f"{origin}, all hashes checked; {KEEP_COPY_ENV}=1)"), file=sys.stderr)  # user text: no controls
+                         f"{origin}, all hashes checked; {KEEP_COPY_ENV}=1)"),
+              file=sys.stderr)  # user text: no controls
         return {"images": kept, "kept": True, "reason": why, "from": origin,
                 "seconds": round(time.perf_counter() - start, 2)}
     options = {k: v for k, v in asdict(d).items() if k != "source" and v is not None}

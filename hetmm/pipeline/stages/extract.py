@@ -1,7 +1,8 @@
 """Stage ``extract``: fill the per-image feature cache for every image of the line.
 
 Reads ``data/<line>/`` and the ``features`` settings; writes ``features/<line>/<key>/`` (persisted) and
-``reports/<line>/extract.json``. Only images missing from the cache, or whose entry fails its checksum, are computed; a change of the
+``reports/<line>/extract.json``. Only images missing from the cache, or whose entry fails its checksum, are computed;
+a change of the
 feature settings or of the feature code (:mod:`hetmm.pipeline.provenance`) recomputes every image, and the record
 says why.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from hetmm.core.features import FeatureExtractor
 from hetmm.core.device import resolve_device
+from hetmm.core.features import FeatureExtractor
 from hetmm.io import write_json_atomic
 from hetmm.pipeline import cluster
 from hetmm.pipeline.feature_cache import FeatureCache, extract_to_cache

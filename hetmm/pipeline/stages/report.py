@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import metadata
 import platform
 import time
 from dataclasses import asdict
+from importlib import metadata
 
 import numpy as np
 import pandas as pd

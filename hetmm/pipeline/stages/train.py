@@ -88,7 +88,8 @@ def run(ctx: StageRun) -> dict:
     live.end()
     record = {"kind": "tfa_net", "sheets": 1, "action": "resumed" if state is not None else "trained",
               "reason": f"resumed after step {done}" if state is not None else _why_train(saved),
-              "steps": steps, "epochs": round(steps / per_epoch, 2), "train_images": len(fit), "validation_normals": len(normals),
+              "steps": steps, "epochs": round(steps / per_epoch, 2), "train_images": len(fit),
+              "validation_normals": len(normals),
               "template_image": str(train.set_index("sha256").loc[fit[chosen], "path"]),
               "parameters": sum(p.numel() for p in net.parameters()), "final": history[-1] if history else {},
               "seconds": round(time.perf_counter() - start, 2), "device": str(device), "settings": cfg}
