@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import REPO, SUBPROCESS_ENV, folder_line, run_stages, write_params
 from hetmm.errors import ConfigError, DataError, HetmmError
@@ -309,18 +310,18 @@ def test_predict_refuses_a_non_finite_threshold(run_copy, tmp_path, value):
     (lambda t: "{", "damaged (not a JSON object)"),
     (lambda t: {**t, "threshold": None}, "must be finite numbers"),
     (lambda t: {**t, "pixel_threshold": "0.3"}, "must be finite numbers"),
-    (lambda t: {**t, "normalisation": {"min": float("nan"), "max": 1.0}}, "must be finite numbers"),
+    (lambda t: {**t, "pixel_threshold": float("nan")}, "must be finite numbers"),
 ])
 def test_a_damaged_saved_threshold_is_refused(run_copy, damage, needle):
     from hetmm.pipeline.predict import saved_threshold
 
     root, paths, _ = run_copy
     saved = json.loads(paths.threshold.read_text())
-    assert saved_threshold(paths, "line", saved["template_hash"])["threshold"] == saved["threshold"]
+    assert saved_threshold(paths, "line", saved["model_hash"])["threshold"] == saved["threshold"]
     bad = damage(saved)
     paths.threshold.write_text(bad if isinstance(bad, str) else json.dumps(bad))  # NaN as JSON's NaN token
     with pytest.raises(DataError, match=r"models/line/threshold\.json: .*" + re.escape(needle)):
-        saved_threshold(paths, "line", saved["template_hash"])
+        saved_threshold(paths, "line", saved["model_hash"])
 
 
 def test_text_reaching_a_spreadsheet_or_terminal_is_neutralised(run_copy, tmp_path):
@@ -406,7 +407,9 @@ def test_line_add_with_a_bad_params_file(tmp_path, content, needle):
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     if content is not None:
         (tmp_path / "params.yaml").write_text(content)
-    one_line_error(hetmm("line", "add", "bolts", "--path", str(tmp_path), cwd=tmp_path), needle)
+    (tmp_path / "src" / "train" / "good").mkdir(parents=True)  # a real source: the params file is what is wrong
+    Image.new("RGB", (32, 32)).save(tmp_path / "src" / "train" / "good" / "000.png")
+    one_line_error(hetmm("line", "add", "bolts", "--path", str(tmp_path / "src"), cwd=tmp_path), needle)
     one_line_error(hetmm("line", "check", cwd=tmp_path), needle)
 
 

@@ -123,7 +123,7 @@ def test_report_and_predict_deploy_the_calibrated_threshold(demo_run, tmp_path):
 
     calibration = json.loads(paths.calibration.read_text())
     decision = json.loads(paths.threshold.read_text())
-    assert (decision["rule"], decision["oracle"], decision["source"]) == ("normal_fpr", False, "validation normals")
+    assert (decision["rule"], decision["oracle"], decision["source"]) == ("normal_fpr", False, "calibration normals")
     assert decision["threshold"] == calibration["image"]["normal_fpr"]
     assert decision["pixel_threshold"] == calibration["pixel"]["threshold"] == oracle["pixel_threshold"]
     metrics = json.loads((paths.reports / "evaluation.json").read_text())

@@ -25,7 +25,7 @@ TABLE = ("commit", "date", "author", "line", "template", "model_hash", "data_has
          "image_auroc", "pixel_auroc", "aupro")
 HEADINGS = {"model_hash": "model#", "data_hash": "data#", "image_auroc": "img_auroc",
             "pixel_auroc": "px_auroc"}
-WIDTHS = {"commit": 8, "date": 16, "author": 9, "ref": 14, "line": 9, "template": 9, "model_hash": 8,
+WIDTHS = {"commit": 8, "date": 16, "author": 9, "ref": 14, "line": 9, "template": 8, "model_hash": 9,
           "data_hash": 8, "code": 8, "gate": 4}
 # a DVC experiment as `dvc exp` names it: refs/exps/<2 hex>/<38 hex>/<name>; everything else under refs/exps is
 # DVC's own bookkeeping (exec/EXEC_HEAD, stash, celery, ...)
