@@ -88,11 +88,11 @@ def _show(result: dict, as_json: bool) -> None:
 
 
 STAGE_HELP = {
-    "download": "Fetch the line's images into data/<line>/ with a manifest. Sources (data.source): demo (embedded), "
-                "folder (data.path, MVTec layout), anomalib_folder (data.normal_dir, abnormal_dir, mask_dir, "
-                "normal_test_dir, unlabelled_dir), table (data.path: CSV or parquet), mvtec (data.category), mtd "
-                "(data.subset); mvtec and mtd read data.mirror or $HETMM_MIRROR offline. A source missing on this "
-                "machine fails unless HETMM_KEEP_COPY=1 keeps the last good copy.",
+    "download": f"Fetch the line's images (source {', '.join(DataSource)}) into data/<line>/ with a manifest: demo "
+                "is embedded; folder reads data.path (MVTec layout), anomalib_folder data.normal_dir, abnormal_dir, "
+                "mask_dir, normal_test_dir, unlabelled_dir, table data.path (CSV or parquet), mvtec data.category; "
+                "mvtec and mtd read data.mirror or $HETMM_MIRROR offline. A source missing on this machine fails "
+                "unless HETMM_KEEP_COPY=1 keeps the last good copy.",
     "validate": "Check the manifest and every image and mask (great-expectations); fails naming the bad files.",
     "tune": "Choose the settings params.yaml leaves open on good training images and synthetic defects.",
     "extract": "Compute features for images not yet in the per-image feature cache.",

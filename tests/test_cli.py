@@ -449,6 +449,7 @@ def test_readable_output_shortens_what_json_keeps_whole():
 # --------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_half_written(tmp_path):
     import signal
     import time
@@ -476,6 +477,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_half_written(tmp_pa
 # --------------------------------------------------------------------------- progress under DVC
 
 
+@pytest.mark.slow
 def test_tune_and_calibrate_report_phases_with_counts_and_eta_without_flooding_a_log(tmp_path):
     """Under `dvc repro` every stage runs with --quiet and stderr is a pipe: a line per phase, with counts and an
     ETA, and no more than a few lines per phase."""

@@ -31,6 +31,8 @@ from hetmm.pipeline.feature_cache import FeatureCache  # noqa: E402
 from hetmm.pipeline.models import load_scorer  # noqa: E402
 from hetmm.pipeline.provenance import FeatureKey  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real Ray cluster started by the tests
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():

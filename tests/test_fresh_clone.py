@@ -21,6 +21,8 @@ from hetmm.pipeline.experiments import _leaves
 from hetmm.pipeline.lines import dvc_line_methods
 from hetmm.pipeline.stages import stages_for
 
+pytestmark = pytest.mark.slow  # a clone, a DVC repro and experiments in it: minutes
+
 EXAMPLE = REPO / "examples" / "mtd"
 # tiny settings for the repository's TFA-Net line, so that its training takes seconds
 TINY_TFA = {"features": {"image_size": [128, 128]}, "report": {"overlays": 1, "ablation": False},

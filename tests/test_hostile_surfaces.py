@@ -173,6 +173,7 @@ def _kill(root: Path, match: str, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **SUBPROCESS_ENV, "PYTHONPATH": str(REPO)}, timeout=300)
 
 
+@pytest.mark.slow
 def test_training_curves_stay_until_the_new_run_has_a_model(run_copy):
     root, paths, src = run_copy  # the line's data, validation and features serve a TFA-Net line as they are
     run_stages(write_params(root, {"line": _tfa_line(src)}), "line", root, ("tune", "train"))
@@ -226,6 +227,7 @@ def _deployed(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): _normalised(p) for p in files if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_report_killed_between_any_two_writes_leaves_one_whole_version(run_copy, tmp_path):
     root, paths, src = run_copy
     # the next version: another threshold rule and fewer panels

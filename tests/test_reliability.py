@@ -136,9 +136,12 @@ def test_one_writer_per_line(run_copy):
         pass
 
 
-def test_a_missing_source_keeps_the_intact_copy_and_a_damaged_copy_is_refused(run_copy, capfd):
+def test_a_missing_source_keeps_the_intact_copy_and_a_damaged_copy_is_refused(run_copy, capfd, monkeypatch):
     params, root, paths, src = run_copy
     shutil.rmtree(src)
+    with pytest.raises(DataError, match="HETMM_KEEP_COPY=1"):  # not asked to: a typo must not pass
+        run_stages(params, "line", root, ("download",))
+    monkeypatch.setenv("HETMM_KEEP_COPY", "1")
     out = run_stages(params, "line", root, ("download",))["download"]
     assert out["kept"] is True and "does not exist on this machine" in out["reason"] and out["images"] == 50
     assert "keeping the earlier copy" in capfd.readouterr().err

@@ -22,6 +22,8 @@ from hetmm.core.tfa_net import NetShape, TFANet, error_maps, medoid, random_mask
 from hetmm.errors import ConfigError, TemplateMismatchError
 from hetmm.pipeline.stages import stages_for
 
+pytestmark = pytest.mark.slow  # real TFA-Net trainings
+
 TINY = {"width": 64, "depth": 2, "heads": 4, "decoder_width": 64, "decoder_depth": 1, "batch_size": 8}
 
 

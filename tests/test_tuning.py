@@ -46,6 +46,7 @@ def settings_of(root: Path) -> dict:
     return body
 
 
+@pytest.mark.slow
 def test_tuner_never_reads_test_labels_or_images(demo_tree, tmp_path):
     shuffled, no_test = tmp_path / "shuffled", tmp_path / "no_test"
     shutil.copytree(demo_tree, shuffled)
@@ -92,6 +93,7 @@ def test_pinned_keys_win_and_are_never_searched(demo_tree, tmp_path):
     assert all(c["key"] not in ("matching.mode", "post.blur_sigma") for c in record["candidates"])
 
 
+@pytest.mark.slow
 def test_search_is_reused_until_its_inputs_change_and_stale_settings_are_refused(demo_tree, tmp_path):
     line = tuned_line(demo_tree)
     first = tune(tmp_path, line)
@@ -122,6 +124,7 @@ def test_nothing_to_tune_writes_the_params_entry_as_settings(demo_tree, tmp_path
     assert (tmp_path / "reports/line/tuning.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_line_with_only_a_data_block_runs_every_stage(demo_tree, tmp_path):
     """Out of the box: the tuner picks the settings (a tight budget keeps this test short) and calibration the
     thresholds; the report has honest and oracle figures."""
@@ -242,6 +245,7 @@ def test_the_work_clock_ignores_time_spent_waiting():
     assert waited < 0.05 and worked > 0.01
 
 
+@pytest.mark.slow
 def test_new_good_images_rerun_the_search_only_beyond_tune_rerun_share(demo_tree, tmp_path):
     """A hot update reuses the recorded choice until more than ``tune.rerun_share`` (default 0.2) of the images it
     was searched on are added or removed; the share itself decides when, not what, so changing it reruns nothing."""
@@ -270,6 +274,7 @@ def test_new_good_images_rerun_the_search_only_beyond_tune_rerun_share(demo_tree
     assert changed_share(["a", "b", "c", "d"], ["a", "b", "c", "e", "f"]) == 0.75
 
 
+@pytest.mark.slow
 def test_the_choice_does_not_depend_on_the_machines_load(demo_tree):
     """The throughput contract is checked by the cost model, never by timings: a search beside processes that keep
     every core busy chooses exactly what a search on a quiet machine chooses, and excludes the same candidates."""
