@@ -256,6 +256,9 @@ class TuneConfig:
     synthetic_per_image: int = 1  # synthetic defects per family and validation normal ...
     # ... or more, until there are this many (a line with few normals still gets a stable score)
     min_synthetic: int = 60
+    # a new value replaces the current one only if it wins in this share of paired bootstrap resamples of the
+    # validation set (clusters: a normal and the defects made on it); 0: any exact gain above the fixed margin
+    confidence: float = 0.9
     seed: int = 0
 
     def per_image(self, normals: int, families: int) -> int:
@@ -270,6 +273,8 @@ class TuneConfig:
                 raise ConfigError(f"{key}.{name}: must be in 1..{MAX_BATCH}")
         if self.budget_s < 0 or not 0.0 <= self.rerun_share <= 1.0:
             raise ConfigError(f"{key}: budget_s is >= 0 and rerun_share lies in [0, 1]")
+        if not 0.0 <= self.confidence < 1.0:
+            raise ConfigError(f"{key}.confidence: must lie in [0, 1), got {self.confidence}")
 
 
 @dataclass(frozen=True)

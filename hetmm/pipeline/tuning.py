@@ -8,7 +8,10 @@ Objective (:func:`objective`): the mean of image AUROC, pixel AUROC and AU-PRO (
 (label 0, empty masks) and the synthetic defects made on them (:mod:`hetmm.data.synthetic`), all at one evaluation
 resolution so that image sizes compare fairly. Search: coordinate descent from the line's current values in the
 fixed order of :data:`hetmm.config.TUNABLE` (matching first, then features, then matching again on the final
-features); a value replaces the current one only when it beats it by more than :data:`MARGIN`. Features are
+features); a value replaces the current one only when it beats it by more than :data:`MARGIN` and, unless
+``tune.confidence`` is 0, wins in that share of paired cluster-bootstrap resamples of the validation set
+(:mod:`hetmm.core.bootstrap`: a normal and the defects made on it are one cluster), so that the search does not
+drift on the few defects' worth of noise a small validation set has. Features are
 extracted once per feature setting and every window's distances once per layer, so a matching candidate costs one
 fusion and the metrics. A candidate that the deterministic cost model (:mod:`hetmm.pipeline.throughput`: the
 settings, the template the line will deploy, fixed first by :meth:`_Search.template_size`, and the measured profile
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hetmm.config import TUNABLE_KEYS, FeatureConfig, ProductLine, phase_keys
+from hetmm.core import bootstrap
 from hetmm.core.backbones import build_backbone
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.inspector import post_plan
@@ -45,6 +49,7 @@ from hetmm.pipeline.validation_set import ValidationImages
 EVAL_SIZE = (256, 256)  # every candidate's maps and masks are compared at this resolution
 MARGIN = 0.1  # objective points a new value must gain over the current one (below the synthetic set's noise)
 QUERY_CHUNK = 16
+DRAWS = 200  # bootstrap resamples behind each acceptance
 
 
 def objective(scores: dict[str, float]) -> float:
@@ -54,11 +59,13 @@ def objective(scores: dict[str, float]) -> float:
 
 @dataclass
 class EvalSet:
-    """Validation queries: normals (label 0) then synthetic defects (label 1) with masks ``[Q, *EVAL_SIZE]``."""
+    """Validation queries: normals (label 0) then synthetic defects (label 1) with masks ``[Q, *EVAL_SIZE]``;
+    ``groups [Q]``: the normal each query is or was made on (the bootstrap's clusters)."""
 
     images: list[Image.Image]
     labels: np.ndarray
     masks: np.ndarray
+    groups: np.ndarray
 
 
 @dataclass
@@ -138,6 +145,10 @@ class _Search:
         self.start = self.clock()
         self.stopped: str | None = None
         self.progress = progress or (lambda message: None)
+        self.confidence = line.tune.confidence
+        self.regions = bootstrap.Regions.of(evalset.masks)
+        self.weights = bootstrap.cluster_weights(evalset.groups, DRAWS, line.tune.seed)
+        self.summaries: dict[int, bootstrap.Summary] = {}  # id(record) -> its summary, while it may be compared
 
     # ----------------------------------------------------------------- one candidate
 
@@ -174,6 +185,8 @@ class _Search:
                    "aupro": aupro(small, self.evalset.masks)}
         record.update({k: round(v, 4) for k, v in metrics.items()})
         record.update(objective=round(objective(metrics), 4))
+        if self.confidence:
+            self.summaries[id(record)] = bootstrap.summarise(small, scores.numpy(), self.regions)
         self.candidates.append(record)
         self.progress(f"{phase} {key}: objective {record['objective']}")
         return record
@@ -229,9 +242,24 @@ class _Search:
             except Exception:  # noqa: BLE001 - an option invalid for this line (e.g. a window on a tiny map)
                 continue
             record = self.evaluate(trial, phase, key)
-            if _score(record) > _score(best) + MARGIN:
+            if self.better(record, best):
+                self.summaries.pop(id(best), None)
                 line, best = trial, record
+            else:
+                self.summaries.pop(id(record), None)
         return line, best
+
+    def better(self, record: dict, best: dict) -> bool:
+        """Whether ``record`` replaces ``best``: an exact gain above MARGIN, confirmed by the paired bootstrap
+        (its share of wins is recorded as ``bootstrap_wins``)."""
+        if _score(record) <= _score(best) + MARGIN:
+            return False
+        if not self.confidence or best["objective"] is None:
+            return True
+        wins = bootstrap.beats(self.summaries[id(record)], self.summaries[id(best)], self.evalset.labels,
+                               self.regions, self.weights)
+        record["bootstrap_wins"] = round(wins, 3)
+        return wins >= self.confidence
 
     def matching_pass(self, line: ProductLine, best: dict, phase: str) -> tuple[ProductLine, dict]:
         n = len(line.features.layers)
@@ -343,6 +371,9 @@ def search(line: ProductLine, templates: Sequence[Image.Image], evalset: EvalSet
 def evaluation_set(images: ValidationImages) -> EvalSet:
     """Validation normals (label 0) and the synthetic defects made on them (label 1) as an :class:`EvalSet`
     (``images`` made at :data:`EVAL_SIZE`)."""
-    normals = np.zeros((len(images.normals), *EVAL_SIZE), dtype=bool)
-    labels = np.array([0] * len(images.normals) + [1] * len(images.defects), dtype=bool)
-    return EvalSet([*images.normals, *images.defects], labels, np.concatenate([normals, images.masks]))
+    n = len(images.normals)
+    normals = np.zeros((n, *EVAL_SIZE), dtype=bool)
+    labels = np.array([0] * n + [1] * len(images.defects), dtype=bool)
+    per_base = len(images.defects) // n  # synthesize's order: base, family, repeat
+    groups = np.concatenate([np.arange(n), np.arange(len(images.defects)) // per_base])
+    return EvalSet([*images.normals, *images.defects], labels, np.concatenate([normals, images.masks]), groups)
