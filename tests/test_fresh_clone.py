@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_dvc_pipeline import DEMO_PINNED, _commit, _ran, _repo, _run
+from test_dvc_pipeline import DEMO_PINNED, _commit, _env, _ran, _repo, _run
 
 from conftest import REPO, SUBPROCESS_ENV
 from hetmm.pipeline.experiments import _leaves
@@ -29,6 +29,10 @@ TINY_TFA = {"features": {"image_size": [128, 128]}, "report": {"overlays": 1, "a
             "tfa_net": {"width": 32, "depth": 1, "heads": 2, "decoder_width": 32, "decoder_depth": 1, "steps": 10,
                         "logs": 2},
             "tune": {"max_validation": 3, "min_synthetic": 6}}
+# DVC's own experiments table at its narrowest readable (README "Run an experiment", docs/PIPELINE.md): the keys
+# that differ (the settings.yaml copies dropped) and one line's headline figures
+NARROW_EXP_SHOW = ("--only-changed", "--drop", "models/", "--keep",
+                   r"reports/demo/metrics\.json:(image_auroc|pixel_auroc|aupro)$")
 
 
 def _hetmm(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -152,6 +156,33 @@ def test_a_fresh_clone_runs_offline_and_a_failed_experiment_leaves_params_yaml_a
     three = next(line for line in view if line.split()[0] == "three")
     assert three.split()[3:5] == ["3", cell]  # the key set, the line's headline figures
     assert dvc_columns > 300  # what DVC's own table shows for the same repository
+
+    def dvc_table(width: int, *args: str) -> list[str]:  # `dvc exp show` in a terminal `width` columns wide
+        proc = subprocess.run([dvc, "exp", "show", "--no-pager", *args], cwd=root, capture_output=True, text=True,
+                              env={**_env(root), "COLUMNS": str(width)}, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    assert max(map(len, dvc_table(100_000))) > 10_000  # the default table, unconstrained: 30,474 characters here
+    assert "…" in "".join(dvc_table(200))  # ... so at 200 columns its cells are cut
+    narrow = dvc_table(200, *NARROW_EXP_SHOW)
+    assert max(map(len, narrow)) <= 200 and "…" not in "".join(narrow), narrow
+    assert max(map(len, dvc_table(100_000, *NARROW_EXP_SHOW))) <= 200  # it fits on its own, not by cutting
+    assert "product_lines.demo.report.overlays" in narrow[1] and "reports/demo/metrics.json:aupro" in narrow[1]
+    cells = next(line for line in narrow if "[three]" in line).split()
+    assert cells[-1] == "3" and sorted(map(float, cells[-4:-1])) == pytest.approx(
+        sorted(demo[k] for k in ("image_auroc", "pixel_auroc", "aupro")), abs=0.01)
+
+    # a failed experiment: plain `dvc exp run` leaves its -S value in params.yaml (DVC's behaviour); in a temporary
+    # copy (--temp, as the README shows) the workspace's params.yaml is never written
+    ok = (root / "params.yaml").read_bytes()
+    bad = ("report@demo", "-S", "product_lines.demo.features.backbone=no_such_net")
+    plain = _run(root, dvc, "exp", "run", *bad, check=False)
+    assert plain.returncode != 0 and "no_such_net" in (root / "params.yaml").read_text()
+    (root / "params.yaml").write_bytes(ok)
+    temp = _run(root, dvc, "exp", "run", "--temp", *bad, check=False)
+    assert temp.returncode != 0 and "unknown backbone 'no_such_net'" in temp.stdout + temp.stderr
+    assert (root / "params.yaml").read_bytes() == ok
 
 
 def test_small_things_a_new_user_meets(tmp_path, demo_tree):
