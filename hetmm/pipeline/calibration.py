@@ -4,8 +4,14 @@ What the calibrate stage's thresholds are computed from (:func:`cross_fit`), by 
 
 * ``leave_one_out`` (ALL templates, exact): each training image is matched against the full template with its own
   sheet left out of the minimum over sheets. Matching distances are minima over sheets, so the template's sheets are
-  matched in blocks and combined by minimum; only the block holding an image's own sheet is matched without it
-  (:func:`leave_one_out`). The score equals the score by a template built without that image.
+  matched in blocks and combined by minimum (:func:`leave_one_out`). The score equals the score by a template built
+  without that image. The queries are the sheets themselves, and the similarities of image ``a`` (query) against
+  sheet ``b`` are those of ``b`` against ``a`` transposed: each pair of blocks is matched once and both images'
+  forward and backward distances are read from the one product (:func:`hetmm.core.scoring.match_layers_pair`; a
+  forward distance of one direction is a backward-type reduction of the other's table, with the forward window, so
+  windows that differ per direction are kept). An image's own sheet is masked inside the product. About n(n-1)/2
+  image pairs for n training images, against the n(n-1) of matching each direction apart (:func:`_by_direction`,
+  still used for the ``patch`` mode). The synthetic defects are matched per block, their base image's sheet masked.
 * ``k_fold`` (PTS / COVER): ``calibration.folds`` templates, each built like the deployed one from the images outside
   one fold, score the images of that fold. An image's fold comes from its content hash (:func:`fold_of`), so adding
   images never moves an existing one to another fold.
