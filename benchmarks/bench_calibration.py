@@ -20,7 +20,8 @@ checks that both give the same scores.
 
 ``mtd_line300`` (a proxy on MTD for "at the 1 % rule, at most 3 % false alarms on a line of 300 good training images
 whose test parts you do not have"): a folder line of 300 good training images of the committed MTD split drawn with
-seed 26 (the split lists them in name order, i.e. by capture session ``exp1`` .. ``exp6``), whose test set is the other 461 good training images (never seen by the line; no dev or holdout image is used).
+seed 26 (the split lists them in name order, i.e. by capture session ``exp1`` .. ``exp6``),
+whose test set is the other 461 good training images (never seen by the line; no dev or holdout image is used).
 Its false alarms at the 1 % and 5 % rules are measured on those 461. Writes ``benchmarks/results/calibration.json``.
 
     nice -n 10 env OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. .venv/bin/python benchmarks/bench_calibration.py \\
