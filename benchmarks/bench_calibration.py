@@ -13,11 +13,19 @@ and the false alarms each gives on the good test parts (per MTD half; nothing is
 fixed below). ``hot_update``: hazelnut_toy before and after 3 mirrored good training images are added (hot update,
 then calibrate, infer, report with the default gate): threshold move, held-out normals redrawn, defects newly missed,
 the gate's verdict. ``validity``: 200 seeded exchangeable draws of synthetic scores per rate (numpy only).
-Calibration cost is reported beside the infer stage's (``seconds`` of their records). Writes
-``benchmarks/results/calibration.json``.
+Calibration cost is reported beside the infer stage's (``seconds`` of their records). ``--by-direction`` also
+times, on the same line and features, the calibrate stage with leave-one-out matching each direction apart (the code
+before pairs were shared, ``leave_one_out(sheet_queries=0)``; stored distances removed before each timed run) and
+checks that both give the same scores.
+
+``mtd_line300`` (a proxy on MTD for "at the 1 % rule, at most 3 % false alarms on a line of 300 good training images
+whose test parts you do not have"): a folder line of 300 good training images of the committed MTD split drawn with
+seed 26 (the split lists them in name order, i.e. by capture session ``exp1`` .. ``exp6``),
+whose test set is the other 461 good training images (never seen by the line; no dev or holdout image is used).
+Its false alarms at the 1 % and 5 % rules are measured on those 461. Writes ``benchmarks/results/calibration.json``.
 
     nice -n 10 env OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. .venv/bin/python benchmarks/bench_calibration.py \\
-        [--lines hazelnut_pts hazelnut_all mtd] [--skip-hot-update]
+        [--lines hazelnut_pts hazelnut_all mtd mtd_line300] [--skip-hot-update] [--by-direction]
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ from _pipeline_common import MTD_LINE_ALL  # noqa: E402
 from hetmm.config import load_params  # noqa: E402
 from hetmm.core import conformal  # noqa: E402
 from hetmm.core.inspector import Inspector  # noqa: E402
-from hetmm.data.splits import validation_split  # noqa: E402
+from hetmm.data.splits import load_mtd_split, validation_split  # noqa: E402
+from hetmm.pipeline import calibration as calibration_module  # noqa: E402
 from hetmm.pipeline.feature_cache import FeatureCache  # noqa: E402
 from hetmm.pipeline.line import LinePaths, StageRun, manifest, split  # noqa: E402
 from hetmm.pipeline.line_template import build_template  # noqa: E402
@@ -69,7 +78,20 @@ def entries() -> dict[str, dict]:
     return {"hazelnut_pts": {**HAZELNUT, "data": hazelnut, "templates": {"kind": "PTS", "size": 60}},
             "hazelnut_all": {**HAZELNUT, "data": hazelnut, "templates": {"kind": "ALL"}},
             "mtd": {**mtd, "data": {"source": "mtd", "subset": "all", "mirror": str(SHARED / "mtd")},
-                    "report": {"overlays": 0, "ablation": False}, "tune": {"enabled": False}}}
+                    "report": {"overlays": 0, "ablation": False}, "tune": {"enabled": False}},
+            "mtd_line300": {**mtd, "data": {"source": "folder", "path": None},  # the scratch tree (mtd_line300_tree)
+                            "report": {"overlays": 0, "ablation": False}, "tune": {"enabled": False}}}
+
+
+def mtd_line300_tree(dest: Path, train: int = 300) -> Path:
+    """train/good: links to ``train`` good training images (seeded draw) of the committed MTD split; test/good: links to
+    the other good training images (the line never sees them). No dev or holdout image."""
+    stems = [str(s) for s in np.random.default_rng(26).permutation(load_mtd_split()["train"])]  # the split is in name
+    for part, chosen in (("train", stems[:train]), ("test", stems[train:])):  # order = capture session: draw at random
+        (dest / part / "good").mkdir(parents=True)
+        for stem in chosen:
+            (dest / part / "good" / f"{stem}.jpg").symlink_to(SHARED / "mtd" / "MT_Free" / "Imgs" / f"{stem}.jpg")
+    return dest
 
 
 def run(root: Path, name: str, entry: dict, stages) -> tuple:
@@ -106,9 +128,10 @@ def outcomes(test: pd.DataFrame, threshold: float) -> dict:
     return out
 
 
-def measure(root: Path, name: str, entry: dict) -> dict:
+def measure(root: Path, name: str, entry: dict, by_direction: bool = False) -> dict:
     line, paths = run(root, name, entry, UP_TO_INFER + ("calibrate",))
     calibration = json.loads(paths.calibration.read_text())
+    before = by_direction_cost(root, name, entry, paths, calibration) if by_direction else None
     test = pd.read_csv(paths.outputs / "scores.csv", keep_default_na=False)
     _, held = old_scores(line, paths)
     new = np.asarray(calibration["image"]["normal_scores"])
@@ -124,7 +147,31 @@ def measure(root: Path, name: str, entry: dict) -> dict:
     return {"train_images": len(new), "test_images": len(test), "scheme": calibration["scheme"],
             "calibration_models": calibration["models"], "rules": rules, "matching": calibration.get("matching"),
             "cost_seconds": {"calibrate": calibration["seconds"], "infer": infer["seconds"],
-                             "ratio": round(calibration["seconds"] / infer["seconds"], 3)}}
+                             "ratio": round(calibration["seconds"] / infer["seconds"], 3),
+                             **({"by_direction": before} if before else {})},
+            "pairs": {"calibrate_leave_one_out": len(new) * (len(new) - 1) // 2 if calibration["scheme"] ==
+                      "leave_one_out" else None, "infer": len(test) * len(new)}}
+
+
+def by_direction_cost(root: Path, name: str, entry: dict, paths: LinePaths, shared: dict) -> dict:
+    """The calibrate stage again with leave-one-out matching each direction apart (before issue 26's pair
+    sharing), stored distances removed first; its seconds and the largest score difference to ``shared``."""
+    original = calibration_module.leave_one_out
+
+    def apart(*args, **kwargs):
+        return original(*args, **{**kwargs, "sheet_queries": 0})
+
+    (paths.models / calibration_module.MATCHES).unlink(missing_ok=True)
+    calibration_module.leave_one_out = apart
+    try:
+        run(root, name, entry, ("calibrate",))
+    finally:
+        calibration_module.leave_one_out = original
+    old = json.loads(paths.calibration.read_text())
+    infer = json.loads((paths.reports / "infer.json").read_text())["seconds"]
+    diff = np.abs(np.subtract(old["image"]["normal_scores"], shared["image"]["normal_scores"])).max()
+    return {"calibrate": old["seconds"], "ratio": round(old["seconds"] / infer, 3), "max_score_difference": float(diff),
+            "speedup_of_shared_pairs": round(old["seconds"] / shared["seconds"], 3)}
 
 
 def hot_update(root: Path, name: str, entry: dict) -> dict:
@@ -189,6 +236,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", nargs="+", default=["hazelnut_pts", "hazelnut_all", "mtd"])
     parser.add_argument("--skip-hot-update", action="store_true")
+    parser.add_argument("--by-direction", action="store_true",
+                        help="also time the calibrate stage matching each direction apart (the code before)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -202,8 +251,10 @@ def main() -> None:
             if name.startswith("hazelnut"):
                 entry["data"] = {"source": "folder", "path": str(shutil.copytree(SHARED / "hazelnut_toy",
                                                                                   Path(tmp) / "src"))}
+            if name == "mtd_line300":
+                entry["data"]["path"] = str(mtd_line300_tree(Path(tmp) / "src"))
             start = time.perf_counter()
-            result["lines"][name] = {**measure(Path(tmp) / "run", name, entry),
+            result["lines"][name] = {**measure(Path(tmp) / "run", name, entry, args.by_direction),
                                      "wall_seconds": round(time.perf_counter() - start, 1)}
             if name.startswith("hazelnut") and not args.skip_hot_update:
                 result["lines"][name]["hot_update"] = hot_update(Path(tmp) / "hot", name, entry)

@@ -9,11 +9,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from conftest import folder_line, run_stages, write_params
 from hetmm.core import conformal
 from hetmm.core.inspector import Inspector
+from hetmm.core.scoring import LayerMatches
 from hetmm.pipeline.calibration import cross_fit, fold_of, leave_one_out
 from hetmm.pipeline.feature_cache import FeatureCache
 from hetmm.pipeline.line import LinePaths, manifest, split
@@ -62,6 +64,50 @@ def test_leave_one_out_equals_a_template_built_without_the_image(all_run):
     np.testing.assert_allclose(scores[:2], full.score_features([q[:2] for q in query], boxes[:2]).scores.numpy(),
                                atol=1e-6)
     assert scores[2] == pytest.approx(fit.normal_scores[2], abs=1e-6) and maps.shape[0] == 2
+
+
+def test_symmetric_leave_one_out_equals_matching_each_direction_apart(all_run):
+    """Matching each pair of training images once (both directions from one product, issue 26) gives the distances,
+    scores and maps of matching every query per direction (the code before), with extra queries left out of other
+    sheets (the synthetic defects' owners), blocks that do not divide the sheets, and stored distances of the first
+    images reused (a hot update: those are matched against the new sheets only)."""
+    _, line, paths = all_run
+    shas = sorted(set(split(manifest(paths), "train")["sha256"]))
+    n, old = len(shas), 10
+    cache = FeatureCache(paths.features, FeatureKey.of(line.features))
+    layers, boxes = cache.load(shas, pixel_major=True)
+    full = Inspector(line, build_template(line, layers, shas, progress=False), "cpu")
+    extra, extra_boxes = cache.load([shas[3], shas[17], shas[0], shas[22]])
+    queries = [torch.cat([t, e.to(t.dtype)]) for t, e in zip(full.template.layers, extra, strict=True)]
+    boxes, exclude = list(boxes) + list(extra_boxes), list(range(n)) + [3, 17, -1, 5]
+    keep = np.arange(len(exclude)) % 3 == 0
+    base = leave_one_out(full, queries, boxes, exclude, keep_maps=keep)
+    for block in (5, 7, 24):
+        got = leave_one_out(full, queries, boxes, exclude, keep_maps=keep, block=block, sheet_queries=n)
+        _assert_same(got, base)
+    # stored distances of the first 10 images to the first 10 sheets (a template of those only), +inf elsewhere
+    first = Inspector(line, build_template(line, [t[:old] for t in layers], shas[:old], progress=False), "cpu")
+    _, _, stored = leave_one_out(first, [t[:old] for t in full.template.layers], boxes[:old], range(old),
+                                 sheet_queries=old)
+    initial = LayerMatches([None if t is None else torch.cat([t, torch.full((len(exclude) - old, *t.shape[1:]),
+                                                                           float("inf"))]) for t in stored.forward],
+                           [None if t is None else torch.cat([t, torch.full((len(exclude) - old, *t.shape[1:]),
+                                                                           float("inf"))]) for t in stored.backward],
+                           stored.plan, len(exclude))
+    start = np.where(np.arange(len(exclude)) < old, old, 0)
+    for block in (4, 9):
+        got = leave_one_out(full, queries, boxes, exclude, keep_maps=keep, block=block, start=start,
+                            initial=initial, sheet_queries=n)
+        _assert_same(got, base)
+    with pytest.raises(ValueError, match="sheet_queries"):
+        leave_one_out(full, queries, boxes, [1, 0] + exclude[2:], sheet_queries=n)
+
+
+def _assert_same(got, want) -> None:
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+    for a, b in zip(got[2].forward + got[2].backward, want[2].forward + want[2].backward, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-6))
 
 
 def test_folds_come_from_the_content_hash_and_adding_images_moves_none():

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hetmm.core.matching as matching
 from hetmm.core.layout import to_pixel_major
-from hetmm.core.matching import match_layer, nearest_patch
+from hetmm.core.matching import match_layer, match_layer_pair, nearest_patch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float64: 1e-6, torch.float32: 1e-5}
@@ -230,3 +231,45 @@ def test_match_layer_on_a_larger_grid_equals_the_per_offset_formulation(windows,
     forward, backward = match_layer(query, templates, *windows, chunk=chunk)
     _assert_close(forward, want_f, 1e-6)
     _assert_close(backward, want_b, 1e-6)
+
+
+@pytest.mark.parametrize("windows", WINDOWS + [(9, 9)])
+@pytest.mark.parametrize("sizes", [(2, 3), (4, 5), (5, 1)])  # (B, N): B=4, 5 with k=5 take the tall matmul path
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_pair_gives_both_directions_from_one_product(windows, sizes, chunk):
+    """match_layer_pair's second result is the templates matched against the query batch (the issue-26 leave-one-out
+    reuse), and ``exclude`` equals matching without the left-out sheet, in both directions."""
+    (b, n), (k_f, k_b) = sizes, windows
+    query, templates = _unit(b, 6, 5, 7, seed=21, dtype=torch.float32), _unit(n, 6, 5, 7, seed=22, dtype=torch.float32)
+    mine, theirs = match_layer_pair(query, templates, k_f, k_b, chunk=chunk)
+    expected = (match_layer(query, templates, k_f, k_b), match_layer(templates, query, k_f, k_b))
+    for got, want in zip((mine, theirs), expected, strict=True):
+        for g, w in zip(got, want, strict=True):
+            _assert_close(g, None if w is None else w.double(), 1e-6)
+    exclude = torch.tensor([(i * 2) % n if i % 3 else -1 for i in range(b)])
+    mine, theirs = match_layer_pair(query, templates, k_f, k_b, chunk=chunk, exclude=exclude)
+    alone = match_layer(query, templates, k_f, k_b, chunk=chunk, exclude=exclude)
+    for i in range(b):
+        keep = [s for s in range(n) if s != exclude[i]]
+        want = match_layer(query[i : i + 1], templates[keep], k_f, k_b) if keep else (None, None)
+        for g, a, w in zip(mine, alone, want, strict=True):
+            if g is not None:
+                expected = w[0] if keep else torch.full_like(g[i], float("inf"))  # no sheet left: the min's neutral
+                assert torch.equal(g[i], a[i]) and torch.allclose(g[i], expected, atol=1e-6)
+    for s in range(n):
+        keep = [i for i in range(b) if exclude[i] != s]
+        if keep:
+            for g, w in zip(theirs, match_layer(templates[s : s + 1], query[keep], k_f, k_b), strict=True):
+                assert (g is None) == (w is None) and (g is None or torch.allclose(g[s], w[0], atol=1e-6))
+
+
+def test_pair_combines_query_groups_of_a_small_band_budget(monkeypatch):
+    """Query images split into groups (the band-table budget) still give the swapped direction over all of them."""
+    query, templates = _unit(7, 4, 6, 6, seed=23, dtype=torch.float32), _unit(3, 4, 6, 6, seed=24, dtype=torch.float32)
+    want = match_layer(templates, query, 5, 3)
+    monkeypatch.setattr(matching, "_BAND_BYTES", (6 * 6 * 25 * 4 * 2, 1 << 30))  # two query images per group
+    _, theirs = match_layer_pair(query, templates, 5, 3)
+    for g, w in zip(theirs, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-6)
+    with pytest.raises(ValueError, match="one sheet index per query"):
+        match_layer(query, templates, 3, 3, exclude=torch.tensor([0]))

@@ -15,6 +15,12 @@ So a single pass over the larger window gives both maps. For every template pixe
 window around it (``k² · B`` rows) is multiplied by ``T(b)`` (``[C, N]``) in one batched matmul over
 pixels, which keeps the arithmetic intensity of a GEMM instead of ``k²`` skinny per-offset products.
 
+The same table read the other way round serves the swapped pair: with the query batch as sheets and the templates
+as queries, ``G'(a, b) = G(b, a)`` (maximised over the query images instead of the sheets), so the templates' forward
+distances are the backward reduction of ``G'``'s band and their backward distances its forward reduction.
+:func:`match_layer_pair` returns both directions from one product (what leave-one-out calibration uses to match each
+pair of training images once), and ``exclude`` leaves one sheet out per query image (-inf before the maxima).
+
 Memory is bounded by chunking template pixels (``chunk``) and, for the band table ``[k², B, H·W]``,
 query images. With ``chunk=None`` a step's unfolded query windows, template rows and product take
 about 16 MiB on CPU and 256 MiB on accelerators, and the band table is capped at 64 MiB on CPU and
@@ -54,6 +60,7 @@ def match_layer(
     backward_window: int,
     *,
     chunk: int | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Forward and backward matching distances of one layer (official kernels + max over sheets).
 
@@ -63,22 +70,54 @@ def match_layer(
         forward_window: k_f >= 0; the window is (2·(k_f//2)+1)², 1 = position-aligned, 0 = skip.
         backward_window: k_b >= 0, as ``forward_window``.
         chunk: template pixels per matmul step; None picks it from a memory budget.
+        exclude: [B] int, the sheet left out of query ``i``'s maxima (-1: none); a query whose only sheet is
+            left out gets +inf distances (the neutral element of a minimum over sheet blocks).
 
     Returns:
         (forward, backward): each [B, H, W] float32 ``1 - max cosine similarity``, or None for a
         direction whose window is 0.
     """
+    return _match(query, templates, forward_window, backward_window, chunk, exclude, pair=False)[0]
+
+
+def match_layer_pair(
+    query: torch.Tensor,
+    templates: torch.Tensor,
+    forward_window: int,
+    backward_window: int,
+    *,
+    chunk: int | None = None,
+    exclude: torch.Tensor | None = None,
+) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Both directions of one layer from one product: the queries against the templates, and the templates (as
+    queries) against the query batch (as sheets).
+
+    Args: as :func:`match_layer`; ``exclude[i] = n`` leaves out the pair (query ``i``, sheet ``n``) in both
+    directions. ``query`` and ``templates`` must have equal C, H, W.
+
+    Returns:
+        ((forward, backward) [B, H, W], (forward, backward) [N, H, W]): the second pair equals
+        ``match_layer(templates, query, ...)`` up to float rounding, at the cost of one direction.
+    """
+    return _match(query, templates, forward_window, backward_window, chunk, exclude, pair=True)
+
+
+def _match(query: torch.Tensor, templates: torch.Tensor, forward_window: int, backward_window: int,
+           chunk: int | None, exclude: torch.Tensor | None, pair: bool):
     _check_pair(query, templates)
     for name, k in (("forward_window", forward_window), ("backward_window", backward_window)):
         if k < 0:
             raise ValueError(f"{name} must be >= 0, got {k}")
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1 template pixels, got {chunk}")
+    if exclude is not None and tuple(exclude.shape) != (query.shape[0],):
+        raise ValueError(f"exclude must have one sheet index per query image, got shape {tuple(exclude.shape)}")
     if forward_window == 0 and backward_window == 0:
-        return None, None
+        return (None, None), (None, None)
 
     dtype = _compute_dtype(templates)
     b, _, h, w = query.shape
+    n = templates.shape[0]
     # Half-widths; -1 marks a direction that is off. Offsets beyond the map are always outside the grid, so a
     # half-width above max(H, W) - 1 adds nothing: clamping keeps huge windows from allocating a huge band table.
     reach = max(h, w) - 1
@@ -90,15 +129,24 @@ def match_layer(
 
     rows = pixel_rows(templates.to(dtype))
     forward_maps, backward_maps = [], []
+    swapped: torch.Tensor | None = None  # [(2d+1)², N, H·W] band of the templates as queries
     for start in range(0, b, group):
-        band = _band(query[start : start + group].to(dtype), rows, h, w, d, chunk)
+        part = None if exclude is None else exclude[start : start + group]
+        band, other = _band(query[start : start + group].to(dtype), rows, h, w, d, chunk, part, pair)
         if d_f >= 0:
             forward_maps.append(_forward_from_band(band, h, w, d, d_f))
         if d_b >= 0:
             backward_maps.append(_backward_from_band(band, d, d_b))
+        if other is not None:
+            swapped = other if swapped is None else torch.maximum(swapped, other, out=swapped)
     forward = _distance(torch.cat(forward_maps)).view(b, h, w) if d_f >= 0 else None
     backward = _distance(torch.cat(backward_maps)).view(b, h, w) if d_b >= 0 else None
-    return forward, backward
+    if swapped is None:
+        return (forward, backward), (None, None)
+    # The templates' forward distances reduce the swapped band like a backward map, and vice versa.
+    forward_t = _distance(_backward_from_band(swapped, d, d_f)).view(n, h, w) if d_f >= 0 else None
+    backward_t = _distance(_forward_from_band(swapped, h, w, d, d_b)).view(n, h, w) if d_b >= 0 else None
+    return (forward, backward), (forward_t, backward_t)
 
 
 def nearest_patch(
@@ -198,16 +246,19 @@ def _outside(h: int, w: int, d: int, device: torch.device) -> torch.Tensor:
 
 
 def _band(
-    query: torch.Tensor, rows: torch.Tensor, h: int, w: int, d: int, chunk: int | None
-) -> torch.Tensor:
-    """Band table of max-over-sheets similarities.
+    query: torch.Tensor, rows: torch.Tensor, h: int, w: int, d: int, chunk: int | None,
+    exclude: torch.Tensor | None = None, pair: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Band table of max-over-sheets similarities, and with ``pair`` the one of max-over-queries similarities.
 
     Args:
         query: [B, C, H, W] in the compute dtype.
         rows: [H·W, N, C] template rows per pixel.
+        exclude: [B] sheet index left out per query image (-1: none), or None.
 
     Returns:
-        [(2d+1)², B, H·W]: entry (δ, i, b) = max_n <Q_i(b+δ), T_n(b)>, -inf where b+δ is outside.
+        [(2d+1)², B, H·W]: entry (δ, i, b) = max_n <Q_i(b+δ), T_n(b)>, -inf where b+δ is outside; with ``pair``
+        also [(2d+1)², N, H·W]: entry (δ, n, b) = max_i <Q_i(b+δ), T_n(b)> (else None). Left-out pairs are -inf.
     """
     b, c = query.shape[:2]
     n = rows.shape[1]
@@ -216,6 +267,11 @@ def _band(
     itemsize = torch.finfo(query.dtype).bits // 8
     step = chunk or _bytes(query.device, _STEP_BYTES) // (itemsize * (m * (n + c) + n * c))
     step = max(1, min(step, h * w))
+    left_out = None
+    if exclude is not None:
+        exclude = exclude.to(query.device, torch.long)
+        mine = torch.nonzero((exclude >= 0) & (exclude < n)).flatten()
+        left_out = (mine, exclude[mine]) if mine.numel() else None
 
     # Zero-padded channels-last query: a window row (dx, image, channel) is one contiguous run,
     # so each pixel's window [k, k·B·C] is a strided view and unfolding is a plain block copy.
@@ -227,6 +283,7 @@ def _band(
     window_buf = query.new_empty(step, m, c)
     product_buf = query.new_empty((step, n, m) if tall else (step, m, n))
     band = query.new_empty(h * w, m)
+    swapped = query.new_empty(h * w, k * k, n) if pair else None
     for y0, y1, x0, x1 in _blocks(h, w, step):
         p0, p1 = y0 * w + x0, (y1 - 1) * w + x1
         window, product = window_buf[: p1 - p0], product_buf[: p1 - p0]
@@ -236,12 +293,25 @@ def _band(
             sheets = sheets.contiguous()
         if tall:  # [P, N, C] x [P, C, k²·B], max over the sheet rows
             torch.bmm(sheets, window.transpose(1, 2), out=product)
+            by_image = product.view(p1 - p0, n, k * k, b)  # (pixel, sheet, offset, image)
+            if left_out is not None:
+                by_image[:, left_out[1], :, left_out[0]] = float("-inf")
             torch.amax(product, 1, out=band[p0:p1])
+            if pair:
+                swapped[p0:p1].copy_(by_image.amax(3).transpose(1, 2))
         else:  # [P, k²·B, C] x [P, C, N], max over the sheet columns
             torch.bmm(window, sheets.transpose(1, 2), out=product)
+            by_image = product.view(p1 - p0, k * k, b, n)  # (pixel, offset, image, sheet)
+            if left_out is not None:
+                by_image[:, :, left_out[0], left_out[1]] = float("-inf")
             _row_max(product, out=band[p0:p1])
-    band = band.view(h * w, k * k, b).permute(1, 2, 0).contiguous()
-    return band.masked_fill_(_outside(h, w, d, query.device), float("-inf"))
+            if pair:
+                torch.amax(by_image, 2, out=swapped[p0:p1])
+    outside = _outside(h, w, d, query.device)
+    band = band.view(h * w, k * k, b).permute(1, 2, 0).contiguous().masked_fill_(outside, float("-inf"))
+    if pair:
+        swapped = swapped.permute(1, 2, 0).contiguous().masked_fill_(outside, float("-inf"))
+    return band, swapped
 
 
 def _blocks(h: int, w: int, step: int) -> list[tuple[int, int, int, int]]:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hetmm.core.matching import match_layer, nearest_patch
+from hetmm.core.matching import match_layer, match_layer_pair, nearest_patch
 from hetmm.modes import MatchMode
 
 RULES = ("max", "block_mean")
@@ -220,6 +220,7 @@ def match_layers(
     weights: Sequence[float],
     mode: MatchMode | str = MatchMode.MUTUAL,
     chunk: int | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> LayerMatches:
     """Match every layer of non-zero weight (see :func:`match_plan` for the modes).
 
@@ -228,6 +229,7 @@ def match_layers(
         templates: per layer [N_j, C_j, h_j, w_j], L2-normalised over C.
         forward_windows, backward_windows, alphas, weights: per layer settings.
         chunk: template pixels per matmul step (see :func:`hetmm.core.matching.match_layer`).
+        exclude: [B] int, the sheet left out of query ``i``'s minima (-1: none; windowed modes only).
 
     Returns:
         :class:`LayerMatches` with [B, h_j, w_j] distances.
@@ -239,13 +241,54 @@ def match_layers(
     for step in match_plan(forward_windows, backward_windows, alphas, weights, mode):
         j = step.layer
         if step.patch:
+            if exclude is not None:
+                raise ValueError("leaving sheets out is implemented for windowed matching only, not mode 'patch'")
             fwd, bwd = nearest_patch(features[j], templates[j], chunk=chunk), None
         else:
-            fwd, bwd = match_layer(features[j], templates[j], step.forward_window, step.backward_window, chunk=chunk)
+            fwd, bwd = match_layer(features[j], templates[j], step.forward_window, step.backward_window, chunk=chunk,
+                                   exclude=exclude)
         out.forward.append(fwd)
         out.backward.append(bwd)
         out.plan.append(step)
     return out
+
+
+def match_layers_pair(
+    features: Sequence[torch.Tensor],
+    templates: Sequence[torch.Tensor],
+    forward_windows: Sequence[int],
+    backward_windows: Sequence[int],
+    alphas: Sequence[float],
+    weights: Sequence[float],
+    mode: MatchMode | str = MatchMode.MUTUAL,
+    chunk: int | None = None,
+    exclude: torch.Tensor | None = None,
+) -> tuple[LayerMatches, LayerMatches]:
+    """:func:`match_layers` of the queries against the templates and of the templates against the queries (the
+    query batch as the sheets), from one product per layer (:func:`hetmm.core.matching.match_layer_pair`).
+
+    Args: as :func:`match_layers`; features and templates must have the same grid per layer. Windowed modes only.
+
+    Returns:
+        (:class:`LayerMatches` [B, h_j, w_j], :class:`LayerMatches` [N_j, h_j, w_j]).
+    """
+    if not (len(features) == len(templates) == len(weights)):
+        raise ValueError(f"need templates and settings for each of the {len(features)} layers, got "
+                         f"{len(templates)} templates and {len(weights)} weights")
+    out = LayerMatches([], [], [], features[0].shape[0])
+    swapped = LayerMatches([], [], [], templates[0].shape[0])
+    for step in match_plan(forward_windows, backward_windows, alphas, weights, mode):
+        if step.patch:
+            raise ValueError("both directions from one product are implemented for windowed matching only, "
+                             "not mode 'patch'")
+        j = step.layer
+        mine, theirs = match_layer_pair(features[j], templates[j], step.forward_window, step.backward_window,
+                                        chunk=chunk, exclude=exclude)
+        for matches, (fwd, bwd) in ((out, mine), (swapped, theirs)):
+            matches.forward.append(fwd)
+            matches.backward.append(bwd)
+            matches.plan.append(step)
+    return out, swapped
 
 
 def fuse_matches(matches: LayerMatches, out_size: tuple[int, int] | int) -> torch.Tensor:

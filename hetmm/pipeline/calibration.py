@@ -4,8 +4,14 @@ What the calibrate stage's thresholds are computed from (:func:`cross_fit`), by 
 
 * ``leave_one_out`` (ALL templates, exact): each training image is matched against the full template with its own
   sheet left out of the minimum over sheets. Matching distances are minima over sheets, so the template's sheets are
-  matched in blocks and combined by minimum; only the block holding an image's own sheet is matched without it
-  (:func:`leave_one_out`). The score equals the score by a template built without that image.
+  matched in blocks and combined by minimum (:func:`leave_one_out`). The score equals the score by a template built
+  without that image. The queries are the sheets themselves, and the similarities of image ``a`` (query) against
+  sheet ``b`` are those of ``b`` against ``a`` transposed: each pair of blocks is matched once and both images'
+  forward and backward distances are read from the one product (:func:`hetmm.core.scoring.match_layers_pair`; a
+  forward distance of one direction is a backward-type reduction of the other's table, with the forward window, so
+  windows that differ per direction are kept). An image's own sheet is masked inside the product. About n(n-1)/2
+  image pairs for n training images, against the n(n-1) of matching each direction apart (:func:`_by_direction`,
+  still used for the ``patch`` mode). The synthetic defects are matched per block, their base image's sheet masked.
 * ``k_fold`` (PTS / COVER): ``calibration.folds`` templates, each built like the deployed one from the images outside
   one fold, score the images of that fold. An image's fold comes from its content hash (:func:`fold_of`), so adding
   images never moves an existing one to another fold.
@@ -26,10 +32,10 @@ import pandas as pd
 import torch
 
 from hetmm.config import ProductLine
-from hetmm.core.features import FeatureExtractor, content_box
+from hetmm.core.features import FeatureExtractor
 from hetmm.core.inspector import Inspector, Scorer
 from hetmm.core.layout import to_pixel_major
-from hetmm.core.scoring import LayerMatches, match_layers, match_plan
+from hetmm.core.scoring import LayerMatches, match_layers, match_layers_pair, match_plan
 from hetmm.data.splits import validation_split
 from hetmm.errors import DataError
 from hetmm.methods import spec
@@ -40,9 +46,12 @@ from hetmm.pipeline.line_template import build_template
 from hetmm.pipeline.match_cache import MatchCache
 from hetmm.pipeline.models import load_tfa_scorer, model_path
 from hetmm.pipeline.provenance import FeatureKey
-from hetmm.pipeline.validation_set import validation_images
+from hetmm.pipeline.validation_set import extract_batches, validation_images
 from hetmm.report.progress import Phase, Phases
 
+# sheets per block when left-out sheets are masked in the product: measured on 2 cores (128 Lite0-like sheets),
+# blocks of 32-64 ran 4x faster than ~sqrt(n) = 11, whose per-call work (unfolding, band tables) dominated
+PAIR_BLOCK = 48
 QUERY_BATCH = 32  # query images per matching call and per post-processing step
 MATCHES = "calibration_matches.pt"  # leave-one-out distances kept for the next run (not a DVC output: a cache)
 
@@ -152,7 +161,7 @@ def _loo_line(line: ProductLine, paths: LinePaths, cache: FeatureCache, shas: li
     keep[[index[s] for s in bases]] = True
     keep[len(order):] = True
     scores, maps, found = leave_one_out(scorer, queries, list(boxes) + defect_boxes, exclude, keep_maps=keep,
-                                        start=start, initial=initial)
+                                        start=start, initial=initial, sheet_queries=len(order))
     n = len(order)
     matches.add(order, LayerMatches([None if t is None else t[:n] for t in found.forward],
                                     [None if t is None else t[:n] for t in found.backward], found.plan, n))
@@ -190,45 +199,37 @@ def _initial(matches: MatchCache, order: list[str], total: int) -> LayerMatches:
 
 def leave_one_out(scorer: Inspector, queries: Sequence[torch.Tensor], boxes: Sequence, exclude: Sequence[int],
                   keep_maps: np.ndarray | None = None, block: int | None = None, start: np.ndarray | None = None,
-                  initial: LayerMatches | None = None) -> tuple[np.ndarray, np.ndarray, LayerMatches]:
+                  initial: LayerMatches | None = None, sheet_queries: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, LayerMatches]:
     """Scores ``[Q]`` of the queries (per-layer features ``[Q, C_j, H_j, W_j]``) against ``scorer``'s template with
     sheet ``exclude[i]`` left out for query ``i`` (-1: none), float32 maps ``[K, H, W]`` of the queries where
-    ``keep_maps`` is set, and the distances. Sheets are matched in blocks of ``block`` (default ~sqrt(sheets)); a
-    query is matched against a block without its excluded sheet only in the block holding it, and the blocks
-    combine by minimum. With ``start``, query ``i`` is matched against sheets ``start[i]:`` only, its distances to
-    the sheets before taken from ``initial`` (stored distances, +inf where none)."""
+    ``keep_maps`` is set, and the distances. Sheets are matched in blocks of ``block`` (default: :data:`PAIR_BLOCK` with
+    ``sheet_queries``, else ~sqrt(sheets), since a re-stacked own block costs a copy) and the blocks combine by
+    minimum. With ``start``, query ``i`` is matched against sheets ``start[i]:`` only, its
+    distances to the sheets before taken from ``initial`` (stored distances, +inf where none).
+
+    ``sheet_queries = S`` says that the first ``S`` queries are the template's sheets ``0..S-1`` themselves, each
+    left out for itself (``exclude[:S] = 0..S-1``; features equal to ``scorer.template.layers[j][:S]``). Then each
+    pair of blocks of them is matched once and both directions are read from the one product
+    (:func:`hetmm.core.scoring.match_layers_pair`): sheet ``a`` as a query against sheet ``b`` sees exactly the
+    similarities of ``b`` against ``a``, transposed, so about half the products of matching each direction apart.
+    Left-out sheets are masked inside the product (windowed modes). The ``patch`` mode, or ``S = 0``, matches each
+    query per direction (:func:`_by_direction`), its own sheet's block re-stacked without it."""
     exclude = np.asarray(exclude)
-    sheets = scorer.sheets
     start = np.zeros(len(exclude), dtype=int) if start is None else np.asarray(start)
-    block = block or max(8, int(np.ceil(np.sqrt(sheets))))
-    m, layers = scorer.line.matching, scorer.template.layers
     device = scorer.device
     best: LayerMatches | None = None
     if initial is not None:  # stored distances live on the CPU
         best = LayerMatches([None if t is None else t.to(device) for t in initial.forward],
                             [None if t is None else t.to(device) for t in initial.backward], initial.plan, len(exclude))
-
-    def match(rows: np.ndarray, sheet_layers: list[torch.Tensor]) -> None:
-        nonlocal best
-        for r0 in range(0, len(rows), QUERY_BATCH):
-            part = rows[r0 : r0 + QUERY_BATCH]
-            index = torch.as_tensor(part, device=queries[0].device)
-            q = [f.index_select(0, index).to(device, layers[0].dtype) for f in queries]
-            found = match_layers(q, sheet_layers, m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode)
-            best = _scatter_min(best, len(exclude), part, found)
-
-    edges = sorted({0, sheets, *(int(s) for s in start if 0 < s < sheets)})  # blocks never straddle a start
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        for b0 in range(lo, hi, block):
-            b1 = min(b0 + block, hi)
-            active = start <= b0
-            outside = np.flatnonzero(active & ((exclude < b0) | (exclude >= b1)))
-            if outside.size:
-                match(outside, [t[b0:b1] for t in layers])
-            for e in np.unique(exclude[active & (exclude >= b0) & (exclude < b1)]):
-                if b1 - b0 > 1:  # a block of the excluded sheet alone adds nothing
-                    match(np.flatnonzero(active & (exclude == e)),
-                          [to_pixel_major(torch.cat([t[b0:e], t[e + 1 : b1]])) for t in layers])
+    windowed = not any(p.patch for p in match_plan(*_settings(scorer)))
+    if sheet_queries and windowed:
+        if sheet_queries > scorer.sheets or not np.array_equal(exclude[:sheet_queries], np.arange(sheet_queries)):
+            raise ValueError("sheet_queries: the first queries must be the template's sheets, each left out for itself")
+        best = _symmetric(scorer, queries, exclude, start, block or PAIR_BLOCK, sheet_queries, best)
+    else:
+        best = _by_direction(scorer, queries, exclude, start, block or max(8, int(np.ceil(np.sqrt(scorer.sheets)))),
+                             best)
     if best is None:
         raise ValueError("leave-one-out needs a template of at least two sheets")
     keep_maps = np.zeros(len(exclude), dtype=bool) if keep_maps is None else np.asarray(keep_maps)
@@ -242,6 +243,119 @@ def leave_one_out(scorer: Inspector, queries: Sequence[torch.Tensor], boxes: Seq
         scores.append(out.scores.numpy())
         maps.append(out.maps.numpy()[keep_maps[rows]])
     return np.concatenate(scores).astype(np.float64), np.concatenate(maps), best
+
+
+def _settings(scorer: Inspector) -> tuple:
+    m = scorer.line.matching
+    return m.forward_windows, m.backward_windows, m.alphas, m.weights, m.mode
+
+
+def _blocks(sheets: int, start: np.ndarray, block: int) -> list[tuple[int, int]]:
+    """Sheet blocks ``[b0, b1)`` of at most ``block`` sheets; none straddles a query's ``start``."""
+    edges = sorted({0, sheets, *(int(s) for s in start if 0 < s < sheets)})
+    return [(b0, min(b0 + block, hi)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+            for b0 in range(lo, hi, block)]
+
+
+def _symmetric(scorer: Inspector, queries: Sequence[torch.Tensor], exclude: np.ndarray, start: np.ndarray,
+               block: int, own: int, best: LayerMatches | None) -> LayerMatches | None:
+    """:func:`leave_one_out` with the first ``own`` queries being the sheets themselves: every pair of sheet blocks
+    (A <= B) is matched once, A's rows against B's sheets and B's rows against A's sheets from the same product
+    (a block against itself with each sheet masked for its own row); the other queries are matched per block with
+    their left-out sheet masked. A query takes only the blocks at or after its ``start``."""
+    layers, device, total = scorer.template.layers, scorer.device, len(exclude)
+    settings = _settings(scorer)
+    blocks = _blocks(scorer.sheets, start, block)
+    dtype = layers[0].dtype
+    for x, (a0, a1) in enumerate(blocks):
+        if a0 >= own:
+            break
+        a1 = min(a1, own)
+        rows_a = np.arange(a0, a1)
+        queries_a = [t[a0:a1] for t in layers]
+        for b0, b1 in blocks[x:]:
+            need_a = start[rows_a] <= b0  # A's rows that take B's sheets
+            if b0 == a0:  # a block against itself: one product, each sheet left out of its own row
+                if need_a.any():
+                    found = match_layers(_take(queries_a, need_a), [t[b0:b1] for t in layers], *settings,
+                                         exclude=torch.as_tensor(rows_a[need_a] - b0, device=device))
+                    best = _scatter_min(best, total, rows_a[need_a], found)
+                continue
+            rows_b = np.arange(b0, min(b1, own))
+            need_b = start[rows_b] <= a0  # B's own rows that take A's sheets
+            sheets_b = [t[b0:b1] for t in layers]
+            if need_a.any() and need_b.any():
+                found, swapped = match_layers_pair(queries_a, sheets_b, *settings)
+                best = _scatter_min(best, total, rows_a[need_a], _rows(found, need_a))
+                best = _scatter_min(best, total, rows_b[need_b],
+                                    _rows(swapped, np.pad(need_b, (0, b1 - b0 - len(rows_b)))))
+            elif need_a.any():  # B holds only images matched before (their stored distances cover A)
+                found = match_layers(_take(queries_a, need_a), sheets_b, *settings)
+                best = _scatter_min(best, total, rows_a[need_a], found)
+            elif need_b.any():
+                found = match_layers(_take([t[b0:b1] for t in layers], np.pad(need_b, (0, b1 - b0 - len(rows_b)))),
+                                     queries_a, *settings)
+                best = _scatter_min(best, total, rows_b[need_b], found)
+    others = np.arange(own, total)
+    for b0, b1 in blocks:
+        rows = others[start[others] <= b0]
+        sheets = [t[b0:b1] for t in layers]
+        for r0 in range(0, len(rows), QUERY_BATCH):
+            part = rows[r0 : r0 + QUERY_BATCH]
+            index = torch.as_tensor(part, device=queries[0].device)
+            q = [f.index_select(0, index).to(device, dtype) for f in queries]
+            left = np.where((exclude[part] >= b0) & (exclude[part] < b1), exclude[part] - b0, -1)
+            found = match_layers(q, sheets, *settings, exclude=torch.as_tensor(left, device=device))
+            best = _scatter_min(best, total, part, found)
+    return best
+
+
+def _take(layers: list[torch.Tensor], mask: np.ndarray) -> list[torch.Tensor]:
+    """The images ``[M, C, H, W]`` of per-layer features ``[B, C, H, W]`` where ``mask`` ``[B]`` is set."""
+    if mask.all():
+        return layers
+    index = torch.as_tensor(np.flatnonzero(mask), device=layers[0].device)
+    return [t.index_select(0, index) for t in layers]
+
+
+def _rows(matches: LayerMatches, mask: np.ndarray) -> LayerMatches:
+    """``matches`` of the batch rows where ``mask`` is set."""
+    if mask.all():
+        return matches
+    index = torch.as_tensor(np.flatnonzero(mask))
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, index.to(t.device))
+
+    return LayerMatches([pick(t) for t in matches.forward], [pick(t) for t in matches.backward], matches.plan,
+                        int(mask.sum()))
+
+
+def _by_direction(scorer: Inspector, queries: Sequence[torch.Tensor], exclude: np.ndarray, start: np.ndarray,
+                  block: int, best: LayerMatches | None) -> LayerMatches | None:
+    """:func:`leave_one_out` one direction at a time: a query is matched against a block without its excluded sheet
+    only in the block holding it (that block re-stacked without the sheet), against the other blocks whole."""
+    sheets, layers, device = scorer.sheets, scorer.template.layers, scorer.device
+    settings = _settings(scorer)
+
+    def match(rows: np.ndarray, sheet_layers: list[torch.Tensor]) -> None:
+        nonlocal best
+        for r0 in range(0, len(rows), QUERY_BATCH):
+            part = rows[r0 : r0 + QUERY_BATCH]
+            index = torch.as_tensor(part, device=queries[0].device)
+            q = [f.index_select(0, index).to(device, layers[0].dtype) for f in queries]
+            best = _scatter_min(best, len(exclude), part, match_layers(q, sheet_layers, *settings))
+
+    for b0, b1 in _blocks(sheets, start, block):
+        active = start <= b0
+        outside = np.flatnonzero(active & ((exclude < b0) | (exclude >= b1)))
+        if outside.size:
+            match(outside, [t[b0:b1] for t in layers])
+        for e in np.unique(exclude[active & (exclude >= b0) & (exclude < b1)]):
+            if b1 - b0 > 1:  # a block of the excluded sheet alone adds nothing
+                match(np.flatnonzero(active & (exclude == e)),
+                      [to_pixel_major(torch.cat([t[b0:e], t[e + 1 : b1]])) for t in layers])
+    return best
 
 
 def _scatter_min(best: LayerMatches | None, total: int, rows: np.ndarray, found: LayerMatches) -> LayerMatches:
@@ -315,10 +429,8 @@ def _score_all(scorer: Scorer, layers: list[torch.Tensor], boxes: list) -> tuple
 
 def _extract(extractor: FeatureExtractor, line: ProductLine, images: list, phase: Phase
              ) -> tuple[list[torch.Tensor], list]:
-    f = line.features
-    batches = []
-    for i in range(0, len(images), f.batch_size):
-        batches.append(extractor(images[i : i + f.batch_size]))
-        phase.advance(len(images[i : i + f.batch_size]))
-    layers = [torch.cat([b[j] for b in batches]).cpu() for j in range(len(batches[0]))]
-    return layers, [content_box(im.size, f.image_size, f.resize) for im in images]
+    """Per-layer features ``[M, C_j, H_j, W_j]`` (CPU) and content boxes of ``images``, ``features.batch_size`` at a
+    time (:func:`~hetmm.pipeline.validation_set.extract_batches`)."""
+    batches = extract_batches(extractor, line.features, images, line.features.batch_size, phase.advance)
+    layers = [torch.cat([b[0][j] for b in batches]).cpu() for j in range(len(batches[0][0]))]
+    return layers, [box for b in batches for box in b[1]]

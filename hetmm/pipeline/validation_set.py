@@ -9,6 +9,7 @@ masks resized to the size asked for (bilinear, then >= 0.5).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +17,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from hetmm.config import ProductLine, TuneConfig
+from hetmm.config import FeatureConfig, ProductLine, TuneConfig
 from hetmm.core.features import FeatureExtractor, content_box
 from hetmm.core.metrics import image_auroc, pixel_auroc
+from hetmm.core.scoring import Box
 from hetmm.core.tfa_inspector import TFAInspector
 from hetmm.core.tfa_net import TFANet
 from hetmm.data.images import load_image
@@ -65,10 +67,22 @@ def validation_features(line: ProductLine, paths: LinePaths, cache: FeatureCache
     """Features of the validation normals and of synthetic defects on them (computed once), the defects' masks."""
     good, boxes = cache.load(normals)
     images = validation_images(line, paths, train, normals)
-    extractor, f = FeatureExtractor(line.features, device), line.features
-    defects = [(extractor(batch), [content_box(im.size, f.image_size, f.resize) for im in batch])
-               for batch in (images.defects[i : i + 8] for i in range(0, len(images.defects), 8))]
+    defects = extract_batches(FeatureExtractor(line.features, device), line.features, images.defects, 8)
     return {"good": (good, boxes), "defects": defects, "masks": images.masks}
+
+
+def extract_batches(extractor: FeatureExtractor, features: FeatureConfig, images: list[Image.Image], batch: int,
+                    done: Callable[[int], object] | None = None) -> list[tuple[list[torch.Tensor], list[Box]]]:
+    """Features of ``images`` (synthetic defects: not in the feature cache), ``batch`` at a time: per batch the
+    per-layer features ``[b, C_j, H_j, W_j]`` (on the extractor's device) and the images' content boxes on the model
+    canvas; ``done(b)`` after each batch (progress)."""
+    out = []
+    for i in range(0, len(images), batch):
+        part = images[i : i + batch]
+        out.append((extractor(part), [content_box(im.size, features.image_size, features.resize) for im in part]))
+        if done is not None:
+            done(len(part))
+    return out
 
 
 def tfa_validation(line: ProductLine, net: TFANet, template: torch.Tensor, device: torch.device | str,
