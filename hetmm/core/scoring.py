@@ -211,6 +211,12 @@ def match_plan(
     return plan
 
 
+def _check_layers(features: Sequence[torch.Tensor], templates: Sequence[torch.Tensor], weights: Sequence[float]):
+    if not (len(features) == len(templates) == len(weights)):
+        raise ValueError(f"need templates and settings for each of the {len(features)} layers, got "
+                         f"{len(templates)} templates and {len(weights)} weights")
+
+
 def match_layers(
     features: Sequence[torch.Tensor],
     templates: Sequence[torch.Tensor],
@@ -234,9 +240,7 @@ def match_layers(
     Returns:
         :class:`LayerMatches` with [B, h_j, w_j] distances.
     """
-    if not (len(features) == len(templates) == len(weights)):
-        raise ValueError(f"need templates and settings for each of the {len(features)} layers, got "
-                         f"{len(templates)} templates and {len(weights)} weights")
+    _check_layers(features, templates, weights)
     out = LayerMatches([], [], [], features[0].shape[0])
     for step in match_plan(forward_windows, backward_windows, alphas, weights, mode):
         j = step.layer
@@ -272,9 +276,7 @@ def match_layers_pair(
     Returns:
         (:class:`LayerMatches` [B, h_j, w_j], :class:`LayerMatches` [N_j, h_j, w_j]).
     """
-    if not (len(features) == len(templates) == len(weights)):
-        raise ValueError(f"need templates and settings for each of the {len(features)} layers, got "
-                         f"{len(templates)} templates and {len(weights)} weights")
+    _check_layers(features, templates, weights)
     out = LayerMatches([], [], [], features[0].shape[0])
     swapped = LayerMatches([], [], [], templates[0].shape[0])
     for step in match_plan(forward_windows, backward_windows, alphas, weights, mode):
