@@ -188,3 +188,27 @@ def test_texture_photos_ship_with_scikit_image(monkeypatch):
     for name in synthetic.TEXTURES:
         photo = synthetic._photo(name)
         assert photo.ndim == 3 and photo.shape[2] == 3 and photo.dtype == np.uint8 and min(photo.shape[:2]) >= 256
+
+
+def _object_on_backdrop() -> tuple[np.ndarray, np.ndarray]:
+    """A textured disc (the part, about 20 % of the image) on a plain yellow backdrop with a little noise."""
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal((200, 180, 40), 2, (160, 160, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:160, :160]
+    disc = (yy - 80) ** 2 + (xx - 90) ** 2 < 40 ** 2
+    image[disc] = _rgb(skimage.data.gravel()[:160, :160])[disc] // 2 + 40
+    return image, disc
+
+
+def test_defects_on_an_object_line_lie_on_the_part_and_scale_with_it():
+    image, disc = _object_on_backdrop()
+    part = synthetic._part(image)
+    assert part is not None and abs(part.share - disc.mean()) < 0.02
+    assert all(synthetic._part(im) is None for im in [*IMAGES.values(), *FLAT.values()])  # textures, plain images
+    for family in FAMILIES:
+        for seed in SEEDS:
+            defect = make_defect(image, family, np.random.default_rng(seed))
+            _assert_exact_and_visible(defect, image)
+            on_part = (defect.mask & disc).sum() / defect.mask.sum()
+            assert on_part >= 0.5, f"{family} seed {seed}: {on_part:.0%} of the defect on the part"
+            assert defect.mask.sum() <= 0.2 * disc.sum(), f"{family} seed {seed}: larger than the part allows"

@@ -175,10 +175,10 @@ def discover_mvtec(root: str | Path, masks: MaskPolicy = "required") -> list[Sam
 
     Layout: ``train/good/*``, ``test/<type>/*``, ``ground_truth/<type>/<name>_mask.png`` or
     ``<name>.png``; ``test/unlabelled/*`` are test images without a label. ``masks``: a defect image without a
-    mask is an error (``required``), has no mask (``optional``), or masks are not read (``none``). Image extensions png/jpg/jpeg/bmp/tif/tiff in any case; hidden and
-    other files are ignored. Refused with a DataError, so that no image silently drops out: a broken
-    or looping symbolic link to an image, mask or folder, a folder with an image name and an image
-    in a format that is not read (:data:`UNSUPPORTED_IMAGE_EXTENSIONS`).
+    mask is an error (``required``), has no mask (``optional``), or masks are not read (``none``). Image extensions
+    png/jpg/jpeg/bmp/tif/tiff in any case; hidden and other files are ignored. Refused with a DataError, so that no
+    image silently drops out: a broken or looping symbolic link to an image, mask or folder, a folder with an image
+    name and an image in a format that is not read (:data:`UNSUPPORTED_IMAGE_EXTENSIONS`).
     """
     root = Path(root)
     check_link(root)

@@ -46,12 +46,12 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from hetmm.data import user_sources
 from hetmm.data.images import image_facts
 from hetmm.data.manifest import MaskPolicy, SampleRef, Subset, build_manifest, discover_mvtec, write_manifest
+from hetmm.data.splits import MTD_CLASSES, load_mtd_split
 from hetmm.errors import ConfigError, DataError
 from hetmm.modes import DataSource
-from hetmm.data import user_sources
-from hetmm.data.splits import MTD_CLASSES, load_mtd_split
 
 MANIFEST_NAME = "manifest.csv"
 MIRROR_ENV = "HETMM_MIRROR"

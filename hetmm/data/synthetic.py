@@ -3,8 +3,11 @@
 Contract: :func:`make_defect` takes one good image ``[H, W, 3] uint8`` and returns a new image with one defect of
 the asked :class:`DefectFamily` plus its ``[H, W]`` bool mask. Pixels outside the mask are bit-identical to the
 input; most pixels inside it changed visibly (an attempt that changes too little, e.g. a blur on a flat surface, is
-redrawn elsewhere, and the last one gets a mild stain on top, so a mask never labels an unchanged region). The mask is never empty, covers about 0.05-12 % of the image whatever its size, and keeps off the image
-border. Grayscale inputs (3 equal channels) get grayscale defects. Everything random comes from the given generator.
+redrawn elsewhere, and the last one gets a mild stain on top, so a mask never labels an unchanged region). The mask is
+never empty, covers about 0.05-12 % of the image whatever its size, and keeps off the image border. On an object
+photographed on a plain background (the image border one plain colour, :func:`_part`) a defect lies on the part, as
+real ones do, and its size is relative to the part; elsewhere (textures, surfaces filling the frame) it goes
+anywhere. Grayscale inputs (3 equal channels) get grayscale defects. Everything random comes from the given generator.
 Images in, images out: the only files read are texture photos that ship inside scikit-image.
 """
 
@@ -48,8 +51,23 @@ CHANGE_SHARE = 0.6  # share of mask pixels that must change, else the attempt is
 ATTEMPTS = 3
 STAIN_SHIFT = (15.0, 50.0)  # grey levels a stain moves its core by
 FALLBACK_SHIFT = (12.0, 30.0)  # a milder stain laid over a last attempt that changed too little
+# The part of an object line: pixels far from a plain border colour. The border (3 % of the short side) counts as
+# plain when 90 % of its pixels lie within PLAIN_BORDER grey levels of its median colour (JPEG noise on a backdrop
+# is a few levels; a texture's border spreads over tens); the part is what differs from it by more than PART_LEVEL
+# (or 4x the border's spread), opened and hole-filled, and counts only while it covers PART_SHARE of the image.
+PLAIN_BORDER = 12.0
+PART_LEVEL = 40.0
+PART_SHARE = (0.02, 0.9)
 # Photos shipped inside scikit-image (no download) whose content reads as a surface or material.
 TEXTURES = ("brick", "grass", "gravel", "moon", "cell", "immunohistochemistry")
+
+
+class _Part(NamedTuple):
+    """Where defects go on an object line: the part's pixel coordinates and its share of the image."""
+
+    ys: np.ndarray
+    xs: np.ndarray
+    share: float
 
 
 class _Edit(NamedTuple):
@@ -76,8 +94,9 @@ def make_defect(image: np.ndarray, family: DefectFamily | str, rng: np.random.Ge
     # a grayscale line is worked on as one channel so that no defect can give it colour
     work = image[..., :1] if gray else image
     donors = [_gray(d) if gray else d for d in donors]
+    part = _part(work)
     for _ in range(ATTEMPTS):
-        edit = _MAKERS[family](work, rng, donors)
+        edit = _MAKERS[family](work, rng, donors, part)
         if _changed_share(work, edit) >= CHANGE_SHARE:
             break
     else:
@@ -176,43 +195,73 @@ def _perlin(shape: tuple[int, int], rng: np.random.Generator, cells: float = 3.0
         yi, xi = ys.astype(np.intp), xs.astype(np.intp)
         fy, fx = ys - yi, xs - xi
         angle = rng.uniform(0, 2 * np.pi, (yi[-1] + 2, xi[-1] + 2))
-        gy, gx = np.sin(angle).astype(np.float32), np.cos(angle).astype(np.float32)
-
-        def corner(dy: int, dx: int) -> np.ndarray:
-            iy, ix = (yi + dy)[:, None], (xi + dx)[None, :]
-            return gy[iy, ix] * (fy - dy)[:, None] + gx[iy, ix] * (fx - dx)[None, :]
-
+        grads = np.sin(angle).astype(np.float32), np.cos(angle).astype(np.float32)
+        c00, c01, c10, c11 = (_corner(grads, yi, xi, fy, fx, dy, dx) for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)))
         uy, ux = _fade(fy)[:, None], _fade(fx)[None, :]
-        top = corner(0, 0) + ux * (corner(0, 1) - corner(0, 0))
-        bottom = corner(1, 0) + ux * (corner(1, 1) - corner(1, 0))
+        top = c00 + ux * (c01 - c00)
+        bottom = c10 + ux * (c11 - c10)
         total += persistence ** octave * (top + uy * (bottom - top))
     total -= total.mean()
     return total / max(float(total.std()), 1e-6)
+
+
+def _corner(grads: tuple[np.ndarray, np.ndarray], yi: np.ndarray, xi: np.ndarray, fy: np.ndarray, fx: np.ndarray,
+            dy: int, dx: int) -> np.ndarray:
+    """[h, w]: the dot product of the lattice corner (dy, dx)'s gradient with each pixel's offset from it."""
+    iy, ix = (yi + dy)[:, None], (xi + dx)[None, :]
+    return grads[0][iy, ix] * (fy - dy)[:, None] + grads[1][iy, ix] * (fx - dx)[None, :]
 
 
 def _fade(t: np.ndarray) -> np.ndarray:
     return t * t * t * (t * (t * 6 - 15) + 10)
 
 
+def _part(work: np.ndarray) -> _Part | None:
+    """The part of ``work [H, W, C]`` when it sits on a plain background (see PLAIN_BORDER), else None."""
+    h, w, c = work.shape
+    m = max(2, round(0.03 * min(h, w)))
+    pixels = work.astype(np.float32)
+    border = np.concatenate([pixels[:m].reshape(-1, c), pixels[-m:].reshape(-1, c),
+                             pixels[:, :m].reshape(-1, c), pixels[:, -m:].reshape(-1, c)])
+    backdrop = np.median(border, 0)
+    spread = float(np.quantile(np.abs(border - backdrop).max(1), 0.9))
+    if spread > PLAIN_BORDER:
+        return None
+    far = np.abs(pixels - backdrop).max(-1) > max(PART_LEVEL, 4 * spread)
+    far = ndimage.binary_fill_holes(ndimage.binary_opening(far, iterations=2))
+    share = float(far.mean())
+    if not PART_SHARE[0] <= share <= PART_SHARE[1]:
+        return None
+    ys, xs = np.nonzero(far)
+    return _Part(ys, xs, share)
+
+
 def _margin(shape: tuple[int, ...]) -> int:
     return max(1, round(0.01 * min(shape[:2])))
 
 
-def _box(shape: tuple[int, ...], rng: np.random.Generator, fill: float,
+def _box(shape: tuple[int, ...], rng: np.random.Generator, fill: float, part: _Part | None,
          area: tuple[float, float] = BLOB_AREA) -> tuple[int, int]:
-    """Box size (h, w) for a defect of log-uniform area share ``area`` filling ``fill`` of its box."""
+    """Box size (h, w) for a defect of log-uniform area share ``area`` (of the part, if any) filling ``fill`` of
+    its box."""
     hh, ww = shape[:2]
     m = _margin(shape)
-    pixels = np.exp(rng.uniform(np.log(area[0]), np.log(area[1]))) * hh * ww / fill
+    pixels = np.exp(rng.uniform(np.log(area[0]), np.log(area[1]))) * hh * ww / fill * (part.share if part else 1.0)
     aspect = np.exp(rng.uniform(-0.7, 0.7))
     return (int(np.clip(round(np.sqrt(pixels * aspect)), 5, hh - 2 * m)),
             int(np.clip(round(np.sqrt(pixels / aspect)), 5, ww - 2 * m)))
 
 
-def _place(shape: tuple[int, ...], size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
-    """Top-left corner of a box of ``size`` that keeps the margin off the image border."""
+def _place(shape: tuple[int, ...], size: tuple[int, int], rng: np.random.Generator,
+           part: _Part | None) -> tuple[int, int]:
+    """Top-left corner of a box of ``size`` that keeps the margin off the image border, centred on a pixel of the
+    part if there is one."""
     m = _margin(shape)
-    return int(rng.integers(m, shape[0] - m - size[0] + 1)), int(rng.integers(m, shape[1] - m - size[1] + 1))
+    if part is None:
+        return int(rng.integers(m, shape[0] - m - size[0] + 1)), int(rng.integers(m, shape[1] - m - size[1] + 1))
+    k = int(rng.integers(len(part.ys)))
+    return (int(np.clip(part.ys[k] - size[0] // 2, m, shape[0] - m - size[0])),
+            int(np.clip(part.xs[k] - size[1] // 2, m, shape[1] - m - size[1])))
 
 
 def _blob(size: tuple[int, int], fill: float, rng: np.random.Generator) -> np.ndarray:
@@ -266,10 +315,11 @@ def _photo(name: str) -> np.ndarray:
     return img
 
 
-def _texture(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray]) -> _Edit:
+def _texture(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray],
+             part: _Part | None) -> _Edit:
     fill = rng.uniform(*BLOB_FILL)
-    size = _box(work.shape, rng, fill)
-    y, x = _place(work.shape, size, rng)
+    size = _box(work.shape, rng, fill, part)
+    y, x = _place(work.shape, size, rng, part)
     mask = _blob(size, fill, rng)
     old = work[y:y + size[0], x:x + size[1]].astype(np.float32)
     photo = _photo(TEXTURES[rng.integers(len(TEXTURES))])
@@ -288,11 +338,12 @@ def _texture(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.nda
     return _Edit(y, x, mask, _to_uint8(new))
 
 
-def _cutpaste(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray]) -> _Edit:
+def _cutpaste(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray],
+              part: _Part | None) -> _Edit:
     rectangle = rng.random() < 0.4
     fill = 1.0 if rectangle else rng.uniform(*BLOB_FILL)
-    size = _box(work.shape, rng, fill, (BLOB_AREA[0], 0.08))
-    y, x = _place(work.shape, size, rng)
+    size = _box(work.shape, rng, fill, part, (BLOB_AREA[0], 0.08))
+    y, x = _place(work.shape, size, rng, part)
     mask = np.ones(size, bool) if rectangle else _blob(size, fill, rng)
     source = donors[rng.integers(len(donors))] if donors else work
     avoid = None if donors else (y + size[0] / 2, x + size[1] / 2)
@@ -320,20 +371,29 @@ def _stroke(start: np.ndarray, heading: float, length: float, rng: np.random.Gen
     return start + pts - pts[0]
 
 
-def _scratch(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray]) -> _Edit:
+def _scratch(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray],
+             part: _Part | None) -> _Edit:
     hh, ww = work.shape[:2]
     short = min(hh, ww)
     width = max(1, round(rng.uniform(0.004, 0.012) * short))
     heading = rng.uniform(0, 2 * np.pi)
+    reach = short * (np.sqrt(part.share) if part else 1.0)  # on a part, strokes scale with the part
     strokes = []
     for _ in range(int(rng.choice((1, 2, 3), p=(0.5, 0.3, 0.2)))):  # a few scratches from one cause run alike
-        start = rng.uniform(-0.12, 0.12, 2) * short
-        strokes.append(_stroke(start, heading + rng.uniform(-0.4, 0.4), rng.uniform(0.15, 0.5) * short, rng))
+        start = rng.uniform(-0.12, 0.12, 2) * reach
+        strokes.append(_stroke(start, heading + rng.uniform(-0.4, 0.4), rng.uniform(0.15, 0.5) * reach, rng))
     pts = np.concatenate(strokes)
     lo, hi = pts.min(0), pts.max(0)
     room = np.array([ww, hh]) - 2 * (_margin(work.shape) + width)
     shrink = min(1.0, float(np.min(room / np.maximum(hi - lo, 1))))  # the group fits inside the image
-    offset = _margin(work.shape) + width + rng.uniform(0, 1, 2) * (room - (hi - lo) * shrink)
+    free = room - (hi - lo) * shrink
+    if part is None:
+        offset = _margin(work.shape) + width + rng.uniform(0, 1, 2) * free
+    else:  # the group's centre on a pixel of the part, the group still inside the image
+        k = int(rng.integers(len(part.ys)))
+        centre = np.array([part.xs[k], part.ys[k]], dtype=np.float64)
+        offset = _margin(work.shape) + width + np.clip(centre - (hi - lo) * shrink / 2 - _margin(work.shape) - width,
+                                                       0, free)
     canvas = Image.new("L", (ww, hh), 0)
     draw = ImageDraw.Draw(canvas)
     for k, stroke in enumerate(strokes, 1):
@@ -352,10 +412,11 @@ def _scratch(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.nda
     return _Edit(y, x, mask, _to_uint8(old + (sign * depth * profile)[..., None]))
 
 
-def _intensity(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray]) -> _Edit:
+def _intensity(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray],
+               part: _Part | None) -> _Edit:
     fill = rng.uniform(*BLOB_FILL)
-    size = _box(work.shape, rng, fill)
-    y, x = _place(work.shape, size, rng)
+    size = _box(work.shape, rng, fill, part)
+    y, x = _place(work.shape, size, rng, part)
     return _stain(work, y, x, _blob(size, fill, rng), rng)
 
 
@@ -390,11 +451,12 @@ def _busyness(crop: np.ndarray) -> float:
     return float(np.abs(np.diff(crop, axis=0)).mean() + np.abs(np.diff(crop, axis=1)).mean())
 
 
-def _distort(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray]) -> _Edit:
+def _distort(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.ndarray],
+             part: _Part | None) -> _Edit:
     fill = rng.uniform(*BLOB_FILL)
-    size = _box(work.shape, rng, fill)
+    size = _box(work.shape, rng, fill, part)
     # blur and warp only show where there is fine structure: take the busiest of a few candidate places
-    places = [_place(work.shape, size, rng) for _ in range(8)]
+    places = [_place(work.shape, size, rng, part) for _ in range(8)]
     y, x = max(places, key=lambda p: _busyness(work[p[0]:p[0] + size[0], p[1]:p[1] + size[1]]))
     mask = _blob(size, fill, rng)
     weight = _ramp(mask, rng.uniform(0.1, 0.3) * min(size))[..., None]
@@ -418,7 +480,7 @@ def _distort(work: np.ndarray, rng: np.random.Generator, donors: Sequence[np.nda
     return _Edit(y, x, mask, _to_uint8(new))
 
 
-_MAKERS: dict[DefectFamily, Callable[[np.ndarray, np.random.Generator, Sequence[np.ndarray]], _Edit]] = {
+_MAKERS: dict[DefectFamily, Callable[[np.ndarray, np.random.Generator, Sequence[np.ndarray], _Part | None], _Edit]] = {
     DefectFamily.TEXTURE: _texture,
     DefectFamily.CUTPASTE: _cutpaste,
     DefectFamily.SCRATCH: _scratch,
