@@ -88,13 +88,21 @@ def make_defect(image: np.ndarray, family: DefectFamily | str, rng: np.random.Ge
     """
     family = _family(family)
     _check(image, "image")
+    return _defect(image, *_surface(image), family, rng, donors)
+
+
+def _surface(image: np.ndarray) -> tuple[np.ndarray, _Part | None]:
+    """What the makers work on (a grayscale line as one channel, so that no defect can give it colour) and its
+    part, computed once per image."""
+    work = image[..., :1] if _is_gray(image) else image
+    return work, _part(work)
+
+
+def _defect(image: np.ndarray, work: np.ndarray, part: _Part | None, family: DefectFamily,
+            rng: np.random.Generator, donors: Sequence[np.ndarray]) -> SyntheticDefect:
     for donor in donors:
         _check(donor, "donor")
-    gray = _is_gray(image)
-    # a grayscale line is worked on as one channel so that no defect can give it colour
-    work = image[..., :1] if gray else image
-    donors = [_gray(d) if gray else d for d in donors]
-    part = _part(work)
+    donors = [_gray(d) if work.shape[2] == 1 else d for d in donors]
     for _ in range(ATTEMPTS):
         edit = _MAKERS[family](work, rng, donors, part)
         if _changed_share(work, edit) >= CHANGE_SHARE:
@@ -124,6 +132,8 @@ def synthesize(normals: Sequence[np.ndarray], seed: int, families: Sequence[Defe
     order = list(DefectFamily)
     out = []
     for i, image in enumerate(normals):
+        _check(image, "image")
+        surface = _surface(image)
         for family in fams:
             k = order.index(family)
             for r in range(per_image):
@@ -132,7 +142,7 @@ def synthesize(normals: Sequence[np.ndarray], seed: int, families: Sequence[Defe
                     keys = np.random.default_rng([seed, i, k, r, 1]).random(len(normals))
                     keys[i] = np.inf
                     donors = (normals[int(np.argmin(keys))],)
-                out.append(make_defect(image, family, np.random.default_rng([seed, i, k, r]), donors))
+                out.append(_defect(image, *surface, family, np.random.default_rng([seed, i, k, r]), donors))
     return out
 
 

@@ -148,7 +148,9 @@ class _Search:
         self.confidence = line.tune.confidence
         self.regions = bootstrap.Regions.of(evalset.masks)
         self.weights = bootstrap.cluster_weights(evalset.groups, DRAWS, line.tune.seed)
-        self.summaries: dict[int, bootstrap.Summary] = {}  # id(record) -> its summary, while it may be compared
+        # id(record) -> its maps and scores, summarised (bootstrap.summarise, ~1 s on 120 maps) only when a comparison
+        # needs them: most candidates never beat the current one by the margin
+        self.kept: dict[int, tuple[np.ndarray, np.ndarray] | bootstrap.Summary] = {}
 
     # ----------------------------------------------------------------- one candidate
 
@@ -186,7 +188,7 @@ class _Search:
         record.update({k: round(v, 4) for k, v in metrics.items()})
         record.update(objective=round(objective(metrics), 4))
         if self.confidence:
-            self.summaries[id(record)] = bootstrap.summarise(small, scores.numpy(), self.regions)
+            self.kept[id(record)] = (small, scores.numpy())
         self.candidates.append(record)
         self.progress(f"{phase} {key}: objective {record['objective']}")
         return record
@@ -243,10 +245,10 @@ class _Search:
                 continue
             record = self.evaluate(trial, phase, key)
             if self.better(record, best):
-                self.summaries.pop(id(best), None)
+                self.kept.pop(id(best), None)
                 line, best = trial, record
             else:
-                self.summaries.pop(id(record), None)
+                self.kept.pop(id(record), None)
         return line, best
 
     def better(self, record: dict, best: dict) -> bool:
@@ -256,10 +258,16 @@ class _Search:
             return False
         if not self.confidence or best["objective"] is None:
             return True
-        wins = bootstrap.beats(self.summaries[id(record)], self.summaries[id(best)], self.evalset.labels,
+        wins = bootstrap.beats(self._summary(record), self._summary(best), self.evalset.labels,
                                self.regions, self.weights)
         record["bootstrap_wins"] = round(wins, 3)
         return wins >= self.confidence
+
+    def _summary(self, record: dict) -> bootstrap.Summary:
+        kept = self.kept[id(record)]
+        if not isinstance(kept, bootstrap.Summary):
+            kept = self.kept[id(record)] = bootstrap.summarise(*kept, self.regions)
+        return kept
 
     def matching_pass(self, line: ProductLine, best: dict, phase: str) -> tuple[ProductLine, dict]:
         n = len(line.features.layers)
