@@ -57,6 +57,7 @@ def test_repository_params_parse():
         (lambda r: r["product_lines"]["demo"]["tune"].update(validation_share=1.5), "tune.validation_share"),
         (lambda r: r["product_lines"]["demo"]["tune"].update(max_templates=0), "tune.max_templates"),
         (lambda r: r["product_lines"]["demo"]["tune"].update(budget_s=-1), "tune: budget_s"),
+        (lambda r: r["product_lines"]["demo"]["tune"].update(confidence=1.0), "tune.confidence: must lie in [0, 1)"),
         (lambda r: r["product_lines"]["demo"]["threshold"].update(rule="normal_fpr", value=1.0),
          "threshold.value: normal_fpr takes the false-alarm rate"),
     ],
