@@ -100,6 +100,7 @@ def test_search_is_reused_until_its_inputs_change_and_stale_settings_are_refused
     line["report"]["overlays"] = 4  # not a tuning input
     again = tune(tmp_path, line)
     assert first["action"] == "searched" and again["action"] == "reused" and again["chosen"] == first["chosen"]
+    assert first["reason"] == "no recorded search"
 
     line["matching"] = {"mode": "backward"}  # pinning a tuned key changes the search
     params = write_params(tmp_path, {"line": line})
@@ -107,6 +108,8 @@ def test_search_is_reused_until_its_inputs_change_and_stale_settings_are_refused
         StageRun.for_line(params, "line", tmp_path, "cpu", stage="extract")
     redone = run_stages(params, "line", tmp_path, ("tune",))["tune"]
     assert redone["action"] == "searched" and "matching.mode" not in redone["chosen"]
+    assert redone["reason"] == ("changed since the recorded search: the line's settings, the keys pinned in "
+                                "params.yaml")  # the reason names what changed, nothing else
     ctx = StageRun.for_line(params, "line", tmp_path, "cpu", stage="extract")
     assert ctx.line.matching.mode == "backward"
     for key, value in redone["chosen"].items():
@@ -268,7 +271,9 @@ def test_new_good_images_rerun_the_search_only_beyond_tune_rerun_share(demo_tree
     line["tune"]["rerun_share"] = 0.3
     assert tune(tmp_path, line)["action"] == "reused"
     line["tune"]["rerun_share"] = 0.2
-    assert tune(tmp_path, line)["action"] == "searched"
+    redone = tune(tmp_path, line)
+    assert redone["action"] == "searched"
+    assert redone["reason"] == "25% of the searched training images added or removed (tune.rerun_share: 20%)"
     record = yaml.safe_load((tmp_path / "reports/line/tuning.json").read_text())
     assert len(record["train"]) == 30  # later changes are measured against the new search's images
     assert changed_share(["a", "b", "c", "d"], ["a", "b", "c", "e", "f"]) == 0.75

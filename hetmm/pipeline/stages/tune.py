@@ -29,13 +29,35 @@ from hetmm.report import plots
 _NOT_TUNING = ("threshold", "report")
 
 
-def search_key(line) -> str:
-    """What a search result depends on besides its training images (:func:`changed_share` covers those)."""
+# The parts of a search's key, as a rerun's reason names them.
+_KEY_PARTS = {"settings": "the line's settings", "pinned": "the keys pinned in params.yaml",
+              "code": "the tuning code", "device": "the device profile"}
+
+
+def search_key(line) -> dict[str, str]:
+    """What a search result depends on besides its training images (:func:`changed_share` covers those): a digest
+    per part of :data:`_KEY_PARTS`."""
     used = {k: v for k, v in settings.sections(line).items() if k not in _NOT_TUNING}
     used["tune"] = {k: v for k, v in used["tune"].items() if k != "rerun_share"}  # decides when, not what
     device = profile(line.inspection.device) if line.inspection.min_images_per_second > 0 else None
     pinned = sorted(set(line.pinned) & set(TUNABLE))  # what the search may not change (the rest is in settings)
-    return sha256_json({"settings": used, "pinned": pinned, "code": tuning_code(), "device": device})
+    parts = {"settings": used, "pinned": pinned, "code": tuning_code(), "device": device}
+    return {name: sha256_json(value) for name, value in parts.items()}
+
+
+def rerun_reason(previous: dict, key: dict[str, str], changed: float, rerun_share: float) -> str | None:
+    """Why the recorded search cannot be reused (None: it can)."""
+    if previous.get("action") not in ("searched", "reused"):
+        return "no recorded search"
+    old = previous.get("key")
+    if not isinstance(old, dict):
+        return "the recorded search predates per-part keys"
+    differ = [what for name, what in _KEY_PARTS.items() if old.get(name) != key[name]]
+    if differ:
+        return "changed since the recorded search: " + ", ".join(differ)
+    if changed > rerun_share:
+        return f"{changed:.0%} of the searched training images added or removed (tune.rerun_share: {rerun_share:.0%})"
+    return None
 
 
 def changed_share(searched: list[str], shas: list[str]) -> float:
@@ -59,13 +81,12 @@ def run(ctx: StageRun) -> dict:
                f"method {line.method} has no tunable keys" if not spec(line.method).tuning else
                "every tunable key is pinned in params.yaml")
         record = {"action": "none", "reason": why, "chosen": {}}
-    elif previous.get("key") == key and previous.get("action") in ("searched", "reused") and \
-            changed <= line.tune.rerun_share:
+    elif (why := rerun_reason(previous, key, changed, line.tune.rerun_share)) is None:
         record = {**previous, "action": "reused", "reason": "same settings and code as the recorded search; "
                   f"{changed:.0%} of its training images added or removed (tune.rerun_share: "
                   f"{line.tune.rerun_share:.0%})"}
     else:
-        record = _search(ctx, train, shas)
+        record = _search(ctx, train, shas, why)
         record["train"] = sorted(set(shas))  # the set the search saw: later changes are measured against it
     record["key"] = key
     effective = line.with_keys(record["chosen"])
@@ -79,7 +100,7 @@ def run(ctx: StageRun) -> dict:
     return summary
 
 
-def _search(ctx: StageRun, train, shas: list[str]) -> dict:
+def _search(ctx: StageRun, train, shas: list[str], why: str) -> dict:
     from hetmm.pipeline import tuning  # torch: only when a search runs
     from hetmm.pipeline.validation_set import validation_images
 
@@ -98,7 +119,7 @@ def _search(ctx: StageRun, train, shas: list[str]) -> dict:
     lines = SearchLines(line, verbose=ctx.progress)  # phase lines even under `dvc repro` (--quiet)
     result = tuning.search(line, template_images, evalset, len(set(shas)), native, _device(ctx), lines)
     lines.close()
-    return {"action": "searched", "reason": "tunable keys: " + ", ".join(line.tunable()),
+    return {"action": "searched", "reason": why, "tunable": list(line.tunable()),
             "chosen": result.chosen, "baseline": result.baseline, "best": result.best,
             "objective": "mean of image AUROC, pixel AUROC and AU-PRO on validation normals + synthetic defects",
             "validation": {"normals": normals, "templates": len(templates), "synthetic": len(images.defects),
