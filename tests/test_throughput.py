@@ -38,3 +38,5 @@ def test_the_profile_records_how_it_was_measured_and_gaps_are_errors():
         throughput.estimate(line(), 10, device="tpu")
     with pytest.raises(ConfigError, match="features.backbone: 'resnet101' has no measured cost"):
         throughput.estimate(line(**{"features.backbone": "resnet101"}), 10)
+    with pytest.raises(ConfigError, match="features.backbone: unknown backbone 'no_such_net'; choose one of"):
+        throughput.estimate(line(**{"features.backbone": "no_such_net"}), 10)  # a typo, not a missing measurement

@@ -99,7 +99,10 @@ def _rate(rows: list[dict], layer: int, channels: int, kernel: str, device: str)
 
 
 def _backbone(prof: dict, line: ProductLine, device: str) -> dict:
+    from hetmm.core.backbones import backbone_info  # torch: only when an estimate is made
+
     f = line.features
+    backbone_info(f.backbone)  # a name no backbone has is a typo, not a missing measurement
     if f.backbone not in prof["backbones"]:
         raise ConfigError(f"features.backbone: {f.backbone!r} has no measured cost on device {device!r} in {PROFILE}; "
                           f"measure it with `benchmarks/device_profile.py --device {device}`")
