@@ -257,17 +257,12 @@ REGISTRY: dict[str, BackboneInfo] = {
 }
 
 
-def backbone_info(name: str) -> BackboneInfo:
-    """The registry entry of backbone ``name``; an unknown name is a ConfigError naming the key and the choices."""
-    if name not in REGISTRY:
-        raise ConfigError(f"features.backbone: unknown backbone {name!r}; choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[name]
-
-
 def build_backbone(name: str, *, weights: str | None = None, preact: bool | None = None,
                    blocks: str = "last") -> Backbone:
     """Build backbone ``name`` in eval mode with frozen parameters, on the CPU."""
-    info = backbone_info(name)
+    if name not in REGISTRY:
+        raise ConfigError(f"features.backbone: unknown backbone {name!r}; choose one of {', '.join(REGISTRY)}")
+    info = REGISTRY[name]
     if blocks != "last" and info.family != "efficientnet":
         raise ConfigError(f"features.blocks: {blocks!r} is only supported for EfficientNet-Lite backbones")
     if preact and info.family != "resnet":

@@ -99,10 +99,11 @@ def _rate(rows: list[dict], layer: int, channels: int, kernel: str, device: str)
 
 
 def _backbone(prof: dict, line: ProductLine, device: str) -> dict:
-    from hetmm.core.backbones import backbone_info  # torch: only when an estimate is made
+    from hetmm.core.backbones import REGISTRY  # torch: only when an estimate is made
 
     f = line.features
-    backbone_info(f.backbone)  # a name no backbone has is a typo, not a missing measurement
+    if f.backbone not in REGISTRY:  # a typo, not a missing measurement (build_backbone says the same)
+        raise ConfigError(f"features.backbone: unknown backbone {f.backbone!r}; choose one of {', '.join(REGISTRY)}")
     if f.backbone not in prof["backbones"]:
         raise ConfigError(f"features.backbone: {f.backbone!r} has no measured cost on device {device!r} in {PROFILE}; "
                           f"measure it with `benchmarks/device_profile.py --device {device}`")
